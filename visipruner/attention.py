@@ -1,0 +1,174 @@
+"""Attention kernels for the parts of a layer that a pruning method changes.
+
+Everything here works on one layer's post-RoPE states: ``q`` of shape (b, H, q, d) and ``k, v`` of
+shape (b, Hkv, k, d). Bulk attention is left to SDPA; these kernels only handle
+
+* text-query rows whose probabilities on visual keys are zeroed (VisiPruner's shallow stage),
+  in the exact cheap form ``out = softmax-restricted a.v * Z_nonvis / Z_all``: only ``q.k`` is
+  computed for visual keys, never ``a.v``;
+* visual-query rows of layer 0 (all visual keys zeroed, no merge), through an attention call that
+  also returns the log-sum-exp, so no (visual x visual) probability matrix is kept;
+* the last prompt token's attention row, from which influence (``cos(o - c_j, o)``, ``||c_j||``)
+  is computed in O(n d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(b, Hkv, n, d) -> (b, Hkv * n_rep, n, d), each kv head repeated for its query group."""
+    if n_rep == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention returning (output (b,H,q,d), log-sum-exp of the scores (b,H,q)).
+
+    ``k, v`` must already have H heads. ``causal`` aligns query i with key i (q and k same length).
+    Empty key sets give output 0 and lse -inf.
+    """
+    b, h, nq, d = q.shape
+    if k.shape[2] == 0:
+        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_full((b, h, nq), NEG_INF)
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale
+        )[:2]
+        return out, lse.to(q.dtype) if lse.dtype != q.dtype else lse
+    # Portable path: chunked over queries so at most (chunk x k) scores exist at once.
+    outs, lses = [], []
+    chunk = 256
+    for s in range(0, nq, chunk):
+        qs = q[:, :, s : s + chunk]
+        scores = torch.matmul(qs, k.transpose(-1, -2)).float() * scale
+        if causal:
+            qi = torch.arange(s, s + qs.shape[2], device=q.device)[:, None]
+            ki = torch.arange(k.shape[2], device=q.device)[None, :]
+            scores = scores.masked_fill(ki > qi, NEG_INF)
+        lse = torch.logsumexp(scores, dim=-1)
+        p = torch.exp(scores - lse[..., None]).to(v.dtype)
+        outs.append(torch.matmul(p, v))
+        lses.append(lse.to(q.dtype))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def text_rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_visual: torch.Tensor,
+    image_first_keys: list[int] | None,
+    image_key_groups: list[torch.Tensor] | None,
+    renormalise: bool,
+) -> torch.Tensor:
+    """Text queries with their probabilities on visual keys zeroed.
+
+    q: (b, H, t, d); k, v: (b, H, n, d) with H heads; q_pos (t,), k_pos (n,) positions for causality;
+    k_visual (n,) bool. Exact form (``renormalise=False``): the softmax normaliser still contains
+    the visual keys. ``image_first_keys`` (merge, layer 0): each image's removed mass is put on its
+    first key (indices into k), with ``image_key_groups`` the key indices of each image.
+    ``renormalise=True``: visual keys are dropped, softmax over the other keys only.
+    Returns (b, H, t, d).
+    """
+    nonvis = (~k_visual).nonzero().squeeze(-1)
+    causal_ok = k_pos[None, :] <= q_pos[:, None]  # (t, n)
+    k_nv, v_nv = k.index_select(2, nonvis), v.index_select(2, nonvis)
+    s_nv = torch.matmul(q, k_nv.transpose(-1, -2)).float() * scale
+    s_nv = s_nv.masked_fill(~causal_ok[:, nonvis], NEG_INF)
+    if renormalise:
+        p_nv = torch.softmax(s_nv, dim=-1)
+        return torch.matmul(p_nv.to(v.dtype), v_nv)
+    vis = k_visual.nonzero().squeeze(-1)
+    s_vis = torch.matmul(q, k.index_select(2, vis).transpose(-1, -2)).float() * scale  # q.k only
+    s_vis = s_vis.masked_fill(~causal_ok[:, vis], NEG_INF)
+    lse_nv = torch.logsumexp(s_nv, dim=-1)
+    lse_vis = torch.logsumexp(s_vis, dim=-1) if vis.numel() else torch.full_like(lse_nv, NEG_INF)
+    lse_all = torch.logaddexp(lse_nv, lse_vis)
+    p_nv = torch.exp(s_nv - lse_all[..., None])
+    out = torch.matmul(p_nv.to(v.dtype), v_nv)
+    if image_first_keys:
+        # position of each visual key inside `vis`, to pick each image's columns of s_vis
+        where = torch.full((k.shape[2],), -1, dtype=torch.long, device=k.device)
+        where[vis] = torch.arange(vis.numel(), device=k.device)
+        for first, group in zip(image_first_keys, image_key_groups):
+            mass = torch.exp(torch.logsumexp(s_vis[..., where[group]], dim=-1) - lse_all)  # (b,H,t)
+            out = out + mass.to(v.dtype)[..., None] * v[:, :, first][:, :, None, :]
+    return out
+
+
+def visual_rows_layer0(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    span: tuple[int, int],
+    earlier_visual: torch.Tensor,
+    earlier_nonvisual: torch.Tensor,
+) -> torch.Tensor:
+    """Layer-0 rows of the visual queries of one image span [s, e): visual keys zeroed, no merge.
+
+    q: (b, H, e-s, d) the span's queries; k, v: (b, H, n, d). Keys before the span are split into
+    ``earlier_visual`` and ``earlier_nonvisual`` index tensors; keys inside the span are causal.
+    Returns (b, H, e-s, d) = sum over non-visual keys of softmax-over-all-keys probabilities times v.
+    """
+    s, e = span
+    out_nv, lse_nv = attention_with_lse(q, k.index_select(2, earlier_nonvisual), v.index_select(2, earlier_nonvisual), scale, False)
+    # lse over the span's own keys (causal) and earlier images' keys; the a.v part is not used.
+    _, lse_own = attention_with_lse(q, k[:, :, s:e], v[:, :, s:e], scale, True)
+    _, lse_ev = attention_with_lse(q, k.index_select(2, earlier_visual), v.index_select(2, earlier_visual), scale, False)
+    lse_all = torch.logaddexp(torch.logaddexp(lse_nv.float(), lse_own.float()), lse_ev.float())
+    w = torch.exp(lse_nv.float() - lse_all).nan_to_num(0.0)
+    return out_nv * w.to(out_nv.dtype)[..., None]
+
+
+@dataclass
+class Influence:
+    """What the last prompt token's attention row says about the visual tokens of one layer.
+
+    All tensors have one entry per visual token present in the layer, in sequence order;
+    ``visual_ids`` are their indices among the prompt's visual tokens.
+    """
+
+    layer: int
+    visual_ids: torch.Tensor  # long
+    cos: torch.Tensor  # cos(o - c_j, o)
+    norm: torch.Tensor  # ||c_j||_2
+    attention: torch.Tensor  # a[h, j] averaged over heads
+    output_norm: float  # ||o||_2
+
+    @property
+    def min_cos(self) -> float:
+        return float(self.cos.min()) if self.cos.numel() else 1.0
+
+
+def last_row_influence(
+    q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visual_keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Influence of visual keys on the last query's attention output ``o`` (before o_proj).
+
+    q_last: (1, H, 1, d); k, v: (1, H, n, d) with H heads, all keys visible to the last query.
+    Returns (cos(o - c_j, o), ||c_j||, mean-over-heads attention a_j, ||o||), in float32, where
+    ``c_j = concat_h a[h,j] v[h,j]`` and ``o = sum_j c_j``.
+    """
+    scores = torch.matmul(q_last.float(), k.float().transpose(-1, -2))[0, :, 0] * scale  # (H, n)
+    a = torch.softmax(scores, dim=-1)
+    vf = v[0].float()  # (H, n, d)
+    o = torch.einsum("hn,hnd->hd", a, vf).reshape(-1)  # (H*d,)
+    av = a[:, visual_keys]  # (H, m)
+    c = (av[..., None] * vf[:, visual_keys]).permute(1, 0, 2).reshape(visual_keys.numel(), -1)  # (m, H*d)
+    cos = F.cosine_similarity(o[None] - c, o[None].expand_as(c), dim=-1, eps=1e-12)
+    return cos, c.norm(dim=-1), av.mean(0), o.norm()

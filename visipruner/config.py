@@ -1,0 +1,125 @@
+"""Configuration of VisiPruner: a validated dataclass with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("shallow", "middle", "deep")
+EXIT_COUNTING = ("cumulative", "consecutive")
+
+
+@dataclass
+class VisiPrunerConfig:
+    """The three stages of VisiPruner (see ``docs/method.md``).
+
+    Thresholds are absolute numbers tuned on LLaVA-1.5-7B; on another model calibrate them.
+    """
+
+    stages: tuple[str, ...] = field(
+        default=STAGES,
+        metadata={"help": "Which stages run: any subset of ('shallow', 'middle', 'deep'); () disables pruning."},
+    )
+    shallow_layers: int = field(
+        default=6,
+        metadata={"help": "K: layers 0..K-1 are shallow (layer 0 merges, 1..K-1 disable text-to-vision attention)."},
+    )
+    layer_threshold: float = field(
+        default=0.995,
+        metadata={"help": "Fusion trigger: first layer > K where min_j cos(o - c_j, o) < this value. In (0, 1]."},
+    )
+    tokens_threshold: float = field(
+        default=0.2,
+        metadata={"help": "Critical tokens at the fusion layer: ||c_j||_2 > this value (absolute, model-specific). >= 0."},
+    )
+    exit_threshold: float = field(
+        default=0.999,
+        metadata={"help": "A deep layer shows no visual impact when min_j cos(o - c_j, o) >= this value. In (0, 1]."},
+    )
+    exit_patience: int = field(
+        default=2,
+        metadata={"help": "Number of no-impact layers after which all visual tokens are removed. >= 1."},
+    )
+    exit_counting: str = field(
+        default="cumulative",
+        metadata={"help": "'cumulative' (the reference code) or 'consecutive' (the paper's text) no-impact layers."},
+    )
+    shallow_renormalise: bool = field(
+        default=False,
+        metadata={
+            "help": "Variant: in layers 1..K-1 text queries drop visual keys entirely and their softmax is "
+            "renormalised over the other keys (a true skip). Not the exact method; off by default."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stages, str):
+            raise ValueError(f"stages must be a sequence of stage names from {STAGES}, got the string {self.stages!r}")
+        self.stages = tuple(self.stages)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; allowed: {STAGES}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages: duplicate entries in {self.stages}")
+        _check_int("shallow_layers", self.shallow_layers, 1, None)
+        _check_float("layer_threshold", self.layer_threshold, 0.0, 1.0, low_open=True)
+        _check_float("tokens_threshold", self.tokens_threshold, 0.0, None)
+        _check_float("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=True)
+        _check_int("exit_patience", self.exit_patience, 1, None)
+        if self.exit_counting not in EXIT_COUNTING:
+            raise ValueError(f"exit_counting must be one of {EXIT_COUNTING}, got {self.exit_counting!r}")
+        if not isinstance(self.shallow_renormalise, bool):
+            raise ValueError(f"shallow_renormalise must be a bool, got {self.shallow_renormalise!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stages"] = list(self.stages)
+        return {"method": "visipruner", **d}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VisiPrunerConfig":
+        d = dict(d)
+        method = d.pop("method", "visipruner")
+        if method != "visipruner":
+            raise ValueError(f"not a VisiPruner config: method={method!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown VisiPrunerConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VisiPrunerConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"VisiPrunerConfig.from_json: invalid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError("VisiPrunerConfig.from_json: expected a JSON object")
+        return cls.from_dict(d)
+
+
+def _check_int(name: str, value: Any, low: int | None, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {'inf' if high is None else high}], got {value}")
+
+
+def _check_float(name: str, value: Any, low: float | None, high: float | None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {lo}{low}, {'inf' if high is None else high}], got {value}")

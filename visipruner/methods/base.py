@@ -1,0 +1,83 @@
+"""The interface between a pruning method's decisions and the shared token-dropping runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import Influence
+
+
+@dataclass
+class PromptLayout:
+    """Where the visual tokens of one (batch-1) prompt are."""
+
+    length: int
+    visual_positions: torch.Tensor  # long, sorted
+    image_spans: list[tuple[int, int]]  # [start, end) of each maximal run of image tokens
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual_positions.numel())
+
+
+@dataclass
+class Schedule:
+    """A pruning schedule fixed in advance (benchmarks, replay, the FLOPs test).
+
+    ``critical_tokens`` are indices into the prompt's visual tokens (0..num_visual-1), kept
+    from ``fusion_layer + 1`` on; every visual token goes from ``exit_layer + 1`` on.
+    """
+
+    fusion_layer: int | None = None
+    critical_tokens: list[int] = field(default_factory=list)
+    exit_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fusion_layer is not None and self.fusion_layer < 0:
+            raise ValueError(f"Schedule.fusion_layer must be >= 0, got {self.fusion_layer}")
+        if self.exit_layer is not None and self.exit_layer < 0:
+            raise ValueError(f"Schedule.exit_layer must be >= 0, got {self.exit_layer}")
+        if self.fusion_layer is not None and self.exit_layer is not None and self.exit_layer <= self.fusion_layer:
+            raise ValueError(
+                f"Schedule.exit_layer ({self.exit_layer}) must come after fusion_layer ({self.fusion_layer})"
+            )
+        self.critical_tokens = sorted(int(i) for i in self.critical_tokens)
+
+
+class PruningMethod:
+    """Decision logic of one method; the runtime asks it, layer by layer, what to do.
+
+    Per prompt the runtime calls ``start``; then in prefill, for each layer in order,
+    ``shallow_mode`` (how text queries attend to visual keys), ``needs_influence`` and
+    ``decide`` (which visual tokens stay from the next layer on). ``shallow_mode`` is also asked
+    in decode steps; nothing else is decided while decoding.
+    """
+
+    name = "base"
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def start(self, layout: PromptLayout, num_layers: int) -> None:
+        pass
+
+    def shallow_mode(self, layer: int) -> str | None:
+        """None, 'merge', 'disable' or 'disable_renorm' (see ``attention.text_rows_attention``)."""
+        return None
+
+    def needs_influence(self, layer: int) -> bool:
+        return False
+
+    def decide(self, layer: int, influence: Influence | None, present: torch.Tensor) -> torch.Tensor | None:
+        """Visual ids (indices into the prompt's visual tokens) to keep from ``layer + 1`` on.
+
+        ``present`` holds the visual ids in this layer's sequence. Return None to keep them all.
+        """
+        return None
+
+    def summary(self) -> dict:
+        """Method-specific results for the stats (fusion_layer, exit_layer, critical_tokens...)."""
+        return {}

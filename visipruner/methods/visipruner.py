@@ -1,0 +1,120 @@
+"""VisiPruner's decisions: where each of the three stages acts. See docs/method.md.
+
+Stage 1 (shallow, layers 0..K-1): layer 0 merges each image's visual attention mass of text
+queries onto the image's first token; layers 1..K-1 zero text-to-vision probabilities.
+Stage 2 (middle): from layer K+1, the first layer whose last-token influence
+``min_j cos(o - c_j, o)`` drops below ``layer_threshold`` is the fusion layer; tokens with
+``||c_j|| > tokens_threshold`` are critical and are the only visual tokens kept after it.
+Stage 3 (deep): after the fusion layer, a layer with ``min_j cos >= exit_threshold`` over the
+critical tokens has no visual impact; after ``exit_patience`` such layers (cumulative, as the
+reference code counts, or consecutive) every visual token is removed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import Influence
+from ..config import VisiPrunerConfig
+from .base import PromptLayout, PruningMethod, Schedule
+
+
+class VisiPruner(PruningMethod):
+    name = "visipruner"
+
+    def __init__(self, config: VisiPrunerConfig, schedule: Schedule | None = None):
+        self.config = config
+        self.schedule = schedule
+        self.start(None, 0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    def start(self, layout: PromptLayout | None, num_layers: int) -> None:
+        self.fusion_layer: int | None = None
+        self.exit_layer: int | None = None
+        self.critical_tokens: torch.Tensor | None = None
+        self.no_impact_layers = 0
+        self.min_cos: dict[int, float] = {}  # per checked layer, for analysis
+        self.num_critical_candidates: dict[int, int] = {}
+        self.remaining = layout.num_visual if layout is not None else 0
+        if self.schedule is not None and layout is not None:
+            bad = [i for i in self.schedule.critical_tokens if not 0 <= i < layout.num_visual]
+            if bad:
+                raise ValueError(
+                    f"Schedule.critical_tokens {bad[:5]} out of range for a prompt with {layout.num_visual} visual tokens"
+                )
+
+    def _has(self, stage: str) -> bool:
+        return stage in self.config.stages
+
+    def shallow_mode(self, layer: int) -> str | None:
+        if not self._has("shallow") or layer >= self.config.shallow_layers:
+            return None
+        if layer == 0:
+            return "merge"
+        return "disable_renorm" if self.config.shallow_renormalise else "disable"
+
+    def _deep_active(self) -> bool:
+        return self._has("deep") and (self.fusion_layer is not None or not self._has("middle"))
+
+    def needs_influence(self, layer: int) -> bool:
+        if self.schedule is not None or layer <= self.config.shallow_layers or self.remaining == 0:
+            return False
+        if self._has("middle") and self.fusion_layer is None:
+            return True
+        return self._deep_active() and self.exit_layer is None
+
+    def decide(self, layer: int, influence: Influence | None, present: torch.Tensor) -> torch.Tensor | None:
+        if self.schedule is not None:
+            return self._scheduled(layer, present)
+        if influence is None:
+            return None
+        cfg = self.config
+        self.min_cos[layer] = influence.min_cos
+        if self._has("middle") and self.fusion_layer is None:
+            self.num_critical_candidates[layer] = int((influence.norm > cfg.tokens_threshold).sum())
+            if influence.min_cos < cfg.layer_threshold:
+                self.fusion_layer = layer
+                self.critical_tokens = influence.visual_ids[influence.norm > cfg.tokens_threshold]
+                self.remaining = int(self.critical_tokens.numel())
+                return self.critical_tokens
+            return None
+        # deep stage
+        if influence.min_cos >= cfg.exit_threshold:
+            self.no_impact_layers += 1
+        elif cfg.exit_counting == "consecutive":
+            self.no_impact_layers = 0
+        if self.no_impact_layers >= cfg.exit_patience:
+            self.exit_layer = layer
+            self.remaining = 0
+            return present[:0]
+        return None
+
+    def _scheduled(self, layer: int, present: torch.Tensor) -> torch.Tensor | None:
+        s = self.schedule
+        if layer == s.fusion_layer:
+            self.fusion_layer = layer
+            self.critical_tokens = torch.tensor(s.critical_tokens, dtype=torch.long, device=present.device)
+            return self.critical_tokens
+        if layer == s.exit_layer:
+            self.exit_layer = layer
+            return present[:0]
+        return None
+
+    def summary(self) -> dict:
+        return {
+            "fusion_layer": self.fusion_layer,
+            "exit_layer": self.exit_layer,
+            "critical_tokens": [] if self.critical_tokens is None else self.critical_tokens.tolist(),
+            "min_cos_per_layer": dict(self.min_cos),
+        }
+
+    def schedule_of_last_prompt(self) -> Schedule:
+        """The decisions just taken, as a Schedule that replays them."""
+        return Schedule(
+            fusion_layer=self.fusion_layer,
+            critical_tokens=self.summary()["critical_tokens"],
+            exit_layer=self.exit_layer,
+        )

@@ -1,0 +1,450 @@
+"""The shared token-dropping runtime: hooks a method's decisions into a Hugging Face model.
+
+How it stays a Hugging Face model (no class patching, no forks):
+* attention goes through a function registered in transformers' ``AttentionInterface`` under
+  ``visipruner_<original>``; only the language model's config is pointed at it while a handle
+  is applied. Modules without an applied handle, and layers with nothing to change, call the
+  original function (SDPA or eager) with the original arguments, so "pruning disabled" is
+  bit-identical;
+* a forward pre-hook on the multimodal model reads ``input_ids`` (where the image tokens are)
+  and tells prefill from decode;
+* a forward pre-hook on each decoder layer removes the tokens the method dropped after the
+  previous layer (hidden states) and slices what the model passes to every layer (RoPE
+  cos/sin, position ids, mask) to the tokens still present. Later layers therefore run on a
+  shorter sequence and store shorter KV caches; kept tokens keep their original positions.
+
+In decode steps each layer attends to its own cache, whatever length it has; new tokens take
+positions after the unpruned prompt (the cache's layer 0 is never pruned, so the model's own
+position bookkeeping gives that).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from . import flops as F_
+from .adapters import ModelAdapter, get_adapter
+from .attention import (
+    Influence,
+    attention_with_lse,
+    last_row_influence,
+    repeat_kv,
+    text_rows_attention,
+    visual_rows_layer0,
+)
+from .methods.base import PromptLayout, PruningMethod
+
+_ORIGINAL = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attention_forward, eager_mask)}
+# attention module -> the handle that owns it
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
+
+
+def _make_dispatch(original):
+    def dispatch(module, query, key, value, attention_mask, **kwargs):
+        handle = _OWNERS.get(module)
+        if handle is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        return handle._attention(module, query, key, value, attention_mask, original, **kwargs)
+
+    return dispatch
+
+
+for _name, (_attn, _mask) in _ORIGINAL.items():
+    AttentionInterface.register(f"visipruner_{_name}", _make_dispatch(_attn))
+    AttentionMaskInterface.register(f"visipruner_{_name}", _mask)
+
+
+@dataclass
+class PruneStats:
+    """What happened to the latest prompt: its prefill and the decode steps after it."""
+
+    prompt_length: int = 0
+    num_visual_tokens: int = 0
+    num_images: int = 0
+    pruning_applied: bool = False
+    fusion_layer: int | None = None
+    exit_layer: int | None = None
+    critical_tokens: list[int] = field(default_factory=list)
+    visual_tokens_per_layer: list[int] = field(default_factory=list)  # as executed in prefill
+    tokens_per_layer: list[int] = field(default_factory=list)  # sequence length per layer in prefill
+    prefill_flops: int = 0
+    dense_prefill_flops: int = 0
+    prefill_flops_fastv: int = 0  # FastV's formula on the executed lengths
+    dense_prefill_flops_fastv: int = 0
+    decode_flops: list[int] = field(default_factory=list)  # per decode step
+    dense_decode_flops: list[int] = field(default_factory=list)
+    method: dict = field(default_factory=dict)  # method-specific extras (e.g. min cos per layer)
+
+    @property
+    def avg_visual_tokens(self) -> float:
+        v = self.visual_tokens_per_layer
+        return sum(v) / len(v) if v else 0.0
+
+    @property
+    def prefill_flops_ratio(self) -> float:
+        return self.prefill_flops / self.dense_prefill_flops if self.dense_prefill_flops else 1.0
+
+    def kv_cache_tokens(self) -> int:
+        """Prompt tokens held in the KV cache, summed over layers."""
+        return sum(self.tokens_per_layer)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["avg_visual_tokens"] = self.avg_visual_tokens
+        d["prefill_flops_ratio"] = self.prefill_flops_ratio
+        return d
+
+
+class _PromptState:
+    """Per-prompt bookkeeping while a prompt is prefilled and decoded."""
+
+    def __init__(self, layout: PromptLayout, num_layers: int, device):
+        self.layout = layout
+        self.positions = torch.arange(layout.length, device=device)  # original positions in the sequence
+        vis = torch.full((layout.length,), -1, dtype=torch.long, device=device)
+        vis[layout.visual_positions] = torch.arange(layout.num_visual, device=device)
+        self.visual_ids = vis  # visual id of each token in the sequence, -1 for text
+        self.pending_keep: torch.Tensor | None = None
+        self.layer_positions: list[torch.Tensor | None] = [None] * num_layers
+        self.layer_visual_ids: list[torch.Tensor | None] = [None] * num_layers
+        self.layer_modes: list[str | None] = [None] * num_layers
+        self.layer_influence: list[tuple[int, int] | None] = [None] * num_layers  # (n_keys, n_visual)
+        self.prefilled = False
+        self.decode_positions: torch.Tensor | None = None  # positions of this decode step's queries
+
+    def pruned(self) -> bool:
+        return self.positions.numel() < self.layout.length
+
+
+class PruningHandle:
+    """A method applied to a model. Undo with ``remove()`` or use as a context manager."""
+
+    def __init__(self, model: nn.Module, method: PruningMethod, adapter: ModelAdapter):
+        self.model = model
+        self.method = method
+        self.adapter = adapter
+        self.dims = F_.Dims.from_config(adapter.text_config)
+        self.last_stats: PruneStats | None = None
+        self._state: _PromptState | None = None
+        self._hooks = []
+        cfg = adapter.text_config
+        self._original_impl = cfg._attn_implementation
+        self._num_layers = len(adapter.layers)
+        self._attached = False
+        self._attach()
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def _attach(self) -> None:
+        a = self.adapter
+        self._hooks.append(a.multimodal.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._hooks.append(a.multimodal.register_forward_hook(self._on_model_return, with_kwargs=True))
+        for i, layer in enumerate(a.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            _OWNERS[a.attention_module(layer)] = self
+        a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
+        self._attached = True
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was."""
+        if not self._attached:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for layer in self.adapter.layers:
+            _OWNERS.pop(self.adapter.attention_module(layer), None)
+        self.adapter.text_config._attn_implementation = self._original_impl
+        self._state = None
+        self._attached = False
+
+    def __enter__(self) -> "PruningHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------------------- hooks
+    def _on_model_call(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if input_ids is None:
+            if self.method.enabled and past == 0:
+                raise ValueError("visipruner needs input_ids (to find the image tokens); got inputs_embeds only")
+            self._state = None
+            return None
+        image_token = self.adapter.image_token_id
+        has_image = bool((input_ids == image_token).any())
+        if past > 0:  # decode step (or continuation) of the current prompt
+            if has_image and self.method.enabled:
+                raise ValueError("image tokens after the prompt was prefilled (chunked prefill) are not supported")
+            st = self._state
+            if st is not None and st.prefilled:
+                st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            else:
+                self._state = None
+            return None
+        # prefill of a new prompt
+        self._state = None
+        self.last_stats = None
+        if not self.method.enabled or not has_image:
+            self.last_stats = PruneStats(prompt_length=int(input_ids.shape[-1]))
+            return None
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"pruning with batch size {input_ids.shape[0]} is not supported yet; run prompts one at a time "
+                "(batch size 1) or disable pruning"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError("padding (zeros in attention_mask) is not supported with pruning; pass an unpadded prompt")
+        visual_positions = (input_ids[0] == image_token).nonzero().squeeze(-1)
+        is_vis = (input_ids[0] == image_token).tolist()
+        layout = PromptLayout(
+            length=int(input_ids.shape[1]),
+            visual_positions=visual_positions,
+            image_spans=F_.visual_spans(is_vis),
+        )
+        self.method.start(layout, self._num_layers)
+        self._state = _PromptState(layout, self._num_layers, input_ids.device)
+        return None
+
+    def _on_model_return(self, module, args, kwargs, output):
+        st = self._state
+        if st is None:
+            return None
+        if not st.prefilled:
+            st.prefilled = True
+            self.last_stats = self._prefill_stats(st)
+        elif st.decode_positions is not None:
+            f, dense = self._decode_flops(st)
+            self.last_stats.decode_flops.append(f)
+            self.last_stats.dense_decode_flops.append(dense)
+            st.decode_positions = None
+        return None
+
+    def _layer_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            st = self._state
+            if st is None:
+                return None
+            if st.prefilled:
+                return self._decode_layer_inputs(idx, st, args, kwargs)
+            return self._prefill_layer_inputs(idx, st, args, kwargs)
+
+        return hook
+
+    def _prefill_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if st.pending_keep is not None:
+            keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
+            rows = keep.nonzero().squeeze(-1)
+            hidden = hidden.index_select(1, rows)
+            st.positions, st.visual_ids = st.positions[rows], st.visual_ids[rows]
+            st.pending_keep = None
+        st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+        if not st.pruned():
+            return None
+        pos = st.positions
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (cos.index_select(-2, pos), sin.index_select(-2, pos))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, pos)
+        m = kwargs.get("attention_mask")
+        if isinstance(m, torch.Tensor):
+            kwargs["attention_mask"] = m.index_select(-2, pos).index_select(-1, pos)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _decode_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
+        m = kwargs.get("attention_mask")
+        kept = st.layer_positions[idx]
+        if not isinstance(m, torch.Tensor) or kept.numel() == st.layout.length:
+            return None
+        kwargs["attention_mask"] = m.index_select(-1, self._decode_key_positions(idx, st, m.shape[-1]))
+        return args, kwargs
+
+    def _decode_key_positions(self, idx: int, st: _PromptState, total: int) -> torch.Tensor:
+        kept = st.layer_positions[idx]
+        new = torch.arange(st.layout.length, total, device=kept.device)
+        return torch.cat([kept, new])
+
+    # --------------------------------------------------------------------------- attention
+    def _attention(self, module, q, k, v, mask, original, **kwargs):
+        st = self._state
+        layer = module.layer_idx
+        if st is None:
+            return original(module, q, k, v, mask, **kwargs)
+        scale = kwargs.get("scaling") or module.head_dim**-0.5
+        mode = self.method.shallow_mode(layer)
+        if st.prefilled:  # decode step
+            if mode is None or st.decode_positions is None:
+                return original(module, q, k, v, mask, **kwargs)
+            return self._shallow_decode(module, q, k, v, scale, mode, st, layer)
+        st.layer_modes[layer] = mode
+        if mode is None:
+            out = original(module, q, k, v, mask, **kwargs)
+        else:
+            out = self._shallow_prefill(module, q, k, v, scale, mode, st)
+        present = st.visual_ids[st.visual_ids >= 0]
+        influence = None
+        if self.method.needs_influence(layer):
+            if mode is not None:
+                raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
+            vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
+            groups = module.num_key_value_groups
+            cos, norm, attn, onorm = last_row_influence(
+                q[:, :, -1:], repeat_kv(k, groups), repeat_kv(v, groups), scale, vis_keys
+            )
+            influence = Influence(layer, present, cos, norm, attn, float(onorm))
+            st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
+        keep = self.method.decide(layer, influence, present)
+        if keep is not None:
+            st.pending_keep = keep.to(st.visual_ids.device)
+        return out
+
+    def _shallow_prefill(self, module, q, k, v, scale, mode, st):
+        """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d)."""
+        groups = module.num_key_value_groups
+        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+        is_vis = st.visual_ids >= 0
+        vis_idx = is_vis.nonzero().squeeze(-1)
+        first, last = int(vis_idx[0]), int(vis_idx[-1])
+        n = q.shape[2]
+        out = torch.empty_like(q)
+        spans = st.layout.image_spans  # the sequence is unpruned in shallow layers
+        ar = torch.arange(n, device=q.device)
+        if mode == "merge":
+            for s, e in spans:
+                before = ar[:s]
+                out[:, :, s:e] = visual_rows_layer0(
+                    q[:, :, s:e], kk, vv, scale, (s, e), before[is_vis[:s]], before[~is_vis[:s]]
+                )
+            prefix = first + 1
+        else:
+            prefix = last + 1
+        out[:, :, :prefix] = F.scaled_dot_product_attention(
+            q[:, :, :prefix], kk[:, :, :prefix], vv[:, :, :prefix], is_causal=True, scale=scale
+        )
+        text_rows = ((~is_vis) & (ar > first)).nonzero().squeeze(-1)
+        if text_rows.numel():
+            firsts, groups_ = self._merge_groups(mode, spans, q.device)
+            out[:, :, text_rows] = text_rows_attention(
+                q.index_select(2, text_rows), kk, vv, scale, text_rows, ar, is_vis,
+                firsts, groups_, renormalise=(mode == "disable_renorm"),
+            )
+        return out.transpose(1, 2).contiguous(), None
+
+    def _shallow_decode(self, module, q, k, v, scale, mode, st, layer):
+        groups = module.num_key_value_groups
+        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+        k_pos = self._decode_key_positions(layer, st, st.decode_positions[-1].item() + 1)
+        if k_pos.numel() != k.shape[2]:
+            raise RuntimeError(
+                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected {k_pos.numel()}; "
+                "was the cache built by another prompt?"
+            )
+        prompt_vis = st.layer_visual_ids[layer] >= 0
+        is_vis = torch.cat([prompt_vis, prompt_vis.new_zeros(k_pos.numel() - prompt_vis.numel())])
+        firsts, groups_ = None, None
+        if mode == "merge":  # shallow caches are never pruned, so cache index == position
+            firsts, groups_ = self._merge_groups(mode, st.layout.image_spans, q.device)
+        out = text_rows_attention(
+            q, kk, vv, scale, st.decode_positions, k_pos, is_vis, firsts, groups_,
+            renormalise=(mode == "disable_renorm"),
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    @staticmethod
+    def _merge_groups(mode, spans, device):
+        if mode != "merge":
+            return None, None
+        return [s for s, _ in spans], [torch.arange(s, e, device=device) for s, e in spans]
+
+    # ------------------------------------------------------------------------------- FLOPs
+    def _prefill_stats(self, st: _PromptState) -> PruneStats:
+        dims, n0 = self.dims, st.layout.length
+        stats = PruneStats(
+            prompt_length=n0,
+            num_visual_tokens=st.layout.num_visual,
+            num_images=len(st.layout.image_spans),
+            pruning_applied=True,
+        )
+        for layer in range(self._num_layers):
+            pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
+            n, n_vis = int(pos.numel()), int((vis >= 0).sum())
+            stats.tokens_per_layer.append(n)
+            stats.visual_tokens_per_layer.append(n_vis)
+            mode = st.layer_modes[layer]
+            if mode is None:
+                score = weighted = F_.causal_pairs(n)
+            else:
+                score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode)
+            extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
+            stats.prefill_flops += F_.layer_flops(dims, n, score, weighted, extra)
+            stats.dense_prefill_flops += F_.layer_flops(dims, n0, F_.causal_pairs(n0), F_.causal_pairs(n0))
+            stats.prefill_flops_fastv += F_.fastv_layer_flops(dims, n)
+            stats.dense_prefill_flops_fastv += F_.fastv_layer_flops(dims, n0)
+        summary = self.method.summary()
+        stats.fusion_layer = summary.pop("fusion_layer", None)
+        stats.exit_layer = summary.pop("exit_layer", None)
+        stats.critical_tokens = summary.pop("critical_tokens", [])
+        stats.method = summary
+        return stats
+
+    def _decode_flops(self, st: _PromptState) -> tuple[int, int]:
+        dims = self.dims
+        total = int(st.decode_positions[-1]) + 1  # keys in an unpruned cache after this step
+        new = int(st.decode_positions.numel())
+        generated = total - st.layout.length
+        pruned = dense = 0
+        for layer in range(self._num_layers):
+            kept = int(st.layer_positions[layer].numel()) + generated
+            n_vis = int((st.layer_visual_ids[layer] >= 0).sum())
+            mode = self.method.shallow_mode(layer)
+            # causal within the step's new tokens: query i sees keys up to kept - new + i + 1
+            causal = new * kept - new * (new - 1) // 2
+            if mode is None:
+                score = weighted = causal
+            else:
+                score, weighted = F_.shallow_decode_pairs(kept, n_vis, len(st.layout.image_spans), mode)
+                score, weighted = score * new, weighted * new
+            pruned += F_.layer_flops(dims, new, score, weighted)
+            dense_causal = new * total - new * (new - 1) // 2
+            dense += F_.layer_flops(dims, new, dense_causal, dense_causal)
+        return pruned, dense
+
+
+def apply(model: nn.Module, config=None, *, schedule=None) -> PruningHandle:
+    """Apply a pruning method to ``model`` in place; returns a handle (``remove()`` / ``with``).
+
+    ``config`` is a method config (default: ``VisiPrunerConfig()``); ``schedule`` forces
+    VisiPruner's fusion/critical/exit decisions instead of measuring them.
+    """
+    from .config import VisiPrunerConfig
+    from .methods.visipruner import VisiPruner
+
+    if config is None:
+        config = VisiPrunerConfig()
+    if any(isinstance(h, PruningHandle) for h in _OWNERS.values() if h.model is model):
+        raise RuntimeError("this model already has a visipruner method applied; call handle.remove() first")
+    adapter = get_adapter(model)
+    if isinstance(config, VisiPrunerConfig):
+        method = VisiPruner(config, schedule=schedule)
+    elif isinstance(config, PruningMethod):
+        method = config
+    else:
+        raise TypeError(f"apply() takes a VisiPrunerConfig or a PruningMethod, got {type(config).__name__}")
+    return PruningHandle(model, method, adapter)
