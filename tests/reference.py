@@ -162,7 +162,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None) -> Ref
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
 
-        if keep_ids is not None:
+        if keep_ids is not None and li + 1 < len(lm.layers):  # removal acts from the next layer on
             keep = (vis_id < 0) | torch.isin(vis_id, keep_ids)
             h, pos, vis_id, image_of = h[keep], pos[keep], vis_id[keep], image_of[keep]
 

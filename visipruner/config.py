@@ -28,7 +28,7 @@ class VisiPrunerConfig:
     )
     layer_threshold: float = field(
         default=0.995,
-        metadata={"help": "Fusion trigger: first layer > K where min_j cos(o - c_j, o) < this value. In (0, 1]."},
+        metadata={"help": "Fusion trigger: first layer > K where min_j cos(o - c_j, o) < this value. A cosine, in [-1, 1]."},
     )
     tokens_threshold: float = field(
         default=0.2,
@@ -36,7 +36,7 @@ class VisiPrunerConfig:
     )
     exit_threshold: float = field(
         default=0.999,
-        metadata={"help": "A deep layer shows no visual impact when min_j cos(o - c_j, o) >= this value. In (0, 1]."},
+        metadata={"help": "A deep layer shows no visual impact when min_j cos(o - c_j, o) >= this value. A cosine, in [-1, 1]."},
     )
     exit_patience: int = field(
         default=2,
@@ -64,9 +64,9 @@ class VisiPrunerConfig:
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages: duplicate entries in {self.stages}")
         _check_int("shallow_layers", self.shallow_layers, 1, None)
-        _check_float("layer_threshold", self.layer_threshold, 0.0, 1.0, low_open=True)
+        _check_float("layer_threshold", self.layer_threshold, -1.0, 1.0)
         _check_float("tokens_threshold", self.tokens_threshold, 0.0, None)
-        _check_float("exit_threshold", self.exit_threshold, 0.0, 1.0, low_open=True)
+        _check_float("exit_threshold", self.exit_threshold, -1.0, 1.0)
         _check_int("exit_patience", self.exit_patience, 1, None)
         if self.exit_counting not in EXIT_COUNTING:
             raise ValueError(f"exit_counting must be one of {EXIT_COUNTING}, got {self.exit_counting!r}")

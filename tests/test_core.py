@@ -1,0 +1,206 @@
+"""The correctness backbone: fast path vs the slow reference, exactness when disabled, caching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import visipruner
+from visipruner import Schedule, VisiPrunerConfig
+from visipruner.testing import IMAGE_TOKEN_ID, random_prompt, tiny_llava
+
+from reference import reference_forward
+
+torch.set_grad_enabled(False)
+
+SEEDS = (0, 1, 2)
+
+
+def _greedy(model, inputs, steps=8):
+    model.generation_config.eos_token_id = None  # exactly `steps` plain argmax steps
+    out = model.generate(
+        **inputs, max_new_tokens=steps, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_disabled_is_bit_identical(impl):
+    model = tiny_llava(0, attn_implementation=impl)
+    inputs = random_prompt(model, seed=0, images=2)
+    ref_logits = model(**inputs).logits
+    ref_seq, ref_steps = _greedy(model, inputs)
+
+    handle = visipruner.apply(model, VisiPrunerConfig(stages=()))
+    assert torch.equal(model(**inputs).logits, ref_logits)
+    seq, steps = _greedy(model, inputs)
+    assert torch.equal(seq, ref_seq) and torch.equal(steps, ref_steps)
+    handle.remove()
+
+    # enabled, then removed: the model is the unpruned model again
+    with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=0.0)) as h:
+        pruned = model(**inputs).logits
+        assert h.last_stats.fusion_layer == 3
+    assert pruned.shape != ref_logits.shape  # pruning really happened
+    assert model.config.text_config._attn_implementation == impl
+    assert torch.equal(model(**inputs).logits, ref_logits)
+    seq, steps = _greedy(model, inputs)
+    assert torch.equal(seq, ref_seq) and torch.equal(steps, ref_steps)
+
+
+def test_prompt_without_images_passes_through():
+    model = tiny_llava(1)
+    ids = torch.randint(4, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids).logits
+    with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)) as h:
+        assert torch.equal(model(input_ids=ids).logits, ref)
+        assert not h.last_stats.pruning_applied
+
+
+def _probe_thresholds(model, inputs, K, shallow=True):
+    """A tokens_threshold splitting layer K+1's visual tokens in half, read off the reference."""
+    stages = ("shallow", "middle") if shallow else ("middle",)
+    probe = VisiPrunerConfig(stages=stages, shallow_layers=K, layer_threshold=1.0, tokens_threshold=0.0)
+    r = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], probe)
+    norms = r.norms[K + 1].sort().values
+    mid = len(norms) // 2  # halfway between two observed norms, never on one
+    return float(norms[mid - 1] + norms[mid]) / 2, r
+
+
+def _configs(model, inputs):
+    K = 2
+    median_norm, _ = _probe_thresholds(model, inputs, K)
+    middle_norm, _ = _probe_thresholds(model, inputs, K, shallow=False)
+    full = dict(shallow_layers=K, tokens_threshold=median_norm)
+    return {
+        "shallow": VisiPrunerConfig(stages=("shallow",), shallow_layers=3),
+        "shallow_renorm": VisiPrunerConfig(stages=("shallow",), shallow_layers=3, shallow_renormalise=True),
+        "middle": VisiPrunerConfig(stages=("middle",), layer_threshold=1.0, shallow_layers=K, tokens_threshold=middle_norm),
+        "all_exit": VisiPrunerConfig(layer_threshold=1.0, exit_threshold=0.0, exit_patience=2, **full),
+        "all_consecutive": VisiPrunerConfig(
+            layer_threshold=1.0, exit_threshold=0.0, exit_patience=1, exit_counting="consecutive", **full
+        ),
+        "deep_only": VisiPrunerConfig(stages=("deep",), shallow_layers=K, exit_threshold=0.0, exit_patience=2),
+        "none_trigger": VisiPrunerConfig(shallow_layers=K, layer_threshold=-1.0, tokens_threshold=0.0),
+    }
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("images", [1, 2])
+def test_fast_path_matches_reference(seed, images):
+    model = tiny_llava(seed)
+    inputs = random_prompt(model, seed=seed, images=images)
+    unpruned = model(**inputs).logits[0]
+    for name, cfg in _configs(model, inputs).items():
+        ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], cfg)
+        with visipruner.apply(model, cfg) as h:
+            out = model(**inputs).logits[0]
+        s = h.last_stats
+        assert out.shape == ref.logits.shape, name
+        torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0, msg=name)
+        assert s.fusion_layer == ref.fusion_layer, name
+        assert s.exit_layer == ref.exit_layer, name
+        assert s.critical_tokens == ref.critical_tokens, name
+        assert s.visual_tokens_per_layer == ref.visual_tokens_per_layer, name
+        if name != "none_trigger":  # the method changed something
+            assert out.shape != unpruned.shape or not torch.allclose(out, unpruned, atol=1e-4), name
+    # the stages were exercised as intended
+    cfgs = _configs(model, inputs)
+    with visipruner.apply(model, cfgs["all_exit"]) as h:
+        model(**inputs)
+    n_vis = h.last_stats.num_visual_tokens
+    assert h.last_stats.fusion_layer == 3 and h.last_stats.exit_layer == 5
+    assert 0 < len(h.last_stats.critical_tokens) < n_vis
+    assert h.last_stats.visual_tokens_per_layer == [n_vis] * 4 + [len(h.last_stats.critical_tokens)] * 2 + [0] * 2
+
+
+def test_reference_agrees_with_unpruned_model_when_disabled():
+    """The reference itself is checked against Hugging Face's own forward."""
+    model = tiny_llava(3)
+    inputs = random_prompt(model, seed=3, images=2)
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], VisiPrunerConfig(stages=()))
+    torch.testing.assert_close(ref.logits, model(**inputs).logits[0], atol=1e-5, rtol=0)
+
+
+def test_measured_thresholds_trigger_stages_like_the_reference():
+    """Thresholds between observed values (not 0/1 extremes): decisions still agree."""
+    placed = 0
+    for seed in range(6):
+        model = tiny_llava(seed, layers=10)
+        inputs = random_prompt(model, seed=seed)
+        never = VisiPrunerConfig(stages=("shallow", "middle"), shallow_layers=2, layer_threshold=-1.0)
+        probe = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], never)
+        by_layer = sorted(probe.min_cos.items())
+        # the first checked layer (not the first one) whose min cos is below all earlier ones
+        # (else the first one, with a threshold just above its value)
+        i = next((i for i in range(1, len(by_layer)) if by_layer[i][1] < min(c for _, c in by_layer[:i])), 0)
+        placed += i > 0
+        target_layer, target_cos = by_layer[i]
+        above = min(c for _, c in by_layer[:i]) if i else min(c for _, c in by_layer if c > target_cos)
+        layer_thr = (target_cos + above) / 2  # strictly between observed values
+        norms = probe.norms[target_layer].sort().values
+        tok_thr = float(norms[len(norms) // 2 - 1] + norms[len(norms) // 2]) / 2
+        cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=layer_thr, tokens_threshold=tok_thr, exit_threshold=0.99)
+        ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], cfg)
+        with visipruner.apply(model, cfg) as h:
+            out = model(**inputs).logits[0]
+        torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
+        assert ref.fusion_layer == target_layer
+        assert (h.last_stats.fusion_layer, h.last_stats.exit_layer) == (ref.fusion_layer, ref.exit_layer)
+        assert h.last_stats.critical_tokens == ref.critical_tokens
+    assert placed >= 1  # at least one seed puts fusion past the first checked layer
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cached_generation_equals_recomputation(seed):
+    model = tiny_llava(seed)
+    inputs = random_prompt(model, seed=seed, images=1 + seed % 2)
+    median_norm, _ = _probe_thresholds(model, inputs, 2)
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=median_norm, exit_threshold=0.0)
+    steps = 8
+    with visipruner.apply(model, cfg) as h:
+        seq, logits = _greedy(model, inputs, steps)
+        stats = h.last_stats
+    assert stats.exit_layer is not None and len(stats.decode_flops) == steps - 1
+    schedule = Schedule(stats.fusion_layer, stats.critical_tokens, stats.exit_layer)
+    prompt_len = inputs["input_ids"].shape[1]
+    for t in range(steps):
+        ids = seq[:, : prompt_len + t]
+        # recompute everything, without cache, replaying the prompt's decisions: fast path ...
+        with visipruner.apply(model, cfg, schedule=schedule):
+            full = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[0, -1]
+        # ... and the slow reference
+        ref = reference_forward(model, ids, inputs["pixel_values"], cfg, schedule=schedule).logits[-1]
+        torch.testing.assert_close(logits[t, 0], full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[t, 0], ref, atol=1e-5, rtol=0)
+        assert int(full.argmax()) == int(seq[0, prompt_len + t])
+
+
+def test_kv_cache_is_physically_shorter():
+    model = tiny_llava(0)
+    inputs = random_prompt(model, seed=0)
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=0.0, exit_threshold=0.0)
+    with visipruner.apply(model, cfg) as h:
+        out = model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    lengths = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+    assert lengths == h.last_stats.tokens_per_layer
+    n = inputs["input_ids"].shape[1]
+    n_vis = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    assert lengths[0] == n and lengths[-1] == n - n_vis
+
+
+def test_schedule_replay_reproduces_decisions():
+    model = tiny_llava(2)
+    inputs = random_prompt(model, seed=2)
+    median_norm, _ = _probe_thresholds(model, inputs, 2)
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=median_norm, exit_threshold=0.0)
+    with visipruner.apply(model, cfg) as h:
+        measured = model(**inputs).logits
+    sched = h.method.schedule_of_last_prompt()
+    with visipruner.apply(model, cfg, schedule=sched) as h2:
+        replayed = model(**inputs).logits
+    # replay skips the influence rows, so only the FLOPs differ
+    assert torch.equal(measured, replayed)
+    assert h2.last_stats.prefill_flops < h.last_stats.prefill_flops
