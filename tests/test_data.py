@@ -1,0 +1,171 @@
+"""Data: scene generator determinism/balance, question-file reader, easy-vqa converter."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+
+import pytest
+
+from visipruner.data import easyvqa, scenes
+from visipruner.data.questions import Question, load_questions, write_questions
+
+
+def _digest(qs):
+    h = hashlib.sha256()
+    for q in qs:
+        h.update(f"{q.family}|{q.question}|{q.answer}".encode())
+        h.update(q.scene.render().tobytes())
+    return h.hexdigest()
+
+
+def test_generator_deterministic_by_seed():
+    a = scenes.make_questions(seed=3, split="train", n=24)
+    b = scenes.make_questions(seed=3, split="train", n=24)
+    c = scenes.make_questions(seed=4, split="train", n=24)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+    # the i-th question does not depend on how many were generated before it
+    assert _digest(scenes.make_questions(3, "train", 4, start=20)) == _digest(a[20:])
+
+
+def test_splits_differ():
+    tr = scenes.make_questions(0, "train", 12)
+    te = scenes.make_questions(0, "test", 12)
+    va = scenes.make_questions(0, "validation", 12)
+    assert len({_digest(tr), _digest(te), _digest(va)}) == 3
+    with pytest.raises(ValueError):
+        scenes.make_question(0, "dev", 0)
+
+
+def test_families_and_answers_balanced():
+    fams = scenes.FAMILIES
+    n_ans = {f: len(scenes.ANSWERS[f]) for f in fams}
+    # 12 is a multiple of every family's answer count
+    n = len(fams) * 12
+    qs = scenes.make_questions(1, "validation", n)
+    by_fam = collections.Counter(q.family for q in qs)
+    assert set(by_fam) == set(fams) and len(set(by_fam.values())) == 1
+    for f in fams:
+        cnt = collections.Counter(q.answer for q in qs if q.family == f)
+        assert set(cnt) == set(scenes.ANSWERS[f])
+        assert len(set(cnt.values())) == 1, (f, cnt, n_ans[f])
+
+
+def test_questions_are_consistent_with_scene():
+    for q in scenes.make_questions(2, "test", 120):
+        s = q.scene
+        cells = [o.cell for o in s.objects] + [s.word_cell]
+        assert len(set(cells)) == len(cells)
+        if q.family == "count":
+            color = q.question.split()[2]
+            assert sum(o.color == color for o in s.objects) == int(q.answer)
+        elif q.family == "exist":
+            words = q.question.rstrip("?").split()
+            color, shape = words[-2], words[-1]
+            present = any(o.color == color and o.shape == shape for o in s.objects)
+            assert present == (q.answer == "yes")
+        elif q.family == "word":
+            assert s.word == q.answer
+        elif q.family == "shape_at":
+            pos = q.question[len("What shape is at the "):-1]
+            cell = scenes.POSITIONS.index(pos)
+            assert [o.shape for o in s.objects if o.cell == cell] == [q.answer]
+        elif q.family == "relation":
+            rest = q.question[len("Where is the "):-1]
+            a_ref, b_ref = rest.split(" relative to the ")
+            find = lambda ref: [o for o in s.objects if f"{o.color} {o.shape}" == ref]
+            (a,), (b,) = find(a_ref), find(b_ref)
+            ra, ca = divmod(a.cell, 3)
+            rb, cb = divmod(b.cell, 3)
+            expect = {"left": ra == rb and ca < cb, "right": ra == rb and ca > cb,
+                      "above": ca == cb and ra < rb, "below": ca == cb and ra > rb}
+            assert expect[q.answer]
+
+
+def test_scene_questions_answers_match_scene():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        s = scenes.random_scene(0, "train", i)
+        for fam, q, a in scenes.scene_questions(s, rng):
+            if fam == "count":
+                assert sum(o.color == q.split()[2] for o in s.objects) == int(a)
+            if fam == "word":
+                assert a == s.word
+
+
+def test_write_split_roundtrip(tmp_path):
+    path = scenes.write_split(str(tmp_path / "sc"), "test", n=12, seed=0)
+    qs = load_questions(path)
+    assert len(qs) == 12
+    ref = scenes.make_questions(0, "test", 12)
+    assert [q.answer for q in qs] == [r.answer for r in ref]
+    assert all(os.path.isabs(q.image) and os.path.exists(q.image) for q in qs)
+    rel = [json.loads(line)["image"] for line in open(path)]
+    assert not any(os.path.isabs(r) for r in rel)
+    img = qs[0].load_image()
+    assert img.size == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+    assert img.tobytes() == ref[0].scene.render().tobytes()
+
+
+def _write(tmp_path, lines, name="q.jsonl"):
+    (tmp_path / "img.png").write_bytes(b"")  # existence is all the reader checks
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+GOOD = '{"image": "img.png", "question": "What?", "answer": "red", "family": "color", "id": "a"}'
+
+
+def test_reader_accepts_good_file(tmp_path):
+    p = _write(tmp_path, [GOOD, "", '{"image": "img.png", "question": "Q", "answer": "A"}'])
+    qs = load_questions(p)
+    assert len(qs) == 2
+    assert qs[0] == Question(image=str(tmp_path / "img.png"), question="What?", answer="red", family="color", id="a")
+    assert qs[1].family == "all"
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ('{"image": "img.png", "question": "Q"', "invalid JSON"),
+    ('["img.png", "Q", "A"]', "expected a JSON object"),
+    ('{"image": "img.png", "question": "Q"}', "missing required key(s) 'answer'"),
+    ('{"image": "img.png", "question": "Q", "answer": 3}', "'answer' must be a string"),
+    ('{"image": "img.png", "question": "  ", "answer": "a"}', "'question' is empty"),
+    ('{"image": "nope.png", "question": "Q", "answer": "a"}', "image file not found"),
+    ('{"image": "img.png", "question": "Q", "answer": "a", "family": [1]}', "'family' must be a string"),
+])
+def test_reader_rejects_malformed_line(tmp_path, bad, needle):
+    p = _write(tmp_path, [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(ValueError) as ei:
+        load_questions(p)
+    msg = str(ei.value)
+    assert f"{p}:3:" in msg, msg
+    assert needle in msg, msg
+
+
+def test_write_questions_relative(tmp_path):
+    (tmp_path / "img.png").write_bytes(b"")
+    q = Question(image=str(tmp_path / "img.png"), question="Q", answer="A", family="f", id="1")
+    write_questions(tmp_path / "out.jsonl", [q])
+    assert json.loads((tmp_path / "out.jsonl").read_text())["image"] == "img.png"
+    assert load_questions(tmp_path / "out.jsonl") == [q]
+
+
+def test_easyvqa_converter(tmp_path):
+    path = easyvqa.write_jsonl(str(tmp_path), "test", limit=50)
+    qs = load_questions(path)
+    assert len(qs) == 50
+    assert {q.family for q in qs} <= {"yesno", "shape", "color"}
+    for q in qs:
+        if q.family == "shape":
+            assert q.answer in easyvqa.SHAPES
+        if q.family == "color":
+            assert q.answer in easyvqa.COLORS
+    train_imgs = {r["image"] for r in easyvqa.records("train")}
+    test_imgs = {r["image"] for r in easyvqa.records("test")}
+    assert not train_imgs & test_imgs

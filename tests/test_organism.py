@@ -1,0 +1,124 @@
+"""The embedded LLaVA organism: offline loading, processor, accuracy smoke test, save/load round trip."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from visipruner.data import scenes  # noqa: E402
+from visipruner.data.questions import load_questions  # noqa: E402
+from visipruner.evaluate import evaluate, normalize_answer, prepare_batch  # noqa: E402
+
+
+class _NoNetwork:
+    """Make any attempt to open a network connection fail loudly."""
+
+    def __enter__(self):
+        self._orig = socket.socket.connect
+
+        def guard(sock, addr, *a, **k):
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                raise AssertionError(f"network access attempted: {addr}")
+            return self._orig(sock, addr, *a, **k)
+
+        socket.socket.connect = guard
+        return self
+
+    def __exit__(self, *exc):
+        socket.socket.connect = self._orig
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from visipruner.models import load_organism
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    with _NoNetwork():
+        model, processor = load_organism()
+    return model, processor
+
+
+def test_loads_offline_as_plain_llava(organism):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    model, processor = organism
+    assert type(model) is LlavaForConditionalGeneration
+    assert isinstance(processor, LlavaProcessor)
+    cfg = model.config
+    assert cfg.text_config.num_hidden_layers == 30 and cfg.text_config.hidden_size == 576
+    assert cfg.text_config.num_attention_heads == 9 and cfg.text_config.num_key_value_heads == 3
+    assert cfg.vision_config.model_type == "clip_vision_model"
+    assert cfg._attn_implementation == "sdpa"
+    assert cfg.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert cfg.projector_hidden_act == "gelu"
+    # no LoRA wrappers left: only plain Linear layers in the LM
+    names = {type(m).__name__ for m in model.modules()}
+    assert "LoRALinear" not in names
+
+
+def test_processor_chat_template_and_image_tokens(organism):
+    model, processor = organism
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What word is written?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    assert prompt.count("<image>") == 1 and prompt.endswith("<|im_start|>assistant\n")
+    img = scenes.make_question(0, "test", 5).scene.render()
+    enc = processor(images=[img], text=[prompt], return_tensors="pt")
+    n_img = int((enc["input_ids"] == model.config.image_token_id).sum())
+    assert n_img == model.config.image_seq_length >= 144
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output
+    assert feats[0].shape[0] == n_img
+
+
+def test_smoke_accuracy_on_held_out_generated_questions(organism, tmp_path):
+    model, processor = organism
+    # held-out: the test split (never used in training), a block of indices beyond the reported 600
+    path = scenes.write_split(str(tmp_path), "test", n=30, seed=0, start=6000)
+    qs = load_questions(path)
+    res = evaluate(model, processor, qs, batch_size=10, progress=False)
+    assert res["overall"]["n"] == 30
+    assert set(res["families"]) == set(scenes.FAMILIES)
+    assert res["overall"]["accuracy"] >= 0.8, res["families"]
+
+
+def test_answer_normalisation():
+    assert normalize_answer("  Red. ") == "red"
+    assert normalize_answer("Yes!") == "yes"
+    assert normalize_answer("blue") != normalize_answer("red")
+
+
+def test_save_pretrained_roundtrip_identical_logits(organism, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, processor = organism
+    d = tmp_path / "llava"
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    with _NoNetwork():
+        m2 = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True).eval()
+        p2 = AutoProcessor.from_pretrained(d, local_files_only=True)
+    qs = [q for q in scenes.make_questions(0, "validation", 2)]
+
+    class Q:  # minimal stand-in with the attributes prepare_batch needs
+        def __init__(self, sq):
+            self.question, self._img = sq.question, sq.scene.render()
+
+        def load_image(self):
+            return self._img
+
+    batch = [Q(q) for q in qs]
+    a = prepare_batch(processor, batch)
+    b = prepare_batch(p2, batch)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    with torch.no_grad():
+        la = model(**a).logits
+        lb = m2(**b).logits
+    assert torch.equal(la, lb)

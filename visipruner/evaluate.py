@@ -1,0 +1,163 @@
+"""`visipruner eval`: exact-match VQA accuracy of a (unpruned) Llava model.
+
+    visipruner eval --data FILE.jsonl [--model DIR] [--json OUT] [--limit N] [--batch-size B]
+
+Batched greedy decoding with left padding; answers are compared after
+normalisation (lowercase, punctuation and surrounding/duplicate whitespace
+removed).  The core is :func:`evaluate`, reusable from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(s: str) -> str:
+    s = _PUNCT.sub(" ", s.lower())
+    return " ".join(s.split())
+
+
+def build_prompt(processor, question: str) -> str:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def prepare_batch(processor, questions, images=None):
+    """Processor inputs (left padded) for a list of Question objects."""
+    if images is None:
+        images = [q.load_image() for q in questions]
+    prompts = [build_prompt(processor, q.question) for q in questions]
+    tok = processor.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+
+
+@torch.no_grad()
+def generate_answers(model, processor, questions, max_new_tokens: int = 6, **generate_kwargs) -> list[str]:
+    inputs = prepare_batch(processor, questions)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    if isinstance(eos, int) and eos >= 0 and eos != tok.unk_token_id:
+        kw["eos_token_id"] = eos
+    kw.update(generate_kwargs)
+    out = model.generate(**inputs, **kw)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def summarize(records: list[dict]) -> dict:
+    fam = defaultdict(lambda: [0, 0])
+    for r in records:
+        fam[r["family"]][0] += int(r["correct"])
+        fam[r["family"]][1] += 1
+    n = len(records)
+    c = sum(int(r["correct"]) for r in records)
+    return {
+        "overall": {"accuracy": c / n if n else 0.0, "correct": c, "n": n},
+        "families": {k: {"accuracy": v[0] / v[1], "correct": v[0], "n": v[1]} for k, v in sorted(fam.items())},
+    }
+
+
+def evaluate(model, processor, questions, batch_size: int = 8, max_new_tokens: int = 6,
+             progress: bool = True, generate_fn=None, **generate_kwargs) -> dict:
+    """Accuracy per family and overall. ``questions``: list of :class:`Question`.
+
+    ``generate_fn(model, processor, batch) -> list[str]`` can replace the default
+    batched greedy decoding (e.g. for a pruned model).
+    Returns ``{"overall": {...}, "families": {...}, "predictions": [...], "seconds": float}``.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    records = []
+    t0 = time.time()
+    bar = tqdm(total=len(questions), desc="eval", disable=not progress, file=sys.stderr)
+    for i in range(0, len(questions), batch_size):
+        batch = questions[i:i + batch_size]
+        if generate_fn is not None:
+            preds = generate_fn(model, processor, batch)
+        else:
+            preds = generate_answers(model, processor, batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+        for q, p in zip(batch, preds):
+            records.append({"id": q.id, "family": q.family, "question": q.question, "answer": q.answer,
+                            "prediction": p, "correct": normalize_answer(p) == normalize_answer(q.answer)})
+        bar.update(len(batch))
+        acc = sum(r["correct"] for r in records) / len(records)
+        bar.set_postfix(acc=f"{acc:.3f}")
+    bar.close()
+    res = summarize(records)
+    res["predictions"] = records
+    res["seconds"] = time.time() - t0
+    return res
+
+
+def _run(args) -> int:
+    from .data.questions import load_questions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = load_questions(args.data)
+    if args.sample and args.sample < len(questions):
+        import random
+
+        rnd = random.Random(args.seed)
+        questions = rnd.sample(questions, args.sample)
+    if args.limit:
+        questions = questions[:args.limit]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.model:
+        from .models.organism import load_model_dir
+
+        model, processor = load_model_dir(args.model, device=args.device, dtype=dtype)
+    else:
+        from .models import load_organism
+
+        model, processor = load_organism(device=args.device, dtype=dtype)
+    res = evaluate(model, processor, questions, batch_size=args.batch_size, progress=not args.no_progress)
+    res["data"] = args.data
+    res["model"] = args.model or "organism"
+    o = res["overall"]
+    print(f"overall: {o['accuracy']:.4f} ({o['correct']}/{o['n']})")
+    for k, v in res["families"].items():
+        print(f"  {k:<10} {v['accuracy']:.4f} ({v['correct']}/{v['n']})")
+    print(f"{res['seconds']:.1f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="VQA exact-match accuracy of an unpruned model on a question file",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="question file (JSONL)")
+    p.add_argument("--model", default=None, help="saved HF Llava dir (default: the built-in organism)")
+    p.add_argument("--json", default=None, help="write results (incl. predictions) here")
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--sample", type=int, default=None, help="random subset of N questions (see --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+    return p
