@@ -63,51 +63,69 @@ def attention_with_lse(
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
+def _complement_runs(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    runs, at = [], 0
+    for s, e in spans:
+        if s > at:
+            runs.append((at, s))
+        at = e
+    if at < n:
+        runs.append((at, n))
+    return runs
+
+
 def text_rows_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
     q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    k_visual: torch.Tensor,
-    image_first_keys: list[int] | None,
-    image_key_groups: list[torch.Tensor] | None,
+    k_pos: torch.Tensor | None,
+    visual_spans: list[tuple[int, int]],
+    merge: bool,
     renormalise: bool,
 ) -> torch.Tensor:
     """Text queries with their probabilities on visual keys zeroed.
 
-    q: (b, H, t, d); k, v: (b, H, n, d) with H heads; q_pos (t,), k_pos (n,) positions for causality;
-    k_visual (n,) bool. Exact form (``renormalise=False``): the softmax normaliser still contains
-    the visual keys. ``image_first_keys`` (merge, layer 0): each image's removed mass is put on its
-    first key (indices into k), with ``image_key_groups`` the key indices of each image.
+    q: (b, H, t, d); k, v: (b, Hkv, n, d) (GQA handled by grouping queries, no kv copies).
+    ``visual_spans``: [s, e) key-index ranges of the images' tokens. Causality uses positions:
+    ``q_pos`` (t,), ``k_pos`` (n,); ``k_pos=None`` means every key is visible to every query.
+    Exact form (``renormalise=False``): the softmax normaliser still contains the visual keys;
+    ``q.k`` is computed for visual keys, ``a.v`` only over the other keys (slices, no gathers).
+    ``merge`` (layer 0): each image's removed mass goes onto its first key.
     ``renormalise=True``: visual keys are dropped, softmax over the other keys only.
     Returns (b, H, t, d).
     """
-    nonvis = (~k_visual).nonzero().squeeze(-1)
-    causal_ok = k_pos[None, :] <= q_pos[:, None]  # (t, n)
-    k_nv, v_nv = k.index_select(2, nonvis), v.index_select(2, nonvis)
-    s_nv = torch.matmul(q, k_nv.transpose(-1, -2)).float() * scale
-    s_nv = s_nv.masked_fill(~causal_ok[:, nonvis], NEG_INF)
+    b, H, t, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = H // hkv
+    qg = q.reshape(b, hkv, g * t, d).float()  # head h = kv_head * g + r, as repeat_kv orders them
+    qp = q_pos.repeat(g)
+
+    def scores(s, e):
+        sc = torch.matmul(qg, k[:, :, s:e].float().transpose(-1, -2)) * scale
+        if k_pos is not None and int(k_pos[e - 1]) > int(q_pos.min()):
+            sc = sc.masked_fill(k_pos[s:e][None, :] > qp[:, None], NEG_INF)
+        return sc
+
+    text_runs = _complement_runs(visual_spans, n)
+    s_text = [scores(s, e) for s, e in text_runs]
+    lse_text = torch.logsumexp(torch.cat(s_text, dim=-1), dim=-1)
     if renormalise:
-        p_nv = torch.softmax(s_nv, dim=-1)
-        return torch.matmul(p_nv.to(v.dtype), v_nv)
-    vis = k_visual.nonzero().squeeze(-1)
-    s_vis = torch.matmul(q, k.index_select(2, vis).transpose(-1, -2)).float() * scale  # q.k only
-    s_vis = s_vis.masked_fill(~causal_ok[:, vis], NEG_INF)
-    lse_nv = torch.logsumexp(s_nv, dim=-1)
-    lse_vis = torch.logsumexp(s_vis, dim=-1) if vis.numel() else torch.full_like(lse_nv, NEG_INF)
-    lse_all = torch.logaddexp(lse_nv, lse_vis)
-    p_nv = torch.exp(s_nv - lse_all[..., None])
-    out = torch.matmul(p_nv.to(v.dtype), v_nv)
-    if image_first_keys:
-        # position of each visual key inside `vis`, to pick each image's columns of s_vis
-        where = torch.full((k.shape[2],), -1, dtype=torch.long, device=k.device)
-        where[vis] = torch.arange(vis.numel(), device=k.device)
-        for first, group in zip(image_first_keys, image_key_groups):
-            mass = torch.exp(torch.logsumexp(s_vis[..., where[group]], dim=-1) - lse_all)  # (b,H,t)
-            out = out + mass.to(v.dtype)[..., None] * v[:, :, first][:, :, None, :]
-    return out
+        lse_all = lse_text
+        lse_img = []
+    else:
+        lse_img = [torch.logsumexp(scores(s, e), dim=-1) for s, e in visual_spans]
+        lse_all = lse_text
+        for l in lse_img:
+            lse_all = torch.logaddexp(lse_all, l)
+    out = torch.zeros(b, hkv, g * t, v.shape[-1], dtype=torch.float32, device=q.device)
+    for (s, e), sc in zip(text_runs, s_text):
+        out = out + torch.matmul(torch.exp(sc - lse_all[..., None]), v[:, :, s:e].float())
+    if merge:
+        for (s, _), l in zip(visual_spans, lse_img):
+            out = out + torch.exp(l - lse_all)[..., None] * v[:, :, s : s + 1].float()
+    return out.to(q.dtype).reshape(b, H, t, -1)
 
 
 def visual_rows_layer0(

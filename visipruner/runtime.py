@@ -35,7 +35,6 @@ from . import flops as F_
 from .adapters import ModelAdapter, get_adapter
 from .attention import (
     Influence,
-    attention_with_lse,
     last_row_influence,
     repeat_kv,
     text_rows_attention,
@@ -317,8 +316,6 @@ class PruningHandle:
 
     def _shallow_prefill(self, module, q, k, v, scale, mode, st):
         """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d)."""
-        groups = module.num_key_value_groups
-        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
         is_vis = st.visual_ids >= 0
         vis_idx = is_vis.nonzero().squeeze(-1)
         first, last = int(vis_idx[0]), int(vis_idx[-1])
@@ -327,6 +324,8 @@ class PruningHandle:
         spans = st.layout.image_spans  # the sequence is unpruned in shallow layers
         ar = torch.arange(n, device=q.device)
         if mode == "merge":
+            groups = module.num_key_value_groups
+            kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
             for s, e in spans:
                 before = ar[:s]
                 out[:, :, s:e] = visual_rows_layer0(
@@ -336,42 +335,32 @@ class PruningHandle:
         else:
             prefix = last + 1
         out[:, :, :prefix] = F.scaled_dot_product_attention(
-            q[:, :, :prefix], kk[:, :, :prefix], vv[:, :, :prefix], is_causal=True, scale=scale
+            q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], is_causal=True, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         text_rows = ((~is_vis) & (ar > first)).nonzero().squeeze(-1)
         if text_rows.numel():
-            firsts, groups_ = self._merge_groups(mode, spans, q.device)
             out[:, :, text_rows] = text_rows_attention(
-                q.index_select(2, text_rows), kk, vv, scale, text_rows, ar, is_vis,
-                firsts, groups_, renormalise=(mode == "disable_renorm"),
+                q.index_select(2, text_rows), k, v, scale, text_rows, ar, spans,
+                merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
             )
         return out.transpose(1, 2).contiguous(), None
 
     def _shallow_decode(self, module, q, k, v, scale, mode, st, layer):
-        groups = module.num_key_value_groups
-        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
-        k_pos = self._decode_key_positions(layer, st, st.decode_positions[-1].item() + 1)
-        if k_pos.numel() != k.shape[2]:
+        """A decode step's text queries against a shallow layer's (never pruned) cache."""
+        n_prompt = st.layout.length
+        if k.shape[2] != int(st.decode_positions[-1]) + 1 or st.layer_positions[layer].numel() != n_prompt:
             raise RuntimeError(
-                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected {k_pos.numel()}; "
+                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected {int(st.decode_positions[-1]) + 1}; "
                 "was the cache built by another prompt?"
             )
-        prompt_vis = st.layer_visual_ids[layer] >= 0
-        is_vis = torch.cat([prompt_vis, prompt_vis.new_zeros(k_pos.numel() - prompt_vis.numel())])
-        firsts, groups_ = None, None
-        if mode == "merge":  # shallow caches are never pruned, so cache index == position
-            firsts, groups_ = self._merge_groups(mode, st.layout.image_spans, q.device)
+        # cache index == position here; only several new tokens need a causal mask among themselves
+        k_pos = torch.arange(k.shape[2], device=q.device) if q.shape[2] > 1 else None
         out = text_rows_attention(
-            q, kk, vv, scale, st.decode_positions, k_pos, is_vis, firsts, groups_,
-            renormalise=(mode == "disable_renorm"),
+            q, k, v, scale, st.decode_positions, k_pos, st.layout.image_spans,
+            merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
         )
         return out.transpose(1, 2).contiguous(), None
-
-    @staticmethod
-    def _merge_groups(mode, spans, device):
-        if mode != "merge":
-            return None, None
-        return [s for s, _ in spans], [torch.arange(s, e, device=device) for s, e in spans]
 
     # ------------------------------------------------------------------------------- FLOPs
     def _prefill_stats(self, st: _PromptState) -> PruneStats:
