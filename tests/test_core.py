@@ -204,3 +204,18 @@ def test_schedule_replay_reproduces_decisions():
     # replay skips the influence rows, so only the FLOPs differ
     assert torch.equal(measured, replayed)
     assert h2.last_stats.prefill_flops < h.last_stats.prefill_flops
+
+
+def test_bfloat16_model_runs_and_stays_close_to_float32():
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=0.0, exit_threshold=0.0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_llava(0, dtype=dtype)
+        inputs = random_prompt(model, seed=0, images=2)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with visipruner.apply(model, cfg) as h:
+            out[dtype] = model(**inputs).logits[0, -1].float()
+            model.generation_config.eos_token_id = None
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert h.last_stats.exit_layer is not None and len(h.last_stats.decode_flops) == 2
+    torch.testing.assert_close(out[torch.bfloat16], out[torch.float32], atol=0.05, rtol=0.05)

@@ -33,19 +33,19 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention returning (output (b,H,q,d), log-sum-exp of the scores (b,H,q)).
+    """Softmax attention returning (output (b,H,q,d), float32 log-sum-exp of the scores (b,H,q)).
 
     ``k, v`` must already have H heads. ``causal`` aligns query i with key i (q and k same length).
     Empty key sets give output 0 and lse -inf.
     """
     b, h, nq, d = q.shape
     if k.shape[2] == 0:
-        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_full((b, h, nq), NEG_INF)
+        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_full((b, h, nq), NEG_INF, dtype=torch.float32)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale
         )[:2]
-        return out, lse.to(q.dtype) if lse.dtype != q.dtype else lse
+        return out, lse.float()
     # Portable path: chunked over queries so at most (chunk x k) scores exist at once.
     outs, lses = [], []
     chunk = 256
@@ -59,7 +59,7 @@ def attention_with_lse(
         lse = torch.logsumexp(scores, dim=-1)
         p = torch.exp(scores - lse[..., None]).to(v.dtype)
         outs.append(torch.matmul(p, v))
-        lses.append(lse.to(q.dtype))
+        lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
