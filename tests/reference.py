@@ -53,11 +53,14 @@ def input_embeddings(model, input_ids, pixel_values):
 
 
 @torch.no_grad()
-def reference_forward(model, input_ids, pixel_values, cfg, schedule=None) -> RefResult:
+def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_rule=None, selection="influence") -> RefResult:
     """Run the VisiPruner semantics on a batch-1 prompt; ``cfg`` a VisiPrunerConfig-like object.
 
     With ``schedule`` (fusion_layer, critical_tokens, exit_layer) the decisions are forced
     instead of measured (used to replay a prompt's decisions on a longer sequence).
+    ``drop_rule(layer, last_row_probs (H, m_vis), visual_ids, layer_input_hidden (m_vis, d))``
+    returning visual ids to keep (or None) replaces stages 2-3 (peer methods).
+    ``selection="attention"``: the critical set has the same size but is chosen by attention.
     """
     lm = model.model.language_model
     tcfg = model.config.text_config
@@ -88,6 +91,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None) -> Ref
     count = 0
     for li, layer in enumerate(lm.layers):
         m = h.shape[0]
+        h_in = h
         res.visual_tokens_per_layer.append(int((vis_id >= 0).sum()))
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -128,7 +132,11 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None) -> Ref
         o = (P @ v).transpose(0, 1).reshape(m, H * hd)  # per query, heads concatenated
 
         keep_ids = None  # visual ids to keep after this layer (None: all)
-        if schedule is not None:
+        if drop_rule is not None:
+            if cur_vis.any():
+                vcols = cur_vis.nonzero().squeeze(-1)
+                keep_ids = drop_rule(li, P[:, -1, vcols], vis_id[vcols], h_in[vcols])
+        elif schedule is not None:
             if li == schedule.fusion_layer:
                 fusion, critical = li, torch.tensor(schedule.critical_tokens, dtype=torch.long)
                 keep_ids = critical
@@ -149,7 +157,12 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None) -> Ref
                 if middle_open:
                     if float(cs.min()) < cfg.layer_threshold:
                         fusion = li
-                        critical = vis_id[vcols][nrm > cfg.tokens_threshold]
+                        chosen = nrm > cfg.tokens_threshold
+                        if selection == "attention":
+                            n_sel = int(chosen.sum())
+                            chosen = torch.zeros_like(chosen)
+                            chosen[a[:, vcols].mean(0).argsort(descending=True, stable=True)[:n_sel]] = True
+                        critical = vis_id[vcols][chosen]
                         keep_ids = critical
                 else:
                     if float(cs.min()) >= cfg.exit_threshold:

@@ -8,11 +8,34 @@
 """
 
 from .attention import Influence
-from .config import VisiPrunerConfig
-from .methods import PromptLayout, PruningMethod, Schedule, VisiPruner
+from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
+from .methods import (
+    CONFIGS,
+    DARTConfig,
+    FastVConfig,
+    PDropConfig,
+    PromptLayout,
+    PruningMethod,
+    RandomConfig,
+    Schedule,
+    VisiPruner,
+    VTWConfig,
+    config_from_dict,
+    config_from_json,
+)
 from .runtime import PruneStats, PruningHandle, apply
 
 __all__ = [
+    "AttentionSelectConfig",
+    "CONFIGS",
+    "DARTConfig",
+    "FastVConfig",
+    "MethodConfig",
+    "PDropConfig",
+    "RandomConfig",
+    "VTWConfig",
+    "config_from_dict",
+    "config_from_json",
     "Influence",
     "PromptLayout",
     "PruneStats",

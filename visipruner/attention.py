@@ -167,6 +167,7 @@ class Influence:
     norm: torch.Tensor  # ||c_j||_2
     attention: torch.Tensor  # a[h, j] averaged over heads
     output_norm: float  # ||o||_2
+    hidden: torch.Tensor | None = None  # the layer's input hidden states of those tokens
 
     @property
     def min_cos(self) -> float:

@@ -11,8 +11,50 @@ STAGES = ("shallow", "middle", "deep")
 EXIT_COUNTING = ("cumulative", "consecutive")
 
 
+class MethodConfig:
+    """Base of every method's config: a dataclass with a ``method`` name and a JSON round trip."""
+
+    method: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return {"method": self.method, **d}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        method = d.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"not a {cls.__name__}: method={method!r} (expected {cls.method!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cls.__name__}.from_json: invalid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}.from_json: expected a JSON object")
+        return cls.from_dict(d)
+
+
 @dataclass
-class VisiPrunerConfig:
+class VisiPrunerConfig(MethodConfig):
     """The three stages of VisiPruner (see ``docs/method.md``).
 
     Thresholds are absolute numbers tuned on LLaVA-1.5-7B; on another model calibrate them.
@@ -54,6 +96,8 @@ class VisiPrunerConfig:
         },
     )
 
+    method = "visipruner"
+
     def __post_init__(self) -> None:
         if isinstance(self.stages, str):
             raise ValueError(f"stages must be a sequence of stage names from {STAGES}, got the string {self.stages!r}")
@@ -63,11 +107,11 @@ class VisiPrunerConfig:
             raise ValueError(f"stages: unknown stage(s) {unknown}; allowed: {STAGES}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages: duplicate entries in {self.stages}")
-        _check_int("shallow_layers", self.shallow_layers, 1, None)
-        _check_float("layer_threshold", self.layer_threshold, -1.0, 1.0)
-        _check_float("tokens_threshold", self.tokens_threshold, 0.0, None)
-        _check_float("exit_threshold", self.exit_threshold, -1.0, 1.0)
-        _check_int("exit_patience", self.exit_patience, 1, None)
+        check_int("shallow_layers", self.shallow_layers, 1, None)
+        check_float("layer_threshold", self.layer_threshold, -1.0, 1.0)
+        check_float("tokens_threshold", self.tokens_threshold, 0.0, None)
+        check_float("exit_threshold", self.exit_threshold, -1.0, 1.0)
+        check_int("exit_patience", self.exit_patience, 1, None)
         if self.exit_counting not in EXIT_COUNTING:
             raise ValueError(f"exit_counting must be one of {EXIT_COUNTING}, got {self.exit_counting!r}")
         if not isinstance(self.shallow_renormalise, bool):
@@ -77,45 +121,36 @@ class VisiPrunerConfig:
     def enabled(self) -> bool:
         return bool(self.stages)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stages"] = list(self.stages)
-        return {"method": "visipruner", **d}
+    def build(self, schedule=None):
+        from .methods.visipruner import VisiPruner
 
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VisiPrunerConfig":
-        d = dict(d)
-        method = d.pop("method", "visipruner")
-        if method != "visipruner":
-            raise ValueError(f"not a VisiPruner config: method={method!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown VisiPrunerConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "VisiPrunerConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"VisiPrunerConfig.from_json: invalid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError("VisiPrunerConfig.from_json: expected a JSON object")
-        return cls.from_dict(d)
+        return VisiPruner(self, schedule=schedule)
 
 
-def _check_int(name: str, value: Any, low: int | None, high: int | None) -> None:
+@dataclass
+class AttentionSelectConfig(VisiPrunerConfig):
+    """VisiPruner with the critical set chosen by attention instead of value-aware influence.
+
+    The paper's "attention vs value-aware" ablation: at the fusion layer keep as many tokens as
+    ``||c_j|| > tokens_threshold`` would, but the ones the last token attends to most.
+    """
+
+    method = "attention"
+
+    def build(self, schedule=None):
+        from .methods.visipruner import VisiPruner
+
+        return VisiPruner(self, schedule=schedule, selection="attention")
+
+
+def check_int(name: str, value: Any, low: int | None, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {'inf' if high is None else high}], got {value}")
 
 
-def _check_float(name: str, value: Any, low: float | None, high: float | None, low_open: bool = False) -> None:
+def check_float(name: str, value: Any, low: float | None, high: float | None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{name} must be a number, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)

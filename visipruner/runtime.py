@@ -119,6 +119,7 @@ class _PromptState:
         self.layer_influence: list[tuple[int, int] | None] = [None] * num_layers  # (n_keys, n_visual)
         self.prefilled = False
         self.decode_positions: torch.Tensor | None = None  # positions of this decode step's queries
+        self.layer_input: torch.Tensor | None = None  # hidden states entering the current layer
 
     def pruned(self) -> bool:
         return self.positions.numel() < self.layout.length
@@ -251,6 +252,7 @@ class PruningHandle:
             st.positions, st.visual_ids = st.positions[rows], st.visual_ids[rows]
             st.pending_keep = None
         st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+        st.layer_input = hidden
         if not st.pruned():
             return None
         pos = st.positions
@@ -307,7 +309,8 @@ class PruningHandle:
             cos, norm, attn, onorm = last_row_influence(
                 q[:, :, -1:], repeat_kv(k, groups), repeat_kv(v, groups), scale, vis_keys
             )
-            influence = Influence(layer, present, cos, norm, attn, float(onorm))
+            hidden = st.layer_input[0].index_select(0, vis_keys)
+            influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
             st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
         keep = self.method.decide(layer, influence, present)
         if keep is not None:
@@ -422,8 +425,7 @@ def apply(model: nn.Module, config=None, *, schedule=None) -> PruningHandle:
     ``config`` is a method config (default: ``VisiPrunerConfig()``); ``schedule`` forces
     VisiPruner's fusion/critical/exit decisions instead of measuring them.
     """
-    from .config import VisiPrunerConfig
-    from .methods.visipruner import VisiPruner
+    from .config import MethodConfig, VisiPrunerConfig
 
     if config is None:
         config = VisiPrunerConfig()
@@ -431,9 +433,13 @@ def apply(model: nn.Module, config=None, *, schedule=None) -> PruningHandle:
         raise RuntimeError("this model already has a visipruner method applied; call handle.remove() first")
     adapter = get_adapter(model)
     if isinstance(config, VisiPrunerConfig):
-        method = VisiPruner(config, schedule=schedule)
+        method = config.build(schedule=schedule)
+    elif schedule is not None:
+        raise ValueError("schedule= only applies to VisiPruner configs")
+    elif isinstance(config, MethodConfig):
+        method = config.build()
     elif isinstance(config, PruningMethod):
         method = config
     else:
-        raise TypeError(f"apply() takes a VisiPrunerConfig or a PruningMethod, got {type(config).__name__}")
+        raise TypeError(f"apply() takes a method config or a PruningMethod, got {type(config).__name__}")
     return PruningHandle(model, method, adapter)

@@ -1,6 +1,39 @@
 """Pruning methods: each a small object deciding what the shared runtime removes."""
 
 from .base import PromptLayout, PruningMethod, Schedule
+from .dart import DART, DARTConfig
+from .layer_drop import FastVConfig, PDropConfig, RandomConfig, ScoredLayerDrop, VTWConfig
 from .visipruner import VisiPruner
 
-__all__ = ["PromptLayout", "PruningMethod", "Schedule", "VisiPruner"]
+__all__ = [
+    "DART", "DARTConfig", "FastVConfig", "PDropConfig", "PromptLayout", "PruningMethod", "RandomConfig",
+    "Schedule", "ScoredLayerDrop", "VTWConfig", "VisiPruner",
+]
+
+from ..config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig  # noqa: E402
+
+# method name (the "method" key of a config's JSON) -> config class
+CONFIGS: dict[str, type[MethodConfig]] = {
+    c.method: c
+    for c in (VisiPrunerConfig, AttentionSelectConfig, FastVConfig, PDropConfig, VTWConfig, RandomConfig, DARTConfig)
+}
+
+
+def config_from_dict(d: dict) -> MethodConfig:
+    """Any method's config from its dict form (``{"method": name, ...fields}``)."""
+    name = d.get("method", "visipruner")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[name].from_dict(d)
+
+
+def config_from_json(text: str) -> MethodConfig:
+    import json
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid config JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError("a method config must be a JSON object")
+    return config_from_dict(d)

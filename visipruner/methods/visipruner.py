@@ -22,9 +22,12 @@ from .base import PromptLayout, PruningMethod, Schedule
 class VisiPruner(PruningMethod):
     name = "visipruner"
 
-    def __init__(self, config: VisiPrunerConfig, schedule: Schedule | None = None):
+    def __init__(self, config: VisiPrunerConfig, schedule: Schedule | None = None, selection: str = "influence"):
+        if selection not in ("influence", "attention"):
+            raise ValueError(f"selection must be 'influence' or 'attention', got {selection!r}")
         self.config = config
         self.schedule = schedule
+        self.selection = selection
         self.start(None, 0)
 
     @property
@@ -77,7 +80,12 @@ class VisiPruner(PruningMethod):
             self.num_critical_candidates[layer] = int((influence.norm > cfg.tokens_threshold).sum())
             if influence.min_cos < cfg.layer_threshold:
                 self.fusion_layer = layer
-                self.critical_tokens = influence.visual_ids[influence.norm > cfg.tokens_threshold]
+                selected = influence.norm > cfg.tokens_threshold
+                if self.selection == "attention":  # same count, chosen by attention (ablation)
+                    top = influence.attention.argsort(descending=True, stable=True)[: int(selected.sum())]
+                    selected = torch.zeros_like(selected)
+                    selected[top] = True
+                self.critical_tokens = influence.visual_ids[selected]
                 self.remaining = int(self.critical_tokens.numel())
                 return self.critical_tokens
             return None

@@ -1,0 +1,141 @@
+"""Peer methods on the shared runtime, each against the slow reference with its own rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visipruner
+from visipruner import (
+    AttentionSelectConfig,
+    DARTConfig,
+    FastVConfig,
+    PDropConfig,
+    RandomConfig,
+    VisiPrunerConfig,
+    VTWConfig,
+)
+from visipruner.testing import random_prompt, tiny_llava
+
+from reference import reference_forward
+
+torch.set_grad_enabled(False)
+NO_STAGES = VisiPrunerConfig(stages=())
+
+
+def top_attention(layers_to_ratio):
+    """Reference rule: at each listed layer keep ceil(ratio * m) tokens with highest mean attention."""
+
+    def rule(layer, probs, ids, hidden):
+        if layer not in layers_to_ratio:
+            return None
+        k = math.ceil(layers_to_ratio[layer] * len(ids))
+        return ids[probs.mean(0).argsort(descending=True, stable=True)[:k]]
+
+    return rule
+
+
+def dart_rule(layer_k, ratio, pivots):
+    def rule(layer, probs, ids, hidden):
+        if layer != layer_k:
+            return None
+        k = math.ceil(ratio * len(ids))
+        piv = hidden.norm(dim=-1).argsort(descending=True, stable=True)[: min(pivots, k)]
+        keep = set(piv.tolist())
+        sims = torch.stack([F.cosine_similarity(hidden, hidden[p][None], dim=-1) for p in piv.tolist()]).max(0).values
+        for j in sims.argsort(stable=True).tolist():
+            if len(keep) >= k:
+                break
+            keep.add(j)
+        return ids[sorted(keep)]
+
+    return rule
+
+
+def random_rule(layer_k, ratio, seed):
+    def rule(layer, probs, ids, hidden):
+        if layer != layer_k:
+            return None
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+        return ids[perm[: math.ceil(ratio * len(ids))]]
+
+    return rule
+
+
+CASES = {
+    "fastv": (FastVConfig(layer=2, keep_ratio=0.5), top_attention({2: 0.5})),
+    "fastv_k1": (FastVConfig(layer=1, keep_ratio=0.3), top_attention({1: 0.3})),
+    "pdrop": (PDropConfig(layers=(2, 4, 6), keep_ratio=0.5), top_attention({2: 0.5, 4: 0.5, 6: 0.5})),
+    "pdrop_default": (PDropConfig(), top_attention({2: 0.5, 4: 0.5, 6: 0.5})),  # 8/16/24 of 32 -> 2/4/6 of 8
+    "vtw": (VTWConfig(layer=3), top_attention({3: 0.0})),
+    "vtw_default": (VTWConfig(), top_attention({4: 0.0})),
+    "random": (RandomConfig(layer=2, keep_ratio=0.4, seed=3), random_rule(2, 0.4, 3)),
+    "dart": (DARTConfig(layer=2, keep_ratio=0.25, pivots=2), dart_rule(2, 0.25, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_peer_matches_reference(name, seed):
+    cfg, rule = CASES[name]
+    model = tiny_llava(seed)
+    inputs = random_prompt(model, seed=seed, images=1 + seed)
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES, drop_rule=rule)
+    with visipruner.apply(model, cfg) as h:
+        out = model(**inputs).logits[0]
+        model.generation_config.eos_token_id = None
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert h.last_stats.visual_tokens_per_layer == ref.visual_tokens_per_layer
+    assert min(ref.visual_tokens_per_layer) < ref.visual_tokens_per_layer[0]  # it pruned something
+    torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
+    assert len(h.last_stats.decode_flops) == 2
+    assert h.last_stats.prefill_flops < h.last_stats.dense_prefill_flops
+
+
+def test_attention_selection_ablation_matches_reference():
+    model = tiny_llava(0)
+    inputs = random_prompt(model, seed=0)
+    cfg = AttentionSelectConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=0.04, exit_threshold=0.0)
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], cfg, selection="attention")
+    value_aware = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], cfg)
+    with visipruner.apply(model, cfg) as h:
+        out = model(**inputs).logits[0]
+    torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
+    assert h.last_stats.critical_tokens == ref.critical_tokens
+    assert len(ref.critical_tokens) == len(value_aware.critical_tokens)
+    assert 0 < len(ref.critical_tokens) < 16
+    assert ref.critical_tokens != value_aware.critical_tokens  # the two rules really differ here
+
+
+@pytest.mark.parametrize("cfg", [cfg for cfg, _ in CASES.values()] + [AttentionSelectConfig()])
+def test_every_config_round_trips_json(cfg):
+    assert visipruner.config_from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: FastVConfig(keep_ratio=1.5), "keep_ratio"),
+        (lambda: FastVConfig(layer=-1), "layer"),
+        (lambda: PDropConfig(layers=(2, -3)), "layers"),
+        (lambda: DARTConfig(pivots=0), "pivots"),
+        (lambda: RandomConfig(seed=-1), "seed"),
+    ],
+)
+def test_peer_configs_validate(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_layer_beyond_depth_is_a_clear_error():
+    model = tiny_llava(0)
+    inputs = random_prompt(model, seed=0)
+    with visipruner.apply(model, FastVConfig(layer=40)):
+        with pytest.raises(ValueError, match="outside"):
+            model(**inputs)
+    assert visipruner.config_from_dict({"method": "fastv", "layer": 3}).layer == 3
+    with pytest.raises(ValueError, match="known methods"):
+        visipruner.config_from_dict({"method": "nope"})
