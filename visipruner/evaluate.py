@@ -130,7 +130,7 @@ def _run(args) -> int:
     else:
         from .models import load_organism
 
-        model, processor = load_organism(device=args.device, dtype=dtype)
+        model, processor = load_organism(device=args.device, dtype=dtype, weights_dir=args.weights)
     res = evaluate(model, processor, questions, batch_size=args.batch_size, progress=not args.no_progress)
     res["data"] = args.data
     res["model"] = args.model or "organism"
@@ -150,6 +150,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="question file (JSONL)")
     p.add_argument("--model", default=None, help="saved HF Llava dir (default: the built-in organism)")
+    p.add_argument("--weights", default=None,
+                   help="organism weights dir (organism.safetensors + organism.json); default: the shipped ones")
     p.add_argument("--json", default=None, help="write results (incl. predictions) here")
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--sample", type=int, default=None, help="random subset of N questions (see --seed)")

@@ -167,8 +167,31 @@ class VisionHeads(torch.nn.Module):
             self.register_buffer(f"vec_{name}", vecs)
             self.register_parameter(f"bg_{name}", torch.nn.Parameter(torch.randn(emb.shape[1]) * 0.02))
         self.groups = list(groups)
+        # raw word embeddings (row 0 = background/none) for the alignment target
+        for name, words in groups.items():
+            raw = torch.stack([word_vector(tokenizer, emb, w) for w in words])
+            if name == "shape":
+                raw[words.index("word")] = 0.0  # the word cell is described by the word itself
+            self.register_buffer(f"raw_{name}", torch.cat([torch.zeros(1, emb.shape[1]), raw]))
+        self.register_buffer("raw_bg", word_vector(tokenizer, emb, " "))
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
         self.cell = torch.nn.Linear(vis_dim, scenes.GRID * scenes.GRID)
+
+    def align_target(self, labs: dict[str, torch.Tensor]):
+        """Per-patch target direction: sum of the LM embeddings of the patch's words.
+
+        Returns (target (B,N,D), valid mask (B,N))."""
+        valid = torch.ones_like(labs["color"], dtype=torch.bool)
+        t = 0
+        for g, w in (("color", 1.0), ("shape", 1.0), ("size", 0.5), ("word", 1.0)):
+            lab = labs[g]
+            if g in ("color", "shape"):
+                valid &= lab != -100
+            idx = lab.clamp(min=0)
+            t = t + w * getattr(self, f"raw_{g}")[idx]
+        bg = t.norm(dim=-1) < 1e-6
+        t = torch.where(bg[..., None], self.raw_bg.expand_as(t), t)
+        return t, valid
 
     def forward(self, proj: torch.Tensor, vis: torch.Tensor) -> dict[str, torch.Tensor]:
         h = F.normalize(proj, dim=-1)
@@ -212,7 +235,7 @@ def stage_vision(args, model, processor, out: Path) -> None:
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     ckpt = out / "vision_ckpt.pt"
     start = 0
-    logf = CsvLog(out / "vision_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "norm", "sec"])
+    logf = CsvLog(out / "vision_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "align", "norm", "sec"])
     if ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.model.vision_tower.load_state_dict(st["vision"])
@@ -252,6 +275,11 @@ def stage_vision(args, model, processor, out: Path) -> None:
             if (tgt != -100).any():
                 losses[g] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
         norm = proj.norm(dim=-1).mean()
+        if args.align_weight > 0:
+            tl = {g: torch.from_numpy(np.stack([l[g] for l in labs])) for g in ("color", "shape", "size", "word")}
+            tgt_vec, valid = heads.align_target(tl)
+            cos = F.cosine_similarity(proj, tgt_vec, dim=-1)
+            losses["align"] = args.align_weight * (1 - cos)[valid].mean()
         loss = sum(losses.values()) + 0.5 * (norm / emb_norm - 1.0) ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -276,6 +304,7 @@ def stage_vision(args, model, processor, out: Path) -> None:
     state.update({f"multi_modal_projector.{k}": v.contiguous()
                   for k, v in model.model.multi_modal_projector.state_dict().items()})
     save_file(state, str(done))
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(out / "vision_heads.safetensors"))
     plot_curve(out / "vision_loss.csv", out / "vision_loss.png")
     log("vision stage done")
 
@@ -364,10 +393,18 @@ class Packer:
         return input_ids, mask[:, None], position_ids, (tb, tp, tt)
 
 
-def packed_forward(model, input_ids, mask4d, position_ids, pixel_values, targets):
+def packed_forward(model, input_ids, mask4d, position_ids, pixel_values, targets, heads=None, labs=None):
     inner = model.model
     embeds = inner.get_input_embeddings()(input_ids)
-    _, img = vision_features(model, pixel_values)
+    feat, img = vision_features(model, pixel_values)
+    aux = None
+    if heads is not None and labs:
+        logits = heads(img, feat)
+        aux = 0.0
+        for g, lg in logits.items():
+            tgt = torch.from_numpy(np.stack([l[g] for l in labs]))
+            if (tgt != -100).any():
+                aux = aux + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
     img_mask = (input_ids == model.config.image_token_id)
     embeds = embeds.masked_scatter(img_mask[..., None].expand_as(embeds), img.reshape(-1, img.shape[-1]).to(embeds.dtype))
     out = inner.language_model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=position_ids,
@@ -377,12 +414,12 @@ def packed_forward(model, input_ids, mask4d, position_ids, pixel_values, targets
     logits = model.lm_head(h[tb, tp])
     loss = F.cross_entropy(logits.float(), tt)
     acc = (logits.argmax(-1) == tt).float().mean()
-    return loss, acc
+    return loss, acc, aux
 
 
-def sample_items(args, step: int, ev_imgs, ev_by_img, n_images: int):
+def sample_items(args, step: int, ev_imgs, ev_by_img, n_images: int, ev_labels=None, grid=12, size=192):
     rng = np.random.default_rng([args.seed, 2, step])
-    imgs, items = [], []
+    imgs, items, labs = [], [], []
     for i in range(n_images):
         if rng.random() < args.easyvqa_frac:
             iid = ev_imgs[int(rng.integers(len(ev_imgs)))]
@@ -391,6 +428,8 @@ def sample_items(args, step: int, ev_imgs, ev_by_img, n_images: int):
             qas = qas[:args.max_q_per_image]
             imgs.append(Image.open(qas[0][2]).convert("RGB"))
             items.append([(q, a) for q, a, _ in qas])
+            if ev_labels is not None:
+                labs.append(easyvqa_patch_labels(imgs[-1], ev_labels[iid], grid, size))
         else:
             # a scene conditioned on one exactly-balanced question, plus more questions about it
             sq = scenes.make_question(args.seed, "train", 10_000_000 + step * n_images + i)
@@ -400,7 +439,8 @@ def sample_items(args, step: int, ev_imgs, ev_by_img, n_images: int):
             qs += [extra[int(j)] for j in order][:args.max_q_per_image - 1]
             imgs.append(sq.scene.render())
             items.append(qs)
-    return imgs, items
+            labs.append(scene_patch_labels(sq.scene))
+    return imgs, items, labs
 
 
 def stage_lm(args, model, processor, out: Path) -> None:
@@ -433,7 +473,7 @@ def stage_lm(args, model, processor, out: Path) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     ckpt = out / "lm_ckpt.pt"
-    logf = CsvLog(out / "lm_loss.csv", ["step", "loss", "acc", "n_answers", "seq_len", "sec"])
+    logf = CsvLog(out / "lm_loss.csv", ["step", "loss", "acc", "aux", "n_answers", "seq_len", "sec"])
     start = 0
     if ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -452,20 +492,32 @@ def stage_lm(args, model, processor, out: Path) -> None:
     for r in recs:
         ev_by_img.setdefault(r["image_id"], []).append((r["question"], r["answer"], r["image"]))
     ev_imgs = sorted(ev_by_img)
+    ev_labels = easyvqa.image_labels("train")
+    heads = None
+    if args.aux_weight > 0 and (out / "vision_heads.safetensors").exists():
+        heads = VisionHeads(processor.tokenizer, model.get_input_embeddings().weight.detach(),
+                            model.config.vision_config.hidden_size)
+        heads.load_state_dict(load_file(str(out / "vision_heads.safetensors")))
+        for p_ in heads.parameters():
+            p_.requires_grad_(False)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     model.train()
     t0 = time.time()
     for step in range(start, steps):
-        imgs, items = sample_items(args, step, ev_imgs, ev_by_img, args.images_per_step)
+        imgs, items, labs = sample_items(args, step, ev_imgs, ev_by_img, args.images_per_step,
+                                         ev_labels, grid, model.config.vision_config.image_size)
         input_ids, mask, pos, targets = packer.pack(items)
         pv = _image_tensor(processor, imgs)
-        loss, acc = packed_forward(model, input_ids, mask, pos, pv, targets)
+        loss, acc, aux = packed_forward(model, input_ids, mask, pos, pv, targets, heads, labs)
+        total = loss if aux is None else loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(lora_params + proj_params + vis_params, 1.0)
         opt.step()
         sched.step()
         n_ans = sum(len(x) for x in items)
         logf.write(step=step + 1, loss=f"{loss.item():.4f}", acc=f"{acc.item():.4f}", n_answers=n_ans,
+                   aux="" if aux is None else f"{float(aux):.4f}",
                    seq_len=input_ids.shape[1], sec=f"{time.time() - t0:.1f}")
         if (step + 1) % 5 == 0:
             log(f"lm step {step + 1}/{steps} loss {loss.item():.3f} tokacc {acc.item():.3f} "
@@ -513,6 +565,8 @@ def main(argv=None) -> int:
     p.add_argument("--vision-lr", type=float, default=1e-3)
     p.add_argument("--vision-easyvqa-frac", type=float, default=0.3)
     p.add_argument("--ckpt-every-vision", type=int, default=50)
+    p.add_argument("--align-weight", type=float, default=2.0)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="per-patch vision loss kept during the LM stage")
     p.add_argument("--lm-steps", type=int, default=600)
     p.add_argument("--images-per-step", type=int, default=4)
     p.add_argument("--max-q-per-image", type=int, default=10)
