@@ -23,6 +23,7 @@ from .methods import (
     config_from_dict,
     config_from_json,
 )
+from .recommend import paper_defaults, recommended_config
 from .runtime import PruneStats, PruningHandle, apply
 
 __all__ = [
@@ -45,5 +46,7 @@ __all__ = [
     "VisiPruner",
     "VisiPrunerConfig",
     "apply",
+    "paper_defaults",
+    "recommended_config",
 ]
 __version__ = "0.1.0"

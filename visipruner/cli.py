@@ -9,9 +9,10 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visipruner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import evaluate
+    from . import bench, evaluate
 
     evaluate.register(sub)
+    bench.register(sub)
     return parser
 
 

@@ -1,0 +1,404 @@
+"""`visipruner bench`: every method on the same model and data, accuracy next to FLOPs and time.
+
+    visipruner bench --quick --json bench.json        # embedded model, held-out subset
+    visipruner bench --model DIR --data FILE.jsonl     # any supported Llava and question file
+
+For the unpruned model and each method at its published default and at budgets matched to
+VisiPruner's (average visual tokens per layer), it reports accuracy, agreement with the unpruned
+answers, average visual tokens per layer, prefill FLOPs (ours and FastV's formula) relative to
+unpruned, prefill latency relative to unpruned (medians of warmed-up repeats, interleaved with
+the unpruned model in the same run), decode time per token, and the prompt's KV-cache size.
+Every prompt runs at batch size 1 (pruning is per prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import apply
+from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
+from .methods import DARTConfig, FastVConfig, PDropConfig, RandomConfig, VTWConfig, config_from_json
+from .methods.layer_drop import _depth_scaled
+
+PEERS = ("fastv", "pdrop", "vtw", "dart", "random", "attention")
+
+
+@dataclass
+class Setting:
+    method: str
+    setting: str  # "default" or "matched"
+    config: MethodConfig | None  # None: unpruned
+    records: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ matched budgets
+def _avg_fraction_layer_drop(num_layers: int, plan: list[tuple[int, float]]) -> float:
+    """Average visual fraction per layer when keeping `ratio` of the present tokens after each layer."""
+    frac, total, at = 1.0, 0.0, 0
+    for layer, ratio in sorted(plan):
+        total += frac * (layer + 1 - at)
+        at = layer + 1
+        frac *= ratio
+    total += frac * (num_layers - at)
+    return total / num_layers
+
+
+def _solve(fn, target: float) -> float:
+    """Ratio in [0, 1] with fn(ratio) == target (fn increasing), by bisection."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fn(mid) < target else (lo, mid)
+    return round((lo + hi) / 2, 4)
+
+
+def matched_configs(num_layers: int, fraction: float, visipruner_cfg: VisiPrunerConfig) -> dict[str, MethodConfig]:
+    """Peer configs whose average visual tokens per layer equal ``fraction`` of the unpruned."""
+    L = num_layers
+
+    def one_layer(k):
+        return _solve(lambda r: _avg_fraction_layer_drop(L, [(k, r)]), fraction)
+
+    pdrop_layers = _depth_scaled((8, 16, 24), L)
+    vtw_layer = min(L - 1, max(0, round(fraction * L) - 1))
+    return {
+        "fastv": FastVConfig(layer=2, keep_ratio=one_layer(2)),
+        "pdrop": PDropConfig(layers=pdrop_layers, keep_ratio=_solve(
+            lambda r: _avg_fraction_layer_drop(L, [(l, r) for l in pdrop_layers]), fraction)),
+        "vtw": VTWConfig(layer=vtw_layer),
+        "dart": DARTConfig(layer=2, keep_ratio=one_layer(2)),
+        "random": RandomConfig(layer=2, keep_ratio=one_layer(2)),
+        "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
+    }
+
+
+def default_configs(visipruner_cfg: VisiPrunerConfig) -> dict[str, MethodConfig]:
+    return {
+        "visipruner": visipruner_cfg,
+        "fastv": FastVConfig(),
+        "pdrop": PDropConfig(),
+        "vtw": VTWConfig(),
+        "dart": DARTConfig(),
+        "random": RandomConfig(),
+        "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
+    }
+
+
+# ------------------------------------------------------------------------------- running
+def _inputs(processor, question, model):
+    from .evaluate import build_prompt
+
+    inp = processor(images=[question.load_image()], text=[build_prompt(processor, question.question)],
+                    return_tensors="pt")
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(dtype) if k == "pixel_values" else v) for k, v in inp.items()}
+
+
+def _gen_kwargs(processor, max_new_tokens):
+    tok = processor.tokenizer
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    if isinstance(eos, int) and eos >= 0:
+        kw["eos_token_id"] = eos
+    return kw
+
+
+def _kv_bytes(model, tokens_per_layer: list[int]) -> int:
+    cfg = model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return int(sum(tokens_per_layer) * 2 * cfg.num_key_value_heads * head_dim * elem)
+
+
+@torch.no_grad()
+def answer_all(model, processor, questions, config, max_new_tokens, progress_desc) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from .evaluate import normalize_answer
+
+    kw = _gen_kwargs(processor, max_new_tokens)
+    handle = apply(model, config) if config is not None else None
+    num_layers = model.config.text_config.num_hidden_layers
+    out = []
+    try:
+        for q in tqdm(questions, desc=progress_desc, file=sys.stderr, leave=False):
+            inp = _inputs(processor, q, model)
+            gen = model.generate(**inp, **kw)
+            pred = processor.tokenizer.decode(gen[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            n = int(inp["input_ids"].shape[1])
+            n_vis = int((inp["input_ids"] == model.config.image_token_id).sum())
+            rec = {"id": q.id, "family": q.family, "answer": q.answer, "prediction": pred,
+                   "correct": normalize_answer(pred) == normalize_answer(q.answer), "num_visual": n_vis}
+            s = handle.last_stats if handle is not None else None
+            if s is not None and s.pruning_applied:
+                rec.update(avg_visual_tokens=s.avg_visual_tokens, prefill_flops_ratio=s.prefill_flops_ratio,
+                           prefill_flops_ratio_fastv=s.prefill_flops_fastv / s.dense_prefill_flops_fastv,
+                           kv_cache_bytes=_kv_bytes(model, s.tokens_per_layer),
+                           fusion_layer=s.fusion_layer, exit_layer=s.exit_layer,
+                           critical_tokens=len(s.critical_tokens))
+            else:
+                rec.update(avg_visual_tokens=float(n_vis), prefill_flops_ratio=1.0, prefill_flops_ratio_fastv=1.0,
+                           kv_cache_bytes=_kv_bytes(model, [n] * num_layers))
+            out.append(rec)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out
+
+
+@torch.no_grad()
+def time_prefill_and_decode(model, processor, questions, config, repeats: int, decode_steps: int) -> dict:
+    """Median prefill time per prompt, pruned and unpruned interleaved; decode ms per token."""
+    prompts = []
+    for q in questions:
+        inp = _inputs(processor, q, model)
+        feats = model.model.get_image_features(pixel_values=inp.pop("pixel_values"), return_dict=True)
+        prompts.append((inp, feats))
+
+    def prefill(inp, feats, use_cache=False):
+        return model(**inp, mm_encoder_outputs={"image": feats}, use_cache=use_cache, logits_to_keep=1)
+
+    def once(inp, feats, cfg):
+        if cfg is None:
+            t = time.perf_counter()
+            prefill(inp, feats)
+            return time.perf_counter() - t
+        with apply(model, cfg):
+            t = time.perf_counter()
+            prefill(inp, feats)
+            return time.perf_counter() - t
+
+    dense, pruned = [], []
+    for inp, feats in prompts:
+        once(inp, feats, None), once(inp, feats, config)  # warm-up
+        d, p = [], []
+        for _ in range(repeats):
+            d.append(once(inp, feats, None))
+            p.append(once(inp, feats, config))
+        dense.append(statistics.median(d))
+        pruned.append(statistics.median(p))
+
+    def decode_ms(cfg):
+        times = []
+        handle = apply(model, cfg) if cfg is not None else None
+        try:
+            for inp, feats in prompts[: max(1, len(prompts) // 2)]:
+                out = prefill(inp, feats, use_cache=True)
+                cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t = time.perf_counter()
+                for _ in range(decode_steps):
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    tok = out.logits[:, -1:].argmax(-1)
+                times.append((time.perf_counter() - t) / decode_steps * 1e3)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return statistics.median(times)
+
+    return {
+        "prefill_ms_unpruned": sum(dense) / len(dense) * 1e3,
+        "prefill_ms": sum(pruned) / len(pruned) * 1e3,
+        "prefill_latency_ratio": sum(pruned) / sum(dense),
+        "decode_ms_per_token": decode_ms(config),
+        "decode_ms_per_token_unpruned": decode_ms(None) if config is not None else None,
+    }
+
+
+def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> dict:
+    from .evaluate import normalize_answer
+
+    recs = setting.records
+    n = len(recs)
+    mean = lambda key: sum(r[key] for r in recs) / n  # noqa: E731
+    agree = (sum(normalize_answer(r["prediction"]) == normalize_answer(u["prediction"]) for r, u in zip(recs, reference)) / n
+             if reference is not None else 1.0)
+    n_vis = mean("num_visual")
+    row = {
+        "method": setting.method,
+        "setting": setting.setting,
+        "config": setting.config.to_dict() if setting.config is not None else None,
+        "n": n,
+        "accuracy": mean("correct"),
+        "agreement": agree,
+        "avg_visual_tokens": mean("avg_visual_tokens"),
+        "avg_visual_fraction": mean("avg_visual_tokens") / n_vis if n_vis else 0.0,
+        "prefill_flops_ratio": mean("prefill_flops_ratio"),
+        "prefill_flops_ratio_fastv": mean("prefill_flops_ratio_fastv"),
+        "kv_cache_bytes": mean("kv_cache_bytes"),
+        **timing,
+    }
+    if "prefill_latency_ratio" in timing:
+        predicted = 1.0 / row["prefill_flops_ratio"]
+        row["realised_over_predicted_speedup"] = (1.0 / timing["prefill_latency_ratio"]) / predicted
+    fus = [r["fusion_layer"] for r in recs if r.get("fusion_layer") is not None]
+    if fus:
+        row["mean_fusion_layer"] = sum(fus) / len(fus)
+    return row
+
+
+def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods=("visipruner",) + PEERS,
+              matched: bool = True, timing_prompts: int = 4, repeats: int = 3, decode_steps: int = 8,
+              max_new_tokens: int = 6) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    L = model.config.text_config.num_hidden_layers
+    rows = []
+    unpruned = Setting("unpruned", "default", None)
+    unpruned.records = answer_all(model, processor, questions, None, max_new_tokens, "unpruned")
+    timing_q = questions[:timing_prompts]
+    base_timing = time_prefill_and_decode(model, processor, timing_q, None, repeats, decode_steps)
+    rows.append(summarise(unpruned, None, {**base_timing, "prefill_latency_ratio": 1.0}))
+    defaults = default_configs(visipruner_cfg)
+    settings = [Setting(m, "default", defaults[m]) for m in methods if m in defaults]
+    bar = tqdm(total=len(settings) * (2 if matched else 1), desc="methods", file=sys.stderr)
+
+    def run(s: Setting):
+        s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}")
+        timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps)
+        rows.append(summarise(s, unpruned.records, timing))
+        bar.update(1)
+
+    for s in settings:
+        run(s)
+    if matched:
+        vp = next((r for r in rows if r["method"] == "visipruner"), None)
+        if vp is not None:
+            for name, cfg in matched_configs(L, vp["avg_visual_fraction"], visipruner_cfg).items():
+                if name in methods and name != "attention":  # attention is matched by construction
+                    run(Setting(name, "matched", cfg))
+    bar.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------------- output
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'method':<12}{'setting':<9}{'acc':>7}{'agree':>7}{'vis/layer':>10}{'FLOPs':>7}{'FastV':>7}"
+            f"{'latency':>9}{'real/pred':>10}{'dec ms/tok':>11}{'KV MiB':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        rp = r.get("realised_over_predicted_speedup")
+        print(f"{r['method']:<12}{r['setting']:<9}{r['accuracy']:>7.3f}{r['agreement']:>7.3f}"
+              f"{r['avg_visual_tokens']:>10.1f}{r['prefill_flops_ratio']:>7.3f}{r['prefill_flops_ratio_fastv']:>7.3f}"
+              f"{r['prefill_latency_ratio']:>9.3f}{(f'{rp:.3f}' if rp else '-'):>10}"
+              f"{r['decode_ms_per_token']:>11.2f}{r['kv_cache_bytes'] / 2**20:>8.2f}")
+
+
+def plot_pareto(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({r["method"] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(methods):
+        for r in rows:
+            if r["method"] != m:
+                continue
+            ax.scatter(r["prefill_flops_ratio"], r["accuracy"], color=cmap(i % 10),
+                       marker="o" if r["setting"] == "default" else "s", s=60,
+                       label=f"{m}" if r["setting"] == "default" or m not in [x['method'] for x in rows if x['setting'] == 'default'] else None)
+            ax.annotate(f"{m}{'*' if r['setting'] == 'matched' else ''}", (r["prefill_flops_ratio"], r["accuracy"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("prefill FLOPs / unpruned (language model)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs prefill FLOPs (o: published default, s/*: matched to VisiPruner's budget)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _load_model(args):
+    if args.model:
+        from .models.organism import load_model_dir
+
+        return load_model_dir(args.model)
+    from .models import load_organism
+
+    return load_organism()
+
+
+def default_questions(quick: bool):
+    """The embedded model's held-out data: generated scenes (test split) + easy-vqa test."""
+    from .data import easyvqa, scenes
+    from .data.questions import load_questions
+    from .models.organism import cache_dir
+
+    n_scenes, n_easy = (48, 16) if quick else (600, 200)
+    root = cache_dir() / "data"
+    scene_dir = root / f"scenes_test_{n_scenes}"
+    path = scene_dir / "test.jsonl"
+    if not path.exists():
+        scenes.write_split(str(scene_dir), "test", n=n_scenes, seed=0)
+    easy = easyvqa.write_jsonl(str(root / "easyvqa"), "test")
+    qs = load_questions(path)
+    easy_qs = load_questions(easy)
+    step = max(1, len(easy_qs) // n_easy)
+    return qs + easy_qs[::step][:n_easy]
+
+
+def _run(args) -> int:
+    from .data.questions import load_questions
+
+    questions = load_questions(args.data) if args.data else default_questions(args.quick)
+    if args.limit:
+        questions = questions[: args.limit]
+    if not questions:
+        print("no questions to run", file=sys.stderr)
+        return 2
+    model, processor = _load_model(args)
+    if args.visipruner_config:
+        cfg = config_from_json(Path(args.visipruner_config).read_text())
+        if not isinstance(cfg, VisiPrunerConfig):
+            raise SystemExit(f"--visipruner-config must hold a VisiPruner config, got method {cfg.method!r}")
+    else:
+        from . import recommended_config
+
+        cfg = recommended_config(model)
+    methods = tuple(m for m in (args.methods.split(",") if args.methods else ("visipruner",) + PEERS))
+    unknown = [m for m in methods if m not in ("visipruner",) + PEERS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {('visipruner',) + PEERS}")
+    print(f"bench: {len(questions)} questions, {len(methods)} methods, VisiPruner config {cfg.to_json()}", file=sys.stderr)
+    rows = run_bench(model, processor, questions, cfg, methods, matched=not args.no_matched,
+                     timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if png:
+        plot_pareto(rows, png)
+        print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="compare pruning methods: accuracy, FLOPs, latency",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a saved Llava directory (default: the embedded model)")
+    p.add_argument("--data", help="question file (JSONL); default: the embedded model's held-out set")
+    p.add_argument("--quick", action="store_true", help="a small held-out subset (a few minutes on 2 cores)")
+    p.add_argument("--limit", type=int, help="use only the first N questions")
+    p.add_argument("--methods", help=f"comma-separated subset of visipruner,{','.join(PEERS)}")
+    p.add_argument("--visipruner-config", help="VisiPruner config JSON (default: recommended for the model)")
+    p.add_argument("--no-matched", action="store_true", help="skip the matched-budget runs")
+    p.add_argument("--timing-prompts", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--json", help="write every number here (a list of records)")
+    p.add_argument("--png", help="accuracy vs prefill FLOPs plot (default: next to --json)")
+    p.set_defaults(func=_run)
+    return p
