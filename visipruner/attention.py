@@ -188,6 +188,7 @@ def last_row_influence(
     vf = v[0].float()  # (H, n, d)
     o = torch.einsum("hn,hnd->hd", a, vf).reshape(-1)  # (H*d,)
     av = a[:, visual_keys]  # (H, m)
-    c = (av[..., None] * vf[:, visual_keys]).permute(1, 0, 2).reshape(visual_keys.numel(), -1)  # (m, H*d)
+    m = visual_keys.numel()
+    c = (av[..., None] * vf[:, visual_keys]).permute(1, 0, 2).reshape(m, o.numel())  # (m, H*d)
     cos = F.cosine_similarity(o[None] - c, o[None].expand_as(c), dim=-1, eps=1e-12)
     return cos, c.norm(dim=-1), av.mean(0), o.norm()
