@@ -26,7 +26,7 @@ def test_matched_configs_hit_the_budget_when_run(fraction):
     inputs = random_prompt(model, seed=0)
     n_vis = 64
     cfgs = matched_configs(16, fraction, VisiPrunerConfig(shallow_layers=2))
-    for name in ("fastv", "pdrop", "dart", "random", "vtw"):
+    for name in ("fastv", "pdrop", "dart", "random", "vtw", "visionzip"):
         with visipruner.apply(model, cfgs[name]) as h:
             model(**inputs)
         measured = h.last_stats.avg_visual_tokens / n_vis

@@ -110,7 +110,7 @@ def test_attention_selection_ablation_matches_reference():
     assert ref.critical_tokens != value_aware.critical_tokens  # the two rules really differ here
 
 
-@pytest.mark.parametrize("cfg", [cfg for cfg, _ in CASES.values()] + [AttentionSelectConfig()])
+@pytest.mark.parametrize("cfg", [cfg for cfg, _ in CASES.values()] + [AttentionSelectConfig(), visipruner.VisionZipConfig()])
 def test_every_config_round_trips_json(cfg):
     assert visipruner.config_from_json(cfg.to_json()) == cfg
 
@@ -139,3 +139,75 @@ def test_layer_beyond_depth_is_a_clear_error():
     assert visipruner.config_from_dict({"method": "fastv", "layer": 3}).layer == 3
     with pytest.raises(ValueError, match="known methods"):
         visipruner.config_from_dict({"method": "nope"})
+
+
+def _reference_visionzip(model, inputs, n_dom, n_ctx):
+    """VisionZip by hand: CLS attention from the eager vision tower's own attention maps, explicit
+    merging loops, then Hugging Face's unmodified forward on the shortened prompt."""
+    vt = model.model.vision_tower
+    impl = vt.config._attn_implementation
+    vt.config._attn_implementation = "eager"
+    try:
+        out = vt(inputs["pixel_values"], output_attentions=True, output_hidden_states=True, return_dict=True)
+    finally:
+        vt.config._attn_implementation = impl
+    L = len(out.attentions)
+    cls = out.attentions[L - 1][:, :, 0, 1:].mean(1)  # last layer (vision_feature_layer=-1)
+    layer = getattr(vt, "vision_model", vt).encoder.layers[L - 1]
+    keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[L - 1]))[:, 1:]
+    feats = out.hidden_states[L][:, 1:]
+    zipped = []
+    for b in range(feats.shape[0]):
+        order = sorted(range(feats.shape[1]), key=lambda j: (-float(cls[b, j]), j))
+        dom = sorted(order[:n_dom])
+        rest = [j for j in range(feats.shape[1]) if j not in dom]
+        targets = [rest[int(i * len(rest) / n_ctx)] for i in range(n_ctx)]
+        groups = {t: [t] for t in targets}
+        for j in rest:
+            if j in groups:
+                continue
+            sims = [float(F.cosine_similarity(keys[b, j], keys[b, t], dim=0)) for t in targets]
+            groups[targets[max(range(n_ctx), key=lambda i: (sims[i], -i))]].append(j)
+        ctx = [feats[b, groups[t]].mean(0) for t in targets]
+        zipped.append(torch.cat([feats[b, dom], torch.stack(ctx)]))
+    image_features = model.model.multi_modal_projector(torch.stack(zipped))
+    ids = inputs["input_ids"][0].tolist()
+    new_ids, positions, run = [], [], 0
+    for p, t in enumerate(ids):
+        if t == model.config.image_token_id:
+            if run % feats.shape[1] < n_dom + n_ctx:
+                new_ids.append(t)
+                positions.append(p)  # kept slots and text keep their original positions
+            run += 1
+        else:
+            new_ids.append(t)
+            positions.append(p)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    ids_t = torch.tensor([new_ids])
+    return model(input_ids=ids_t, position_ids=torch.tensor([positions]), attention_mask=torch.ones_like(ids_t),
+                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(image_features))}).logits[0]
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_visionzip_matches_reference(images):
+    model = tiny_llava(0, image_size=64)  # 64 patches per image
+    inputs = random_prompt(model, seed=0, images=images)
+    cfg = visipruner.VisionZipConfig(dominant_ratio=10 / 64, contextual_ratio=4 / 64)
+    ref = _reference_visionzip(model, inputs, 10, 4)
+    with visipruner.apply(model, cfg) as h:
+        out = model(**inputs).logits[0]
+        model.generation_config.eos_token_id = None
+        seq = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    s = h.last_stats
+    assert s.visual_tokens_per_layer == [14 * images] * 8 and s.num_visual_tokens == 64 * images
+    assert s.prompt_length == inputs["input_ids"].shape[1]  # dense FLOPs count the full prompt
+    assert s.prefill_flops < 0.5 * s.dense_prefill_flops and len(s.decode_flops) == 3
+    # cached generation equals recomputation on the zipped prompt
+    new = seq[0, inputs["input_ids"].shape[1]:]
+    with visipruner.apply(model, cfg):
+        for t in range(1, 4):
+            ids = torch.cat([inputs["input_ids"][0], new[:t]])[None]
+            full = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[0, -1]
+            assert int(full.argmax()) == int(new[t])

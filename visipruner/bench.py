@@ -25,10 +25,10 @@ import torch
 
 from . import apply
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
-from .methods import DARTConfig, FastVConfig, PDropConfig, RandomConfig, VTWConfig, config_from_json
+from .methods import DARTConfig, FastVConfig, PDropConfig, RandomConfig, VisionZipConfig, VTWConfig, config_from_json
 from .methods.layer_drop import _depth_scaled
 
-PEERS = ("fastv", "pdrop", "vtw", "dart", "random", "attention")
+PEERS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "random", "attention")
 
 
 @dataclass
@@ -75,6 +75,9 @@ def matched_configs(num_layers: int, fraction: float, visipruner_cfg: VisiPruner
             lambda r: _avg_fraction_layer_drop(L, [(l, r) for l in pdrop_layers]), fraction)),
         "vtw": VTWConfig(layer=vtw_layer),
         "dart": DARTConfig(layer=2, keep_ratio=one_layer(2)),
+        # before the LLM every layer sees the kept tokens: the fraction itself, split 162:30
+        "visionzip": VisionZipConfig(dominant_ratio=round(fraction * 162 / 192, 4),
+                                     contextual_ratio=round(fraction * 30 / 192, 4)),
         "random": RandomConfig(layer=2, keep_ratio=one_layer(2)),
         "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
     }
@@ -87,6 +90,7 @@ def default_configs(visipruner_cfg: VisiPrunerConfig) -> dict[str, MethodConfig]
         "pdrop": PDropConfig(),
         "vtw": VTWConfig(),
         "dart": DARTConfig(),
+        "visionzip": VisionZipConfig(),
         "random": RandomConfig(),
         "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
     }

@@ -119,6 +119,9 @@ class _PromptState:
         self.layer_influence: list[tuple[int, int] | None] = [None] * num_layers  # (n_keys, n_visual)
         self.prefilled = False
         self.decode_positions: torch.Tensor | None = None  # positions of this decode step's queries
+        self.dense_offset = 0  # tokens removed before the language model (VisionZip-like methods)
+        self.original_visual = layout.num_visual
+        self.reduced_prompt = False
         self.layer_input: torch.Tensor | None = None  # hidden states entering the current layer
 
     def pruned(self) -> bool:
@@ -150,6 +153,8 @@ class PruningHandle:
         for i, layer in enumerate(a.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             _OWNERS[a.attention_module(layer)] = self
+        if hasattr(self.method, "attach"):  # methods that watch other modules (e.g. the vision tower)
+            self._hooks.extend(self.method.attach(a))
         a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
         self._attached = True
 
@@ -190,6 +195,10 @@ class PruningHandle:
             st = self._state
             if st is not None and st.prefilled:
                 st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+                if st.reduced_prompt:  # the caller's mask counts the unreduced prompt; batch 1, no padding
+                    kwargs["attention_mask"] = torch.ones(1, past + input_ids.shape[1], dtype=torch.long,
+                                                          device=input_ids.device)
+                    return args, kwargs
             else:
                 self._state = None
             return None
@@ -207,6 +216,12 @@ class PruningHandle:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError("padding (zeros in attention_mask) is not supported with pruning; pass an unpadded prompt")
+        original_length = int(input_ids.shape[1])
+        original_visual = int((input_ids[0] == image_token).sum())
+        changed = hasattr(self.method, "reduce_prompt")  # methods acting before the language model
+        if changed:
+            kwargs = self.method.reduce_prompt(self.adapter.multimodal, image_token, kwargs)
+            input_ids = kwargs["input_ids"]
         visual_positions = (input_ids[0] == image_token).nonzero().squeeze(-1)
         is_vis = (input_ids[0] == image_token).tolist()
         layout = PromptLayout(
@@ -215,8 +230,12 @@ class PruningHandle:
             image_spans=F_.visual_spans(is_vis),
         )
         self.method.start(layout, self._num_layers)
-        self._state = _PromptState(layout, self._num_layers, input_ids.device)
-        return None
+        st = _PromptState(layout, self._num_layers, input_ids.device)
+        st.dense_offset = original_length - layout.length
+        st.original_visual = original_visual
+        st.reduced_prompt = changed
+        self._state = st
+        return (args, kwargs) if changed else None
 
     def _on_model_return(self, module, args, kwargs, output):
         st = self._state
@@ -367,10 +386,10 @@ class PruningHandle:
 
     # ------------------------------------------------------------------------------- FLOPs
     def _prefill_stats(self, st: _PromptState) -> PruneStats:
-        dims, n0 = self.dims, st.layout.length
+        dims, n0 = self.dims, st.layout.length + st.dense_offset  # dense: the unreduced prompt
         stats = PruneStats(
             prompt_length=n0,
-            num_visual_tokens=st.layout.num_visual,
+            num_visual_tokens=st.original_visual,
             num_images=len(st.layout.image_spans),
             pruning_applied=True,
         )
@@ -414,7 +433,8 @@ class PruningHandle:
                 score, weighted = F_.shallow_decode_pairs(kept, n_vis, len(st.layout.image_spans), mode)
                 score, weighted = score * new, weighted * new
             pruned += F_.layer_flops(dims, new, score, weighted)
-            dense_causal = new * total - new * (new - 1) // 2
+            dense_total = total + st.dense_offset
+            dense_causal = new * dense_total - new * (new - 1) // 2
             dense += F_.layer_flops(dims, new, dense_causal, dense_causal)
         return pruned, dense
 

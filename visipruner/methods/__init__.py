@@ -3,11 +3,12 @@
 from .base import PromptLayout, PruningMethod, Schedule
 from .dart import DART, DARTConfig
 from .layer_drop import FastVConfig, PDropConfig, RandomConfig, ScoredLayerDrop, VTWConfig
+from .visionzip import VisionZip, VisionZipConfig
 from .visipruner import VisiPruner
 
 __all__ = [
     "DART", "DARTConfig", "FastVConfig", "PDropConfig", "PromptLayout", "PruningMethod", "RandomConfig",
-    "Schedule", "ScoredLayerDrop", "VTWConfig", "VisiPruner",
+    "Schedule", "ScoredLayerDrop", "VTWConfig", "VisiPruner", "VisionZip", "VisionZipConfig",
 ]
 
 from ..config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig  # noqa: E402
@@ -15,7 +16,7 @@ from ..config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig  # no
 # method name (the "method" key of a config's JSON) -> config class
 CONFIGS: dict[str, type[MethodConfig]] = {
     c.method: c
-    for c in (VisiPrunerConfig, AttentionSelectConfig, FastVConfig, PDropConfig, VTWConfig, RandomConfig, DARTConfig)
+    for c in (VisiPrunerConfig, AttentionSelectConfig, FastVConfig, PDropConfig, VTWConfig, RandomConfig, DARTConfig, VisionZipConfig)
 }
 
 
