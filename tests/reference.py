@@ -23,6 +23,7 @@ class RefResult:
     visual_tokens_per_layer: list[int] = field(default_factory=list)
     min_cos: dict = field(default_factory=dict)  # layer -> min_j cos(o - c_j, o)
     norms: dict = field(default_factory=dict)  # layer -> ||c_j|| of the visual tokens present
+    output_norms: dict = field(default_factory=dict)  # layer -> ||o|| of the last token
 
 
 def _rotate_half(x):
@@ -154,10 +155,12 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
                 nrm = c.norm(dim=-1)
                 res.min_cos[li] = float(cs.min())
                 res.norms[li] = nrm.clone()
+                res.output_norms[li] = float(out_last.norm())
                 if middle_open:
                     if float(cs.min()) < cfg.layer_threshold:
                         fusion = li
-                        chosen = nrm > cfg.tokens_threshold
+                        score = nrm / out_last.norm() if cfg.relative_tokens_threshold else nrm
+                        chosen = score > cfg.tokens_threshold
                         if selection == "attention":
                             n_sel = int(chosen.sum())
                             chosen = torch.zeros_like(chosen)

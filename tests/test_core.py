@@ -81,6 +81,10 @@ def _configs(model, inputs):
         "all_consecutive": VisiPrunerConfig(
             layer_threshold=1.0, exit_threshold=0.0, exit_patience=1, exit_counting="consecutive", **full
         ),
+        "relative": VisiPrunerConfig(
+            layer_threshold=1.0, exit_threshold=0.0, relative_tokens_threshold=True, shallow_layers=K,
+            tokens_threshold=median_norm / float(_probe_thresholds(model, inputs, K)[1].output_norms[K + 1]),
+        ),
         "deep_only": VisiPrunerConfig(stages=("deep",), shallow_layers=K, exit_threshold=0.0, exit_patience=2),
         "none_trigger": VisiPrunerConfig(shallow_layers=K, layer_threshold=-1.0, tokens_threshold=0.0),
     }

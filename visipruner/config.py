@@ -88,6 +88,13 @@ class VisiPrunerConfig(MethodConfig):
         default="cumulative",
         metadata={"help": "'cumulative' (the reference code) or 'consecutive' (the paper's text) no-impact layers."},
     )
+    relative_tokens_threshold: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale-free variant: a token is critical when ||c_j|| / ||o|| > tokens_threshold "
+            "(independent of the model's value scale). Off: the paper's absolute ||c_j||."
+        },
+    )
     shallow_renormalise: bool = field(
         default=False,
         metadata={
@@ -114,6 +121,8 @@ class VisiPrunerConfig(MethodConfig):
         check_int("exit_patience", self.exit_patience, 1, None)
         if self.exit_counting not in EXIT_COUNTING:
             raise ValueError(f"exit_counting must be one of {EXIT_COUNTING}, got {self.exit_counting!r}")
+        if not isinstance(self.relative_tokens_threshold, bool):
+            raise ValueError(f"relative_tokens_threshold must be a bool, got {self.relative_tokens_threshold!r}")
         if not isinstance(self.shallow_renormalise, bool):
             raise ValueError(f"shallow_renormalise must be a bool, got {self.shallow_renormalise!r}")
 

@@ -4,7 +4,8 @@ Stage 1 (shallow, layers 0..K-1): layer 0 merges each image's visual attention m
 queries onto the image's first token; layers 1..K-1 zero text-to-vision probabilities.
 Stage 2 (middle): from layer K+1, the first layer whose last-token influence
 ``min_j cos(o - c_j, o)`` drops below ``layer_threshold`` is the fusion layer; tokens with
-``||c_j|| > tokens_threshold`` are critical and are the only visual tokens kept after it.
+``||c_j|| > tokens_threshold`` are critical and are the only visual tokens kept after it
+(``||c_j|| / ||o||`` with ``relative_tokens_threshold``, a scale-free variant).
 Stage 3 (deep): after the fusion layer, a layer with ``min_j cos >= exit_threshold`` over the
 critical tokens has no visual impact; after ``exit_patience`` such layers (cumulative, as the
 reference code counts, or consecutive) every visual token is removed.
@@ -77,10 +78,11 @@ class VisiPruner(PruningMethod):
         cfg = self.config
         self.min_cos[layer] = influence.min_cos
         if self._has("middle") and self.fusion_layer is None:
-            self.num_critical_candidates[layer] = int((influence.norm > cfg.tokens_threshold).sum())
+            score = influence.norm / influence.output_norm if cfg.relative_tokens_threshold else influence.norm
+            self.num_critical_candidates[layer] = int((score > cfg.tokens_threshold).sum())
             if influence.min_cos < cfg.layer_threshold:
                 self.fusion_layer = layer
-                selected = influence.norm > cfg.tokens_threshold
+                selected = score > cfg.tokens_threshold
                 if self.selection == "attention":  # same count, chosen by attention (ablation)
                     top = influence.attention.argsort(descending=True, stable=True)[: int(selected.sum())]
                     selected = torch.zeros_like(selected)
