@@ -9,10 +9,11 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visipruner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import bench, evaluate
+    from . import bench, calibrate, evaluate
 
     evaluate.register(sub)
     bench.register(sub)
+    calibrate.register(sub)
     return parser
 
 

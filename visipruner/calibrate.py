@@ -1,0 +1,383 @@
+"""`visipruner calibrate`: find VisiPruner settings for a model and a stated target.
+
+    visipruner calibrate --data calib.jsonl --target agreement=0.99 --out cfg.json
+    visipruner calibrate --data calib.jsonl --target flops=0.4 [--model DIR] [--heldout FILE]
+
+How it stays cheap:
+1. *Record* once per calibration example and shallow boundary K: one prefill with the shallow
+   stage on and nothing removed, measuring at every layer > K the last token's influence row
+   (``cos(o - c_j, o)``, ``||c_j||``, ``||o||``) for every visual token.
+2. *Score* thousands of (layer, tokens, exit thresholds, patience) candidates from those records
+   alone: the fusion layer, critical set and exit layer each candidate would pick, its prefill
+   FLOPs, and a risk proxy, the recorded relative influence it removes
+   (sum over layers of ``sum_{j removed} ||c_j|| / ||o||``).
+3. *Rerun* only a handful of finalists on the Pareto front (risk vs FLOPs) to measure agreement
+   with the unpruned answers and the real FLOPs, pick the one meeting the target, and confirm it
+   on held-out examples calibration never saw.
+
+Where records cannot stand in for a rerun: after the fusion layer removes tokens, every later
+layer's hidden states change, so the recorded cosines used for the exit decision (and the
+risk of later layers) come from the unpruned run, not the pruned one. The fusion decision and
+critical set are exact (nothing is removed before the fusion layer); the exit layer and risk
+are estimates. That is why finalists are rerun, and why the chosen config is confirmed on a
+held-out split with the real runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import apply
+from .attention import Influence
+from .config import VisiPrunerConfig
+from .flops import Dims, causal_pairs, dense_token_flops, shallow_prefill_pairs
+from .methods.visipruner import VisiPruner
+
+
+class _Recorder(VisiPruner):
+    """Shallow stage as configured; influence measured at every layer > K; nothing removed."""
+
+    def needs_influence(self, layer: int) -> bool:
+        return layer > self.config.shallow_layers
+
+    def decide(self, layer: int, influence: Influence | None, present: torch.Tensor):
+        if influence is not None:
+            self.rows[layer] = (influence.cos.numpy(), influence.norm.numpy(), influence.output_norm)
+        return None
+
+    def start(self, layout, num_layers):
+        super().start(layout, num_layers)
+        self.rows = {}
+
+
+@dataclass
+class Records:
+    """Per-example influence rows for one shallow boundary K (E examples, L layers, m tokens)."""
+
+    K: int
+    cos: np.ndarray  # (E, L, m), nan where not measured
+    norm: np.ndarray  # (E, L, m)
+    onorm: np.ndarray  # (E, L)
+    n_tokens: np.ndarray  # (E,) prompt lengths
+    n_visual: np.ndarray  # (E,)
+    is_visual: list  # per example, list[bool] (for the shallow-stage FLOPs)
+
+
+@torch.no_grad()
+def record(model, prompts, K: int, progress=True) -> Records:
+    from tqdm.auto import tqdm
+
+    L = model.config.text_config.num_hidden_layers
+    method = _Recorder(VisiPrunerConfig(stages=("shallow", "middle"), shallow_layers=K))
+    rows, lens, nvis, isvis = [], [], [], []
+    with apply(model, method):
+        for inp in tqdm(prompts, desc=f"record K={K}", disable=not progress, file=sys.stderr, leave=False):
+            model(**inp, use_cache=False, logits_to_keep=1)
+            rows.append(dict(method.rows))
+            ids = inp["input_ids"][0]
+            v = (ids == model.config.image_token_id)
+            lens.append(int(ids.numel()))
+            nvis.append(int(v.sum()))
+            isvis.append(v.tolist())
+    m = max(nvis)
+    E = len(prompts)
+    cos = np.full((E, L, m), np.nan, dtype=np.float64)
+    norm = np.zeros((E, L, m))
+    onorm = np.ones((E, L))
+    for e, r in enumerate(rows):
+        for layer, (c, nrm, o) in r.items():
+            cos[e, layer, : len(c)] = c
+            norm[e, layer, : len(nrm)] = nrm
+            onorm[e, layer] = max(o, 1e-12)
+    return Records(K, cos, norm, onorm, np.array(lens), np.array(nvis), isvis)
+
+
+@dataclass
+class Candidate:
+    config: VisiPrunerConfig
+    flops_ratio: float  # predicted, mean over examples
+    risk: float  # recorded relative influence removed, mean over examples
+    fusion_rate: float  # fraction of examples where fusion triggers
+
+
+def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs, patiences, relative: bool):
+    """Predicted FLOPs ratio and risk of every candidate, from the records alone (vectorised)."""
+    E, L, m = rec.cos.shape
+    K = rec.K
+    per_token = dense_token_flops(dims, 1)
+    attn = 2 * dims.q_dim
+    # prefill FLOPs per layer as a function of the layer's token count n (plain causal layers)
+    def layer_cost(n):
+        return n * per_token + attn * 2 * (n * (n + 1) / 2)
+
+    shallow = np.array([
+        sum(per_token * n + attn * sum(shallow_prefill_pairs(v, "merge" if l == 0 else "disable")) for l in range(K))
+        for n, v in zip(rec.n_tokens, rec.is_visual)
+    ])
+    dense = np.array([L * layer_cost(n) for n in rec.n_tokens])
+    min_cos = np.nanmin(np.where(np.isnan(rec.cos), np.inf, rec.cos), axis=2)  # (E, L)
+    min_cos[:, : K + 1] = np.inf
+    score = rec.norm / rec.onorm[..., None] if relative else rec.norm
+    rel_infl = rec.norm / rec.onorm[..., None]  # (E, L, m)
+    layers = np.arange(L)
+    out = []
+    for lt in layer_thrs:
+        below = min_cos < lt
+        fused = below.any(axis=1)
+        fusion = np.where(fused, below.argmax(axis=1), L)  # L = never
+        for tt in token_thrs:
+            S = score[np.arange(E), np.minimum(fusion, L - 1)] > tt  # (E, m)
+            S &= fused[:, None]
+            s_count = S.sum(axis=1)
+            cos_S = np.where(S[:, None, :], rec.cos, np.inf)
+            min_cos_S = np.nanmin(np.where(np.isnan(cos_S), np.inf, cos_S), axis=2)  # (E, L)
+            after = layers[None, :] > fusion[:, None]
+            removed_nonS = np.where(~S[:, None, :], rel_infl, 0).sum(axis=2)  # (E, L)
+            all_infl = rel_infl.sum(axis=2)
+            for et in exit_thrs:
+                hit = (min_cos_S >= et) & after & (s_count[:, None] > 0)
+                count = np.cumsum(hit, axis=1)
+                for p in patiences:
+                    reach = count >= p
+                    exited = reach.any(axis=1)
+                    exit_l = np.where(exited, reach.argmax(axis=1), L)
+                    n_tok = rec.n_tokens[:, None] - np.where(
+                        layers[None] > fusion[:, None], rec.n_visual[:, None] - s_count[:, None], 0
+                    ) - np.where(layers[None] > exit_l[:, None], s_count[:, None], 0)
+                    costs = layer_cost(n_tok.astype(np.float64))
+                    costs[:, :K] = 0
+                    checked = (layers[None] > K) & (layers[None] <= np.minimum(exit_l, L - 1)[:, None]) & (
+                        (s_count[:, None] > 0) | (layers[None] <= fusion[:, None]))
+                    present = np.where(layers[None] > fusion[:, None], s_count[:, None], rec.n_visual[:, None])
+                    infl = np.where(checked, 4 * dims.q_dim * n_tok + 8 * dims.q_dim * present, 0)
+                    flops = costs.sum(axis=1) + shallow + infl.sum(axis=1)
+                    risk = np.where(after & (layers[None] <= exit_l[:, None]), removed_nonS, 0).sum(axis=1) + np.where(
+                        layers[None] > exit_l[:, None], all_infl, 0).sum(axis=1)
+                    cfg = VisiPrunerConfig(shallow_layers=K, layer_threshold=float(lt), tokens_threshold=float(tt),
+                                           exit_threshold=float(min(et, 1.0)), exit_patience=int(p),
+                                           relative_tokens_threshold=relative)
+                    out.append(Candidate(cfg, float((flops / dense).mean()), float(risk.mean()), float(fused.mean())))
+    return out
+
+
+def pareto_front(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on both FLOPs and risk."""
+    front, best = [], float("inf")
+    for c in sorted(cands, key=lambda c: (c.flops_ratio, c.risk)):
+        if c.risk < best - 1e-12:
+            front.append(c)
+            best = c.risk
+    return front
+
+
+def _grid(rec: Records, relative: bool):
+    mc = np.nanmin(np.where(np.isnan(rec.cos), np.inf, rec.cos), axis=2)[:, rec.K + 1:]
+    mc = mc[np.isfinite(mc)]
+    layer_thrs = sorted(set(np.round(np.quantile(mc, [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9]), 6)) | {0.995})
+    sc = (rec.norm / rec.onorm[..., None] if relative else rec.norm)[:, rec.K + 1:]
+    sc = sc[sc > 0]
+    token_thrs = sorted(set(np.round(np.quantile(sc, [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995]), 8)))
+    if not relative:
+        token_thrs = sorted(set(token_thrs) | {0.2})
+    exit_thrs = sorted(set(np.round(np.quantile(mc, [0.5, 0.8, 0.95, 0.99]), 6)) | {0.999, 1.0})
+    return layer_thrs, token_thrs, exit_thrs, (1, 2)
+
+
+@torch.no_grad()
+def measure(model, processor, questions, prompts, config, reference_answers, max_new_tokens=4, progress=True):
+    """Agreement with the unpruned answers and the real prefill FLOPs ratio of a config."""
+    from tqdm.auto import tqdm
+
+    from .bench import _gen_kwargs
+    from .evaluate import normalize_answer
+
+    kw = _gen_kwargs(processor, max_new_tokens)
+    agree, ratios, answers = 0, [], []
+    handle = apply(model, config) if config is not None else None
+    try:
+        for q, inp, ref in tqdm(list(zip(questions, prompts, reference_answers or [None] * len(prompts))),
+                                desc="rerun", disable=not progress, file=sys.stderr, leave=False):
+            gen = model.generate(**inp, **kw)
+            ans = processor.tokenizer.decode(gen[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            answers.append(ans)
+            if ref is not None:
+                agree += normalize_answer(ans) == normalize_answer(ref)
+            if handle is not None:
+                ratios.append(handle.last_stats.prefill_flops_ratio)
+    finally:
+        if handle is not None:
+            handle.remove()
+    n = len(prompts)
+    return {"agreement": agree / n if reference_answers else None,
+            "flops_ratio": float(np.mean(ratios)) if ratios else 1.0, "answers": answers}
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    try:
+        kind, value = text.split("=")
+        value = float(value)
+    except ValueError:
+        raise ValueError(f"--target must look like agreement=0.99 or flops=0.4, got {text!r}") from None
+    if kind not in ("agreement", "flops") or not 0 < value <= 1:
+        raise ValueError(f"--target: kind must be 'agreement' or 'flops' and the value in (0, 1], got {text!r}")
+    return kind, value
+
+
+def choose(finalists: list[dict], target: tuple[str, float]) -> dict:
+    kind, value = target
+    if kind == "agreement":
+        ok = [f for f in finalists if f["agreement"] >= value]
+        return min(ok, key=lambda f: f["flops_ratio"]) if ok else max(finalists, key=lambda f: f["agreement"])
+    ok = [f for f in finalists if f["flops_ratio"] <= value]
+    return max(ok, key=lambda f: (f["agreement"], -f["flops_ratio"])) if ok else min(finalists, key=lambda f: f["flops_ratio"])
+
+
+def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
+              finalists: int = 5, rerun_limit: int | None = None, progress=True) -> dict:
+    from .bench import _inputs
+
+    L = model.config.text_config.num_hidden_layers
+    dims = Dims.from_config(model.config.text_config)
+    if shallow_layers is None:
+        shallow_layers = sorted({max(1, round(4 * L / 32)), max(1, round(6 * L / 32))})
+    prompts = [_inputs(processor, q, model) for q in calib_questions]
+    cands = []
+    for K in shallow_layers:
+        rec = record(model, prompts, K, progress)
+        for relative in (False, True):
+            cands += score_candidates(rec, dims, *_grid(rec, relative), relative=relative)
+    fronts = {rel: pareto_front([c for c in cands if c.config.relative_tokens_threshold == rel]) for rel in (False, True)}
+    # finalists: evenly spread along each front by FLOPs, plus the cheapest/safest ends
+    picked = []
+    for rel, front in fronts.items():
+        if not front:
+            continue
+        idx = np.unique(np.linspace(0, len(front) - 1, num=min(len(front), finalists)).round().astype(int))
+        picked += [front[i] for i in idx]
+    rerun_q = calib_questions[:rerun_limit] if rerun_limit else calib_questions
+    rerun_p = prompts[: len(rerun_q)]
+    unpruned = measure(model, processor, rerun_q, rerun_p, None, None, progress=progress)["answers"]
+    results = []
+    for c in picked:
+        m = measure(model, processor, rerun_q, rerun_p, c.config, unpruned, progress=progress)
+        results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
+                        "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"]})
+    chosen = choose(results, target)
+    out = {
+        "target": {"kind": target[0], "value": target[1]},
+        "candidates_scored": len(cands),
+        "front": {("relative" if rel else "absolute"): [
+            {"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
+             "fusion_rate": c.fusion_rate} for c in front] for rel, front in fronts.items()},
+        "finalists": results,
+        "chosen": chosen,
+        "calibration_examples": len(calib_questions),
+        "rerun_examples": len(rerun_q),
+    }
+    if heldout_questions:
+        hp = [_inputs(processor, q, model) for q in heldout_questions]
+        ref = measure(model, processor, heldout_questions, hp, None, None, progress=progress)["answers"]
+        cfg = VisiPrunerConfig.from_dict(chosen["config"])
+        m = measure(model, processor, heldout_questions, hp, cfg, ref, progress=progress)
+        out["heldout"] = {"examples": len(heldout_questions), "agreement": m["agreement"],
+                          "flops_ratio": m["flops_ratio"],
+                          "meets_target": (m["agreement"] >= target[1]) if target[0] == "agreement"
+                          else (m["flops_ratio"] <= target[1])}
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, front in result["front"].items():
+        a1.plot([c["predicted_flops_ratio"] for c in front], [c["risk"] for c in front], "o-", ms=3, label=name)
+    a1.set_xlabel("predicted prefill FLOPs / unpruned")
+    a1.set_ylabel("recorded influence removed (risk)")
+    a1.set_title("Pareto front from records", fontsize=9)
+    a1.legend(fontsize=8)
+    for f in result["finalists"]:
+        rel = f["config"]["relative_tokens_threshold"]
+        a2.scatter(f["flops_ratio"], f["agreement"], marker="s" if rel else "o", color="C1" if rel else "C0")
+    c = result["chosen"]
+    a2.scatter(c["flops_ratio"], c["agreement"], s=150, facecolors="none", edgecolors="red", label="chosen")
+    if "heldout" in result:
+        h = result["heldout"]
+        a2.scatter(h["flops_ratio"], h["agreement"], marker="*", s=150, color="red", label="held-out")
+    a2.set_xlabel("prefill FLOPs / unpruned (rerun)")
+    a2.set_ylabel("agreement with unpruned answers")
+    a2.set_title("finalists rerun (o absolute, s relative threshold)", fontsize=9)
+    a2.legend(fontsize=8)
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run(args) -> int:
+    from .bench import _load_model
+    from .data.questions import load_questions
+
+    target = parse_target(args.target)
+    questions = load_questions(args.data)
+    if args.limit:
+        questions = questions[: args.limit]
+    heldout = load_questions(args.heldout) if args.heldout else None
+    if heldout and args.heldout_limit:
+        heldout = heldout[: args.heldout_limit]
+    model, processor = _load_model(args)
+    ks = [int(k) for k in args.shallow_layers.split(",")] if args.shallow_layers else None
+    result = calibrate(model, processor, questions, target, heldout, ks, finalists=args.finalists,
+                       rerun_limit=args.rerun_limit)
+    print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
+          f"on {result['rerun_examples']} examples")
+    print(f"{'threshold':<10}{'K':>3}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
+    for f in result["finalists"]:
+        c = f["config"]
+        print(f"{'relative' if c['relative_tokens_threshold'] else 'absolute':<10}{c['shallow_layers']:>3}"
+              f"{c['layer_threshold']:>9.5f}{c['tokens_threshold']:>11.5f}{c['exit_threshold']:>9.5f}{c['exit_patience']:>4}"
+              f"{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}")
+    ch = result["chosen"]
+    print(f"chosen: FLOPs {ch['flops_ratio']:.3f}, agreement {ch['agreement']:.3f} on calibration")
+    if "heldout" in result:
+        h = result["heldout"]
+        print(f"held-out ({h['examples']} examples): agreement {h['agreement']:.3f}, FLOPs {h['flops_ratio']:.3f}, "
+              f"target {'met' if h['meets_target'] else 'NOT met'}")
+    cfg = VisiPrunerConfig.from_dict(ch["config"])
+    if args.out:
+        Path(args.out).write_text(cfg.to_json(indent=2) + "\n")
+        print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        plot(result, str(Path(args.json).with_suffix(".png")))
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.png')}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="find VisiPruner thresholds for a model and a target",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="calibration question file (JSONL)")
+    p.add_argument("--target", required=True, help="agreement=0.99 (at least) or flops=0.4 (at most, vs unpruned)")
+    p.add_argument("--model", help="a saved Llava directory (default: the embedded model)")
+    p.add_argument("--heldout", help="question file the chosen config is confirmed on")
+    p.add_argument("--limit", type=int, help="use the first N calibration examples")
+    p.add_argument("--heldout-limit", type=int)
+    p.add_argument("--shallow-layers", help="comma-separated K values to search (default: 4/32 and 6/32 of depth)")
+    p.add_argument("--finalists", type=int, default=5, help="finalists rerun per threshold family")
+    p.add_argument("--rerun-limit", type=int, help="rerun finalists on the first N calibration examples only")
+    p.add_argument("--out", help="write the chosen config here (VisiPrunerConfig JSON)")
+    p.add_argument("--json", help="write the front, finalists and confirmation here (+ a PNG)")
+    p.set_defaults(func=_run)
+    return p
