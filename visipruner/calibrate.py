@@ -37,7 +37,7 @@ import torch
 from . import apply
 from .attention import Influence
 from .config import VisiPrunerConfig
-from .flops import Dims, causal_pairs, dense_token_flops, shallow_prefill_pairs
+from .flops import Dims, dense_token_flops, shallow_prefill_pairs
 from .methods.visipruner import VisiPruner
 
 

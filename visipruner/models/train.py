@@ -484,6 +484,11 @@ def stage_lm(args, model, processor, out: Path) -> None:
         sched.load_state_dict(st["sched"])
         start = st["step"]
         logf.truncate_after(start)
+        # learning rates from the command line win over the checkpoint's
+        sched.base_lrs = [args.lora_lr, args.proj_lr, args.vit_lr]
+        for g, lr in zip(opt.param_groups, sched.base_lrs):
+            g["initial_lr"] = lr
+            g["lr"] = lr * sched.lr_lambdas[0](start)
         log(f"resumed lm stage at step {start}")
     packer = Packer(processor, model.config.image_token_id)
     packer.set_n_image_tokens(model.config.image_seq_length)
@@ -510,6 +515,28 @@ def stage_lm(args, model, processor, out: Path) -> None:
         pv = _image_tensor(processor, imgs)
         loss, acc, aux = packed_forward(model, input_ids, mask, pos, pv, targets, heads, labs)
         total = loss if aux is None else loss + args.aux_weight * aux
+        if heads is not None and args.aux_extra > 0:
+            # extra vision-only images: keeps training the per-patch features cheaply
+            xr = np.random.default_rng([args.seed, 3, step])
+            ximgs, xlabs = [], []
+            for i in range(args.aux_extra):
+                if xr.random() < args.vision_easyvqa_frac:
+                    iid = ev_imgs[int(xr.integers(len(ev_imgs)))]
+                    im = Image.open(ev_labels[iid]["path"]).convert("RGB")
+                    ximgs.append(im)
+                    xlabs.append(easyvqa_patch_labels(im, ev_labels[iid], grid, model.config.vision_config.image_size))
+                else:
+                    sc = scenes.random_scene(args.seed, "train", 20_000_000 + step * args.aux_extra + i)
+                    ximgs.append(sc.render())
+                    xlabs.append(scene_patch_labels(sc))
+            xfeat, xproj = vision_features(model, _image_tensor(processor, ximgs))
+            xlog = heads(xproj, xfeat)
+            xloss = 0.0
+            for g, lg in xlog.items():
+                tgt = torch.from_numpy(np.stack([l[g] for l in xlabs]))
+                if (tgt != -100).any():
+                    xloss = xloss + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+            total = total + args.aux_weight * xloss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(lora_params + proj_params + vis_params, 1.0)
@@ -517,7 +544,7 @@ def stage_lm(args, model, processor, out: Path) -> None:
         sched.step()
         n_ans = sum(len(x) for x in items)
         logf.write(step=step + 1, loss=f"{loss.item():.4f}", acc=f"{acc.item():.4f}", n_answers=n_ans,
-                   aux="" if aux is None else f"{float(aux):.4f}",
+                   aux="" if aux is None else f"{float(aux.detach()):.4f}",
                    seq_len=input_ids.shape[1], sec=f"{time.time() - t0:.1f}")
         if (step + 1) % 5 == 0:
             log(f"lm step {step + 1}/{steps} loss {loss.item():.3f} tokacc {acc.item():.3f} "
@@ -567,6 +594,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt-every-vision", type=int, default=50)
     p.add_argument("--align-weight", type=float, default=2.0)
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-patch vision loss kept during the LM stage")
+    p.add_argument("--aux-extra", type=int, default=0, help="extra vision-only images per LM step (aux loss)")
     p.add_argument("--lm-steps", type=int, default=600)
     p.add_argument("--images-per-step", type=int, default=4)
     p.add_argument("--max-q-per-image", type=int, default=10)
