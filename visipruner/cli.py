@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub)
     bench.register(sub)
     calibrate.register(sub)
+    __import__(f"{__package__}.analyze", fromlist=["register"]).register(sub)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""`visipruner analyze` on tiny random LLaVAs (no processor: pre-built inputs + answer token ids)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import visipruner
+from visipruner import cli
+from visipruner.analyze import (
+    Example,
+    analyze,
+    answer_logprob,
+    block_attention,
+    noise_rows,
+    text_queries,
+    windows,
+)
+from visipruner.testing import IMAGE_TOKEN_ID, random_prompt, tiny_llava
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(0, layers=8)
+
+
+def _logits(model, inp):
+    return model(**inp, use_cache=False).logits[0]
+
+
+def test_knockout_all_layers_changes_logprobs_and_an_empty_window_does_not(model):
+    inp = random_prompt(model, seed=1)
+    tq, vis = text_queries(inp["input_ids"], IMAGE_TOKEN_ID)
+    base = answer_logprob(model, inp, 7)[0]
+    with block_attention(model, [], tq, vis):
+        assert answer_logprob(model, inp, 7)[0] == base
+    with block_attention(model, range(8), tq, vis):
+        assert abs(answer_logprob(model, inp, 7)[0] - base) > 1e-4
+    assert answer_logprob(model, inp, 7)[0] == base  # hooks removed
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_knockout_is_true_blocking(attn):
+    """Mask-based knockout in layers 1..L-1 + VisiPruner's layer-0 merge == the runtime's
+    renormalising shallow stage over every layer (visual keys dropped from text queries)."""
+    model = tiny_llava(1, layers=4, attn_implementation=attn)
+    inp = random_prompt(model, seed=2, images=2)
+    tq, vis = text_queries(inp["input_ids"], IMAGE_TOKEN_ID)
+    with visipruner.apply(model, visipruner.VisiPrunerConfig(stages=("shallow",), shallow_layers=4,
+                                                             shallow_renormalise=True)):
+        want = _logits(model, inp)
+    merge_only = visipruner.VisiPrunerConfig(stages=("shallow",), shallow_layers=1)
+    with visipruner.apply(model, merge_only), block_attention(model, range(1, 4), tq, vis):
+        got = _logits(model, inp)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_logits(model, inp), want, atol=1e-4)
+
+
+def test_noise_rows_only_touches_later_layers(model):
+    inp = random_prompt(model, seed=3)
+    base = _logits(model, inp)
+    pos = (inp["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().squeeze(-1)[:3].tolist()
+    with noise_rows(model, 5, pos):
+        out = _logits(model, inp)
+    first_vis = pos[0]
+    torch.testing.assert_close(out[:first_vis], base[:first_vis])  # causal: rows before are untouched
+    assert not torch.allclose(out[-1], base[-1], atol=1e-5)
+
+
+def test_windows_cover_depth():
+    assert windows(8, 1) == [(i, i + 1) for i in range(8)]
+    assert windows(30, 3, stride=4)[-1] == (27, 30)
+    assert windows(4, 9) == [(0, 4)]
+
+
+def test_analyze_writes_json_png_html_and_a_config(model, tmp_path):
+    exs = [Example(inputs=random_prompt(model, seed=s, images=1 + (s == 2)), gold_id=10 + s, id=f"ex{s}")
+           for s in range(3)]
+    cfg = visipruner.VisiPrunerConfig(shallow_layers=2, layer_threshold=0.9999, tokens_threshold=0.05)
+    s = analyze(model, None, None, tmp_path, config=cfg, examples=exs, progress=False)
+    d = json.loads((tmp_path / "analysis.json").read_text(),
+                   parse_constant=lambda c: pytest.fail(f"non-JSON number {c}"))
+    assert len(d["examples"]) == 3 and d["summary"]["examples"] == 3
+    assert d["summary"]["window"] == 1 and len(d["summary"]["knockout"]) == 8
+    assert d["summary"]["knockout_all"]["delta_logp"]["mean"] != 0
+    assert set(s["sink_test"]) == {"block_topk_sinks", "block_k_random_others", "block_all_visual", "visipruner_merge"}
+    assert all(len(r["logit_lens"]["residual_top"]) == 8 for r in d["examples"])
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert {"knockout.png", "influence.png", "sink_attribution.png", "lens_values.png", "heatmap_0.png"} <= set(pngs)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(pngs)
+    assert "<img src=\"knockout.png\"" not in page and "Verdicts" in page
+    for stage in ("shallow", "middle", "deep"):
+        v = s["verdicts"][stage]
+        assert "APPEAR" in v  # a plain statement either way
+    text = (tmp_path / "suggested_config.json").read_text()
+    sug = visipruner.VisiPrunerConfig.from_json(text)
+    assert visipruner.VisiPrunerConfig.from_json(sug.to_json()) == sug
+    assert sug.to_dict() == s["suggestion"]["config"]
+
+
+def test_bad_data_and_unsupported_model_give_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    (tmp_path / "x.png").write_bytes(b"")
+    bad.write_text('{"image": "x.png", "question": "q?", "answer": "a"}\n{not json\n')
+    rc = cli.main(["analyze", "--data", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad question file" in err and "bad.jsonl:2: invalid JSON" in err
+    with pytest.raises(TypeError, match="does not support model class Linear"):
+        analyze(torch.nn.Linear(2, 2), None, None, tmp_path / "o", examples=[])
+    with pytest.raises(ValueError, match="no examples"):
+        analyze(tiny_llava(0, layers=2), None, None, tmp_path / "o", examples=[],
+                config=visipruner.VisiPrunerConfig(shallow_layers=1))
