@@ -574,6 +574,17 @@ def verdicts(s: dict, cfg: VisiPrunerConfig) -> dict:
                       f"top-k sinks only: {_f(a)} nats (tolerance {tol}). "
                       + (f"{len(shallow_w)} knockout window(s) inside 0..{K - 1}, worst "
                          f"{_f(min(w['delta_logp']['mean'] for w in shallow_w))} nats." if shallow_w else ""))
+    vl = s["value_l1"]
+    ratios = [a_["median"] / b_["median"] for a_, b_ in zip(vl["sinks"][:K], vl["other_visual"][:K])
+              if a_["median"] is not None and b_["median"]]
+    share = s["sink_attention_share"]["median"]
+    if ratios:
+        r_ = float(np.mean(ratios))
+        out["sinks"] = (f"The top-k sinks take a median {_f(share, '{:.0%}')} of the last token's visual attention in "
+                        f"layers 0..{K - 1}; their value vectors' L1 norm is {r_:.2f}x that of the other visual tokens "
+                        "there (mean over layers of the median ratio): "
+                        + ("small values, attention sinks as the paper describes." if r_ < 0.8 else
+                           "not smaller, so these tokens are not value-less sinks."))
     fr = s["fusion_rate"]
     att = s["attribution"]
     mid = f"Middle stage: fusion triggered on {fr:.0%} of examples (median layer {_f(s['fusion_layer']['median'], '{:.0f}')})"
@@ -717,7 +728,7 @@ def make_plots(s: dict, results: list[dict], out: Path, decode: Callable[[int], 
         side = math.isqrt(m)
         if side * side != m:
             continue
-        hl = sorted(r["heat"], key=int)
+        hl = [str(l) for l in heat_layers(s) if str(l) in r["heat"]]
         fig, axes = plt.subplots(2, len(hl), figsize=(2.2 * len(hl), 4.6), squeeze=False)
         crit = r["config_run"]["critical_tokens"]
         img = images[i]
@@ -763,8 +774,8 @@ EXPLAIN = {
                    "residual stream after each layer, and on the layer's attention output after o_proj. Right: L1 "
                    "norms of value vectors (v_proj output) of the sink tokens (top attended in layers 0..K-1), the "
                    "first visual token, the other visual tokens and text tokens. Sinks typically have small values.",
-    "heatmap": "Last-token attention (mean over heads) and influence ||c_j|| over the image grid, for selected "
-               "layers of the unmodified model, drawn over the resized image; cyan boxes are the critical tokens "
+    "heatmap": "Last-token attention (mean over heads) and influence ||c_j|| over the image grid, for layers 0, "
+               "K-1, K+1, the median fusion and exit layers and the last layer, of the unmodified model, drawn over the resized image; cyan boxes are the critical tokens "
                "the config selected.",
 }
 
@@ -875,8 +886,17 @@ def examples_from_questions(model, processor, questions, max_new_tokens: int = 4
     return out
 
 
-def default_heat_layers(L: int, K: int) -> list[int]:
-    return sorted({0, max(0, K - 1), min(L - 1, K + 1), L // 2, (3 * L) // 4, L - 1})
+def heat_layers(s: dict) -> list[int]:
+    """Layers shown in the heatmaps: 0, the shallow boundary, the median fusion / exit layers, the last."""
+    L, K = s["num_layers"], s["config"]["shallow_layers"]
+    picks = {0, max(0, K - 1), min(L - 1, K + 1), L - 1}
+    for key in ("fusion_layer", "exit_layer"):
+        med = s[key]["median"]
+        if med is not None:
+            picks.add(int(med))
+    if len(picks) < 6:
+        picks.add(L // 2)
+    return sorted(picks)
 
 
 def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | None = None, window: int | None = None,
@@ -927,8 +947,7 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
         def decode(i):
             return f"<{i}>"
 
-    K = config.shallow_layers
-    heat = default_heat_layers(L, K)
+    heat = range(L)  # every layer for the heatmap examples; the plots pick a few
     was_training = model.training
     model.eval()
     results = []
