@@ -115,3 +115,27 @@ def test_bad_data_and_unsupported_model_give_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="no examples"):
         analyze(tiny_llava(0, layers=2), None, None, tmp_path / "o", examples=[],
                 config=visipruner.VisiPrunerConfig(shallow_layers=1))
+
+
+def test_suggestion_takes_the_tightest_bound():
+    from visipruner.analyze import suggest
+
+    def c(d, L=None, start=None):
+        st = {"mean": d, "median": d, "q25": d, "q75": d, "n": 1}
+        out = {"delta_logp": st, "matters": d < -0.1}
+        return {**out, "layers": L} if L is not None else {**out, "start": start, "end": start + 2}
+
+    none = {"n": 0, "mean": None, "median": None, "q25": None, "q75": None}
+    s = {"num_layers": 12, "window": 2, "tolerance_nats": 0.1, "knockout_all": c(-2.0, L=12),
+         "knockout_prefix": [c(0.0, L=j) for j in (1, 2, 4, 6)] + [c(-1.0, L=8), c(0.0, L=10)],
+         "knockout": [c(-1.0 if s0 in (7, 8) else 0.0, start=s0) for s0 in range(11)],
+         "fusion_layer": {**none, "median": 5.0, "n": 4}, "exit_layer": none, "fusion_rate": 1.0, "exit_rate": 0.0,
+         "min_cos": [none] * 12}
+    cfg = visipruner.VisiPrunerConfig(shallow_layers=2)
+    assert suggest(s, cfg)["shallow_layers"] == 4  # joint knockout allows 6, fusion at 5 allows 4
+    s["fusion_layer"] = none
+    assert suggest(s, cfg)["shallow_layers"] == 6
+    s["knockout_prefix"][0] = c(-1.0, L=1)  # layer 0 alone matters: no shallow stage
+    assert "shallow" not in suggest(s, cfg)["config"]["stages"]
+    s["knockout_all"] = c(0.0, L=12)  # the image is not used at all: nothing to locate
+    assert suggest(s, cfg)["shallow_layers"] == 2

@@ -513,10 +513,19 @@ def suggest(s: dict, cfg: VisiPrunerConfig) -> dict:
                      f"{_f(pre[0]['delta_logp']['mean']) if pre else 'n/a'} nats: no layers where text can ignore "
                      "the image; the shallow stage is dropped from the suggested stages")
     else:
-        K = max(1, min(max(harmless), L - 2))
-        notes.append(f"K = {K}: blocking text-to-vision attention in layers 0..{K - 1} together stays within {tol} "
-                     f"nats (mean {_f(next(p for p in pre if p['layers'] == max(harmless))['delta_logp']['mean'])})"
+        j = max(harmless)
+        notes.append(f"blocking text-to-vision attention in layers 0..{j - 1} together stays within {tol} nats "
+                     f"(mean {_f(next(p for p in pre if p['layers'] == j)['delta_logp']['mean'])})"
                      + (f"; blocking 0..{first_bad - 1} does not" if first_bad is not None else ""))
+        bounds = {"joint knockout": j, "clamped to L-2": L - 2}
+        if first_matter is not None:
+            bounds["first knockout window that matters"] = first_matter
+        fus = s["fusion_layer"]["median"]
+        if fus is not None:
+            bounds["median detected fusion layer - 1 (checks start at K+1)"] = math.floor(fus) - 1
+        binding = min(bounds, key=bounds.get)
+        K = max(1, bounds[binding])
+        notes.append(f"K = {K} (the smallest of: " + ", ".join(f"{k} {v}" for k, v in bounds.items()) + ")")
     if first_matter is not None:
         notes.append(f"the first {s['window']}-layer knockout window that matters starts at layer {first_matter}")
     fusion = s["fusion_layer"]["median"]
