@@ -102,7 +102,7 @@ class SceneQuestion:
 _FONT_CACHE: dict[int, ImageFont.ImageFont] = {}
 
 
-def _font(size: int = 26):
+def _font(size: int = 32):
     if size not in _FONT_CACHE:
         try:
             _FONT_CACHE[size] = ImageFont.load_default(size=size)
@@ -208,7 +208,7 @@ def _random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Sce
     bg = tuple(int(v) for v in rng.integers(235, 256, size=3))
     return Scene(objects=objs, word=WORDS[rng.integers(len(WORDS))],
                  word_cell=int(cells[n_objects]), background=bg,
-                 word_dx=int(rng.integers(-5, 6)), word_dy=int(rng.integers(-5, 6)))
+                 word_dx=int(rng.integers(-3, 4)), word_dy=int(rng.integers(-5, 6)))
 
 
 def _ref(scene: Scene, obj: Obj) -> str | None:

@@ -218,24 +218,35 @@ def vision_features(model, pixel_values):
     return feat, inner.multi_modal_projector(feat)
 
 
-def stage_vision(args, model, processor, out: Path) -> None:
-    done = out / "vision_final.safetensors"
+def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: int | None = None,
+                 init: dict | None = None) -> None:
+    """Vision pretraining. ``tag='vision2'`` continues from ``init`` (the LM stage's
+    vision tower/projector) with the saved heads -- used to strengthen the vision
+    tower mid-way through the LM stage."""
+    done = out / f"{tag}_final.safetensors"
     if done.exists():
-        log("vision stage already done")
+        log(f"{tag} stage already done")
         return
     tok = processor.tokenizer
     emb = model.get_input_embeddings().weight.detach()
     emb_norm = emb[:49152].norm(dim=-1).median().item()
     vis_dim = model.config.vision_config.hidden_size
     heads = VisionHeads(tok, emb, vis_dim)
+    if init is not None:
+        model.model.vision_tower.load_state_dict(init["vision"])
+        model.model.multi_modal_projector.load_state_dict(init["proj"])
+        heads.load_state_dict(load_file(str(out / "vision_heads.safetensors")))
+        with torch.no_grad():
+            emb_norm = model.model.multi_modal_projector(
+                torch.zeros(1, vis_dim)).norm().item() * 0 + float(init.get("proj_norm", emb_norm))
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=args.vision_lr, weight_decay=0.01)
-    steps = args.vision_steps
+    steps = steps or args.vision_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    ckpt = out / "vision_ckpt.pt"
+    ckpt = out / f"{tag}_ckpt.pt"
     start = 0
-    logf = CsvLog(out / "vision_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "align", "norm", "sec"])
+    logf = CsvLog(out / f"{tag}_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "align", "norm", "sec"])
     if ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.model.vision_tower.load_state_dict(st["vision"])
@@ -290,7 +301,7 @@ def stage_vision(args, model, processor, out: Path) -> None:
                    norm=f"{norm.item() / emb_norm:.3f}",
                    **{k: f"{v.item():.4f}" for k, v in losses.items()})
         if (step + 1) % 20 == 0:
-            log(f"vision step {step + 1}/{steps} loss {loss.item():.3f} " +
+            log(f"{tag} step {step + 1}/{steps} loss {loss.item():.3f} " +
                 " ".join(f"{k}={v.item():.3f}" for k, v in losses.items()) +
                 f" norm={norm.item() / emb_norm:.2f} ({time.time() - t0:.0f}s)")
         if (step + 1) % args.ckpt_every_vision == 0 or step + 1 == steps:
@@ -299,14 +310,14 @@ def stage_vision(args, model, processor, out: Path) -> None:
                         "heads": heads.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "step": step + 1}, str(ckpt) + ".tmp")
             os.replace(str(ckpt) + ".tmp", ckpt)
-            plot_curve(out / "vision_loss.csv", out / "vision_loss.png")
+            plot_curve(out / f"{tag}_loss.csv", out / f"{tag}_loss.png")
     state = {f"vision_tower.{k}": v.contiguous() for k, v in model.model.vision_tower.state_dict().items()}
     state.update({f"multi_modal_projector.{k}": v.contiguous()
                   for k, v in model.model.multi_modal_projector.state_dict().items()})
     save_file(state, str(done))
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(out / "vision_heads.safetensors"))
-    plot_curve(out / "vision_loss.csv", out / "vision_loss.png")
-    log("vision stage done")
+    plot_curve(out / f"{tag}_loss.csv", out / f"{tag}_loss.png")
+    log(f"{tag} stage done")
 
 
 # ----------------------------------------------------------------------------
@@ -585,7 +596,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/organism")
-    p.add_argument("--stage", choices=["all", "vision", "lm"], default="all")
+    p.add_argument("--stage", choices=["all", "vision", "lm", "vision2"], default="all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vision-steps", type=int, default=400)
     p.add_argument("--vision-batch", type=int, default=32)
@@ -593,6 +604,7 @@ def main(argv=None) -> int:
     p.add_argument("--vision-easyvqa-frac", type=float, default=0.3)
     p.add_argument("--ckpt-every-vision", type=int, default=50)
     p.add_argument("--align-weight", type=float, default=2.0)
+    p.add_argument("--vision2-steps", type=int, default=300)
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-patch vision loss kept during the LM stage")
     p.add_argument("--aux-extra", type=int, default=0, help="extra vision-only images per LM step (aux loss)")
     p.add_argument("--lm-steps", type=int, default=600)
@@ -616,6 +628,24 @@ def main(argv=None) -> int:
     model.float()
     if args.stage in ("all", "vision"):
         stage_vision(args, model, processor, out)
+    if args.stage == "vision2":
+        # strengthen the vision tower of an LM-stage checkpoint, then write it back
+        ck = out / "lm_ckpt.pt"
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        if not st.get("vision2_applied"):
+            with torch.no_grad():
+                model.model.vision_tower.load_state_dict(st["vision"])
+                model.model.multi_modal_projector.load_state_dict(st["proj"])
+                pv = _image_tensor(processor, [scenes.random_scene(args.seed, "train", i).render() for i in range(8)])
+                norm = vision_features(model, pv)[1].norm(dim=-1).mean().item()
+            init = {"vision": st["vision"], "proj": st["proj"], "proj_norm": norm}
+            stage_vision(args, model, processor, out, tag="vision2", steps=args.vision2_steps, init=init)
+            st["vision"] = model.model.vision_tower.state_dict()
+            st["proj"] = model.model.multi_modal_projector.state_dict()
+            st["vision2_applied"] = True
+            torch.save(st, str(ck) + ".tmp")
+            os.replace(str(ck) + ".tmp", ck)
+            log("vision2 weights written into the LM checkpoint")
     if args.stage in ("all", "lm"):
         stage_lm(args, model, processor, out)
     return 0
