@@ -356,6 +356,9 @@ def default_questions(quick: bool):
 def _run(args) -> int:
     from .data.questions import load_questions
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
     questions = load_questions(args.data) if args.data else default_questions(args.quick)
     if args.limit:
         questions = questions[: args.limit]
@@ -402,6 +405,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timing-prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="write every number here (a list of records)")
     p.add_argument("--png", help="accuracy vs prefill FLOPs plot (default: next to --json)")
     p.set_defaults(func=_run)
