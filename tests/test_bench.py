@@ -32,3 +32,57 @@ def test_matched_configs_hit_the_budget_when_run(fraction):
         measured = h.last_stats.avg_visual_tokens / n_vis
         # token counts are whole numbers (ceil) and VTW's layer is an integer: within one layer's share
         assert measured == pytest.approx(fraction, abs=1 / 16 + 1 / n_vis), name
+
+
+class _FakeTokenizer:
+    pad_token_id = 0
+
+    def get_vocab(self):
+        return {}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids[:1])
+
+
+class _FakeProcessor:
+    """Enough of a LlavaProcessor for the bench: a fixed random prompt per question."""
+
+    def __init__(self, model):
+        self.model, self.tokenizer = model, _FakeTokenizer()
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return messages[0]["content"][1]["text"]
+
+    def __call__(self, images, text, return_tensors="pt", **kw):
+        return random_prompt(self.model, seed=int(text[0]), images=1)
+
+
+class _Q:
+    def __init__(self, i):
+        self.id, self.family, self.question, self.answer = str(i), "all", str(i), "7"
+
+    def load_image(self):
+        return None
+
+
+def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
+    from visipruner.bench import PEERS, plot_pareto, run_bench
+
+    model = tiny_llava(0, layers=8, image_size=64)
+    rows = run_bench(model, _FakeProcessor(model), [_Q(i) for i in range(2)],
+                     VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=0.0, exit_threshold=0.0),
+                     timing_prompts=1, repeats=1, decode_steps=2, max_new_tokens=2)
+    methods = {r["method"] for r in rows}
+    assert methods == {"unpruned", "visipruner", *PEERS}
+    assert {r["setting"] for r in rows if r["method"] == "fastv"} == {"default", "matched"}
+    keys = {"method", "config", "accuracy", "agreement", "avg_visual_tokens", "prefill_flops_ratio",
+            "prefill_latency_ratio", "decode_ms_per_token", "kv_cache_bytes"}
+    for r in rows:
+        assert keys <= set(r), r["method"]
+        assert 0 <= r["agreement"] <= 1 and r["prefill_latency_ratio"] > 0
+    un = next(r for r in rows if r["method"] == "unpruned")
+    vp = next(r for r in rows if r["method"] == "visipruner")
+    assert un["agreement"] == 1.0 and un["prefill_flops_ratio"] == 1.0
+    assert vp["prefill_flops_ratio"] < 1.0 and vp["kv_cache_bytes"] < un["kv_cache_bytes"]
+    plot_pareto(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
