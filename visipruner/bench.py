@@ -350,7 +350,7 @@ def default_questions(quick: bool):
     from .data.questions import load_questions
     from .models.organism import cache_dir
 
-    n_scenes, n_easy = (48, 16) if quick else (600, 200)
+    n_scenes, n_easy = (24, 8) if quick else (600, 200)
     root = cache_dir() / "data"
     scene_dir = root / f"scenes_test_{n_scenes}"
     path = scene_dir / "test.jsonl"
