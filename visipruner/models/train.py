@@ -176,6 +176,8 @@ class VisionHeads(torch.nn.Module):
         self.register_buffer("raw_bg", word_vector(tokenizer, emb, " "))
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
         self.cell = torch.nn.Linear(vis_dim, scenes.GRID * scenes.GRID)
+        # plain linear probes on the ViT features (clean signal for the vision tower)
+        self.lin = torch.nn.ModuleDict({g: torch.nn.Linear(vis_dim, len(w) + 1) for g, w in groups.items()})
 
     def align_target(self, labs: dict[str, torch.Tensor]):
         """Per-patch target direction: sum of the LM embeddings of the patch's words.
@@ -200,6 +202,8 @@ class VisionHeads(torch.nn.Module):
             vecs = torch.cat([F.normalize(getattr(self, f"bg_{g}"), dim=0)[None], getattr(self, f"vec_{g}")])
             out[g] = self.logit_scale.exp() * h @ vecs.t()
         out["cell"] = self.cell(vis)
+        for g in self.groups:
+            out[f"lin_{g}"] = self.lin[g](vis)
         return out
 
 
@@ -235,7 +239,7 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
     if init is not None:
         model.model.vision_tower.load_state_dict(init["vision"])
         model.model.multi_modal_projector.load_state_dict(init["proj"])
-        heads.load_state_dict(load_file(str(out / "vision_heads.safetensors")))
+        heads.load_state_dict(load_file(str(out / "vision_heads.safetensors")), strict=False)
         with torch.no_grad():
             emb_norm = model.model.multi_modal_projector(
                 torch.zeros(1, vis_dim)).norm().item() * 0 + float(init.get("proj_norm", emb_norm))
@@ -246,7 +250,8 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     ckpt = out / f"{tag}_ckpt.pt"
     start = 0
-    logf = CsvLog(out / f"{tag}_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "align", "norm", "sec"])
+    logf = CsvLog(out / f"{tag}_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "align",
+                                             "lin_color", "lin_shape", "lin_size", "lin_word", "norm", "sec"])
     if ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.model.vision_tower.load_state_dict(st["vision"])
@@ -265,6 +270,9 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
     t0 = time.time()
     bs = args.vision_batch
     for step in range(start, steps):
+        if args.stop_at and step >= args.stop_at:
+            log(f"{tag}: --stop-at {args.stop_at} reached")
+            break
         rng = np.random.default_rng([args.seed, 1, step])
         imgs, labs = [], []
         for i in range(bs):
@@ -282,7 +290,7 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         logits = heads(proj, feat)
         losses = {}
         for g, lg in logits.items():
-            tgt = torch.from_numpy(np.stack([l[g] for l in labs]))
+            tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in labs]))
             if (tgt != -100).any():
                 losses[g] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
         norm = proj.norm(dim=-1).mean()
@@ -413,7 +421,7 @@ def packed_forward(model, input_ids, mask4d, position_ids, pixel_values, targets
         logits = heads(img, feat)
         aux = 0.0
         for g, lg in logits.items():
-            tgt = torch.from_numpy(np.stack([l[g] for l in labs]))
+            tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in labs]))
             if (tgt != -100).any():
                 aux = aux + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
     img_mask = (input_ids == model.config.image_token_id)
@@ -513,13 +521,16 @@ def stage_lm(args, model, processor, out: Path) -> None:
     if args.aux_weight > 0 and (out / "vision_heads.safetensors").exists():
         heads = VisionHeads(processor.tokenizer, model.get_input_embeddings().weight.detach(),
                             model.config.vision_config.hidden_size)
-        heads.load_state_dict(load_file(str(out / "vision_heads.safetensors")))
+        heads.load_state_dict(load_file(str(out / "vision_heads.safetensors")), strict=False)
         for p_ in heads.parameters():
             p_.requires_grad_(False)
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     model.train()
     t0 = time.time()
     for step in range(start, steps):
+        if args.stop_at and step >= args.stop_at:
+            log(f"lm: --stop-at {args.stop_at} reached")
+            return
         imgs, items, labs = sample_items(args, step, ev_imgs, ev_by_img, args.images_per_step,
                                          ev_labels, grid, model.config.vision_config.image_size)
         input_ids, mask, pos, targets = packer.pack(items)
@@ -544,7 +555,7 @@ def stage_lm(args, model, processor, out: Path) -> None:
             xlog = heads(xproj, xfeat)
             xloss = 0.0
             for g, lg in xlog.items():
-                tgt = torch.from_numpy(np.stack([l[g] for l in xlabs]))
+                tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in xlabs]))
                 if (tgt != -100).any():
                     xloss = xloss + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
             total = total + args.aux_weight * xloss
@@ -592,29 +603,62 @@ def export_weights(model, wrapped, dest: Path, extra: dict | None = None) -> Non
     (dest / organism.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def run_vision2(args, model, processor, out: Path) -> None:
+    """Strengthen the vision tower of an LM-stage checkpoint (no LM), then write it back."""
+    ck = out / "lm_ckpt.pt"
+    st = torch.load(ck, map_location="cpu", weights_only=False)
+    if st.get("vision2_applied"):
+        log("vision2 already applied")
+        return
+    if args.vision_init:
+        vi = torch.load(args.vision_init, map_location="cpu", weights_only=False)
+        st["vision"], st["proj"] = vi["vision"], vi["proj"]
+    with torch.no_grad():
+        model.model.vision_tower.load_state_dict(st["vision"])
+        model.model.multi_modal_projector.load_state_dict(st["proj"])
+        pv = _image_tensor(processor, [scenes.random_scene(args.seed, "train", i).render() for i in range(8)])
+        norm = vision_features(model, pv)[1].norm(dim=-1).mean().item()
+    init = {"vision": st["vision"], "proj": st["proj"], "proj_norm": norm}
+    lr = args.vision_lr
+    args.vision_lr = args.vision2_lr
+    stage_vision(args, model, processor, out, tag=args.vision_tag, steps=args.vision2_steps, init=init)
+    args.vision_lr = lr
+    st["vision"] = model.model.vision_tower.state_dict()
+    st["proj"] = model.model.multi_modal_projector.state_dict()
+    st["vision2_applied"] = True
+    torch.save(st, str(ck) + ".tmp")
+    os.replace(str(ck) + ".tmp", ck)
+    log("vision2 weights written into the LM checkpoint")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/organism")
     p.add_argument("--stage", choices=["all", "vision", "lm", "vision2"], default="all")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vision-steps", type=int, default=400)
+    p.add_argument("--vision-steps", type=int, default=120)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=1e-3)
     p.add_argument("--vision-easyvqa-frac", type=float, default=0.3)
     p.add_argument("--ckpt-every-vision", type=int, default=50)
     p.add_argument("--align-weight", type=float, default=2.0)
     p.add_argument("--vision2-steps", type=int, default=300)
+    p.add_argument("--vision-tag", default="vision2")
+    p.add_argument("--vision2-at", type=int, default=140, help="--stage all: LM step at which vision2 runs")
+    p.add_argument("--vision2-lr", type=float, default=5e-4)
+    p.add_argument("--vision-init", default=None, help="vision2: take the vision tower/projector from this checkpoint")
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-patch vision loss kept during the LM stage")
-    p.add_argument("--aux-extra", type=int, default=0, help="extra vision-only images per LM step (aux loss)")
-    p.add_argument("--lm-steps", type=int, default=600)
+    p.add_argument("--aux-extra", type=int, default=16, help="extra vision-only images per LM step (aux loss)")
+    p.add_argument("--lm-steps", type=int, default=420)
     p.add_argument("--images-per-step", type=int, default=4)
     p.add_argument("--max-q-per-image", type=int, default=10)
     p.add_argument("--easyvqa-frac", type=float, default=0.35)
     p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--proj-lr", type=float, default=5e-4)
-    p.add_argument("--vit-lr", type=float, default=2e-4)
-    p.add_argument("--ckpt-every", type=int, default=25)
+    p.add_argument("--proj-lr", type=float, default=1e-3)
+    p.add_argument("--vit-lr", type=float, default=3e-4)
+    p.add_argument("--ckpt-every", type=int, default=20)
+    p.add_argument("--stop-at", type=int, default=None, help="stop this stage after this many steps (resume later)")
     p.add_argument("--stop-file", default=None, help="stop after the next checkpoint if this file exists")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -628,25 +672,21 @@ def main(argv=None) -> int:
     model.float()
     if args.stage in ("all", "vision"):
         stage_vision(args, model, processor, out)
+    if args.stage == "all":
+        # LM stage up to --vision2-at, strengthen the vision tower, then finish the LM stage
+        stop = args.stop_at
+        args.stop_at = args.vision2_at
+        stage_lm(args, model, processor, out)
+        args.stop_at = stop
+        model, processor = organism.load_organism(trained=False)
+        model.float()
+        run_vision2(args, model, processor, out)
+        model, processor = organism.load_organism(trained=False)
+        model.float()
+        stage_lm(args, model, processor, out)
     if args.stage == "vision2":
-        # strengthen the vision tower of an LM-stage checkpoint, then write it back
-        ck = out / "lm_ckpt.pt"
-        st = torch.load(ck, map_location="cpu", weights_only=False)
-        if not st.get("vision2_applied"):
-            with torch.no_grad():
-                model.model.vision_tower.load_state_dict(st["vision"])
-                model.model.multi_modal_projector.load_state_dict(st["proj"])
-                pv = _image_tensor(processor, [scenes.random_scene(args.seed, "train", i).render() for i in range(8)])
-                norm = vision_features(model, pv)[1].norm(dim=-1).mean().item()
-            init = {"vision": st["vision"], "proj": st["proj"], "proj_norm": norm}
-            stage_vision(args, model, processor, out, tag="vision2", steps=args.vision2_steps, init=init)
-            st["vision"] = model.model.vision_tower.state_dict()
-            st["proj"] = model.model.multi_modal_projector.state_dict()
-            st["vision2_applied"] = True
-            torch.save(st, str(ck) + ".tmp")
-            os.replace(str(ck) + ".tmp", ck)
-            log("vision2 weights written into the LM checkpoint")
-    if args.stage in ("all", "lm"):
+        run_vision2(args, model, processor, out)
+    if args.stage == "lm":
         stage_lm(args, model, processor, out)
     return 0
 
