@@ -393,10 +393,12 @@ def _run(args) -> int:
                      timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps)
     print_table(rows)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
     png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if png:
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
         plot_pareto(rows, png)
         print(f"wrote {png}", file=sys.stderr)
     return 0

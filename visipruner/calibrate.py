@@ -355,6 +355,9 @@ def _run(args) -> int:
         print(f"held-out ({h['examples']} examples): agreement {h['agreement']:.3f}, FLOPs {h['flops_ratio']:.3f}, "
               f"target {'met' if h['meets_target'] else 'NOT met'}")
     cfg = VisiPrunerConfig.from_dict(ch["config"])
+    for path in (args.out, args.json):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.out:
         Path(args.out).write_text(cfg.to_json(indent=2) + "\n")
         print(f"wrote {args.out}")
