@@ -223,3 +223,24 @@ def test_bfloat16_model_runs_and_stays_close_to_float32():
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert h.last_stats.exit_layer is not None and len(h.last_stats.decode_flops) == 2
     torch.testing.assert_close(out[torch.bfloat16], out[torch.float32], atol=0.05, rtol=0.05)
+
+
+def test_qwen2_language_model_matches_reference():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    torch.manual_seed(0)
+    text = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)).eval()
+    inputs = random_prompt(model, seed=0)
+    median_norm, _ = _probe_thresholds(model, inputs, 2)
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=median_norm, exit_threshold=0.0)
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], cfg)
+    with visipruner.apply(model, cfg) as h:
+        out = model(**inputs).logits[0]
+    torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
+    assert h.last_stats.visual_tokens_per_layer == ref.visual_tokens_per_layer == [16, 16, 16, 16, 8, 8]
