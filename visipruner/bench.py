@@ -115,6 +115,12 @@ def _gen_kwargs(processor, max_new_tokens):
     return kw
 
 
+def generate_answer(model, processor, inputs, gen_kwargs) -> str:
+    """Greedy answer to one batch-1 prompt, decoded without the prompt and special tokens."""
+    gen = model.generate(**inputs, **gen_kwargs)
+    return processor.tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 def _kv_bytes(model, tokens_per_layer: list[int]) -> int:
     cfg = model.config.text_config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -135,8 +141,7 @@ def answer_all(model, processor, questions, config, max_new_tokens, progress_des
     try:
         for q in tqdm(questions, desc=progress_desc, file=sys.stderr, leave=False):
             inp = _inputs(processor, q, model)
-            gen = model.generate(**inp, **kw)
-            pred = processor.tokenizer.decode(gen[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            pred = generate_answer(model, processor, inp, kw)
             n = int(inp["input_ids"].shape[1])
             n_vis = int((inp["input_ids"] == model.config.image_token_id).sum())
             rec = {"id": q.id, "family": q.family, "answer": q.answer, "prediction": pred,

@@ -195,7 +195,7 @@ def measure(model, processor, questions, prompts, config, reference_answers, max
     """Agreement with the unpruned answers and the real prefill FLOPs ratio of a config."""
     from tqdm.auto import tqdm
 
-    from .bench import _gen_kwargs
+    from .bench import _gen_kwargs, generate_answer
     from .evaluate import normalize_answer
 
     kw = _gen_kwargs(processor, max_new_tokens)
@@ -204,8 +204,7 @@ def measure(model, processor, questions, prompts, config, reference_answers, max
     try:
         for q, inp, ref in tqdm(list(zip(questions, prompts, reference_answers or [None] * len(prompts))),
                                 desc="rerun", disable=not progress, file=sys.stderr, leave=False):
-            gen = model.generate(**inp, **kw)
-            ans = processor.tokenizer.decode(gen[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            ans = generate_answer(model, processor, inp, kw)
             answers.append(ans)
             if ref is not None:
                 agree += normalize_answer(ans) == normalize_answer(ref)
