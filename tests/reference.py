@@ -60,7 +60,9 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     With ``schedule`` (fusion_layer, critical_tokens, exit_layer) the decisions are forced
     instead of measured (used to replay a prompt's decisions on a longer sequence).
     ``drop_rule(layer, last_row_probs (H, m_vis), visual_ids, layer_input_hidden (m_vis, d))``
-    returning visual ids to keep (or None) replaces stages 2-3 (peer methods).
+    returning visual ids to keep (or None) replaces stages 2-3 (peer methods). A rule with
+    ``wants_text = True`` also gets ``text_probs`` (head-mean attention of the text rows after the
+    first image on the visual tokens) and may return ``(keep_ids, merges)`` to recycle tokens.
     ``selection="attention"``: the critical set has the same size but is chosen by attention.
     """
     lm = model.model.language_model
@@ -133,10 +135,18 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
         o = (P @ v).transpose(0, 1).reshape(m, H * hd)  # per query, heads concatenated
 
         keep_ids = None  # visual ids to keep after this layer (None: all)
+        merges = []  # (dest visual id, source visual ids): token recycling
         if drop_rule is not None:
             if cur_vis.any():
                 vcols = cur_vis.nonzero().squeeze(-1)
-                keep_ids = drop_rule(li, P[:, -1, vcols], vis_id[vcols], h_in[vcols])
+                extra = {}
+                if getattr(drop_rule, "wants_text", False):
+                    first = int(vcols[0])
+                    trows = [r for r in range(m) if r > first and not cur_vis[r]]
+                    extra["text_probs"] = P[:, trows][:, :, vcols].float().mean(0)  # (rows, m_vis)
+                keep_ids = drop_rule(li, P[:, -1, vcols], vis_id[vcols], h_in[vcols], **extra)
+                if isinstance(keep_ids, tuple):
+                    keep_ids, merges = keep_ids
         elif schedule is not None:
             if li == schedule.fusion_layer:
                 fusion, critical = li, torch.tensor(schedule.critical_tokens, dtype=torch.long)
@@ -178,6 +188,11 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
 
+        if merges and li + 1 < len(lm.layers):  # recycled tokens: mean of the states entering the next layer
+            h = h.clone()
+            for dest, sources in merges:
+                rows = [int((vis_id == t).nonzero()) for t in [dest] + list(sources)]
+                h[rows[0]] = h[rows].float().mean(0).to(h.dtype)
         if keep_ids is not None and li + 1 < len(lm.layers):  # removal acts from the next layer on
             keep = (vis_id < 0) | torch.isin(vis_id, keep_ids)
             h, pos, vis_id, image_of = h[keep], pos[keep], vis_id[keep], image_of[keep]

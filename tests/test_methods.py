@@ -15,6 +15,7 @@ from visipruner import (
     FastVConfig,
     PDropConfig,
     RandomConfig,
+    SparseVLMConfig,
     VisiPrunerConfig,
     VTWConfig,
 )
@@ -65,6 +66,50 @@ def random_rule(layer_k, ratio, seed):
     return rule
 
 
+def sparsevlm_rule(plan, recycle_ratio, cluster_ratio, knn):
+    """Reference SparseVLM, written out with loops: raters, scores, budget, density-peak recycling."""
+    state = {}
+
+    def rule(layer, probs, ids, hidden, text_probs):
+        if layer not in plan:
+            return None
+        if layer == min(plan):
+            state["n"] = len(ids)  # nothing pruned yet: every visual token of the prompt
+        m = len(ids)
+        budget = min(m, math.ceil(plan[layer] * state["n"]))
+        mass = [float(r.sum()) for r in text_probs]
+        mean_mass = sum(mass) / len(mass)
+        raters = [i for i in range(len(mass)) if mass[i] >= mean_mass]
+        score = [sum(float(text_probs[r, j]) for r in raters) / len(raters) for j in range(m)]
+        order = sorted(range(m), key=lambda j: (-score[j], j))
+        n_drop = m - budget
+        n_rec = math.floor(recycle_ratio * n_drop)
+        n_cl = min(n_rec, math.ceil(cluster_ratio * n_rec), budget)
+        kept = order[: budget - n_cl]
+        cand = order[budget - n_cl : budget - n_cl + n_rec]
+        merges = []
+        if n_cl:
+            x = hidden[cand].double()
+            dist = [[float((x[a] - x[b]).norm()) for b in range(len(cand))] for a in range(len(cand))]
+            k = min(knn, len(cand) - 1)
+            rho = [math.exp(-sum(v * v for v in sorted(row)[1 : k + 1]) / k) if k else 1.0 for row in dist]
+            dens_order = sorted(range(len(cand)), key=lambda a: (-rho[a], a))
+            delta = []
+            for a in range(len(cand)):
+                higher = dens_order[: dens_order.index(a)]
+                delta.append(min(dist[a][b] for b in higher) if higher else max(dist[a]))
+            centres = sorted(range(len(cand)), key=lambda a: (-rho[a] * delta[a], a))[:n_cl]
+            for ci, c in enumerate(centres):
+                members = [a for a in range(len(cand))
+                           if a != c and a not in centres and min(range(n_cl), key=lambda t: (dist[a][centres[t]], t)) == ci]
+                merges.append((int(ids[cand[c]]), [int(ids[cand[a]]) for a in members]))
+                kept.append(cand[c])
+        return ids[sorted(kept)], merges
+
+    rule.wants_text = True
+    return rule
+
+
 CASES = {
     "fastv": (FastVConfig(layer=2, keep_ratio=0.5), top_attention({2: 0.5})),
     "fastv_k1": (FastVConfig(layer=1, keep_ratio=0.3), top_attention({1: 0.3})),
@@ -74,6 +119,10 @@ CASES = {
     "vtw_default": (VTWConfig(), top_attention({4: 0.0})),
     "random": (RandomConfig(layer=2, keep_ratio=0.4, seed=3), random_rule(2, 0.4, 3)),
     "dart": (DARTConfig(layer=2, keep_ratio=0.25, pivots=2), dart_rule(2, 0.25, 2)),
+    "sparsevlm": (SparseVLMConfig(layers=(1, 3, 5), keep_fractions=(0.6, 0.4, 0.2), recycle_ratio=0.5,
+                                  cluster_ratio=0.34, knn=2),
+                  sparsevlm_rule({1: 0.6, 3: 0.4, 5: 0.2}, 0.5, 0.34, 2)),
+    "sparsevlm_default": (SparseVLMConfig(), sparsevlm_rule({0: 300 / 576, 2: 200 / 576, 4: 110 / 576}, 0.3, 0.1, 5)),
 }
 
 
@@ -110,6 +159,23 @@ def test_attention_selection_ablation_matches_reference():
     assert ref.critical_tokens != value_aware.critical_tokens  # the two rules really differ here
 
 
+def test_sparsevlm_recycling_changes_the_output():
+    """The merged (recycled) tokens are not a no-op: without recycling the reference differs."""
+    model = tiny_llava(0)
+    inputs = random_prompt(model, seed=0)
+    with_rec = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES,
+                                 drop_rule=sparsevlm_rule({1: 0.6, 3: 0.4, 5: 0.2}, 0.5, 0.34, 2))
+    without = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES,
+                                drop_rule=sparsevlm_rule({1: 0.6, 3: 0.4, 5: 0.2}, 0.0, 0.34, 2))
+    assert with_rec.visual_tokens_per_layer == without.visual_tokens_per_layer
+    assert (with_rec.logits - without.logits).abs().max() > 1e-3
+    with visipruner.apply(model, CASES["sparsevlm"][0]) as h:
+        model(**inputs)
+    per_layer = h.last_stats.method["per_layer"]
+    assert all(v["recycled"] > 0 for v in per_layer.values())
+    assert h.last_stats.prefill_flops < h.last_stats.dense_prefill_flops
+
+
 @pytest.mark.parametrize("cfg", [cfg for cfg, _ in CASES.values()] + [AttentionSelectConfig(), visipruner.VisionZipConfig()])
 def test_every_config_round_trips_json(cfg):
     assert visipruner.config_from_json(cfg.to_json()) == cfg
@@ -123,6 +189,9 @@ def test_every_config_round_trips_json(cfg):
         (lambda: PDropConfig(layers=(2, -3)), "layers"),
         (lambda: DARTConfig(pivots=0), "pivots"),
         (lambda: RandomConfig(seed=-1), "seed"),
+        (lambda: SparseVLMConfig(keep_fractions=(0.5, 0.6, 0.1)), "keep_fractions"),
+        (lambda: SparseVLMConfig(layers=(1, 2), keep_fractions=(0.5, 0.4, 0.1)), "layers"),
+        (lambda: SparseVLMConfig(recycle_ratio=2.0), "recycle_ratio"),
     ],
 )
 def test_peer_configs_validate(make, field):

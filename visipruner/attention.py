@@ -168,10 +168,27 @@ class Influence:
     attention: torch.Tensor  # a[h, j] averaged over heads
     output_norm: float  # ||o||_2
     hidden: torch.Tensor | None = None  # the layer's input hidden states of those tokens
+    # (text rows, visual tokens) head-mean attention of the text queries after the first image,
+    # filled only for methods that ask for it (``PruningMethod.needs_text_attention``)
+    text_attention: torch.Tensor | None = None
 
     @property
     def min_cos(self) -> float:
         return float(self.cos.min()) if self.cos.numel() else 1.0
+
+
+def text_rows_to_visual(
+    q_rows: torch.Tensor, k: torch.Tensor, scale: float, row_index: torch.Tensor, visual_keys: torch.Tensor
+) -> torch.Tensor:
+    """Head-mean softmax attention of some query rows on the visual keys, (rows, m) float32.
+
+    q_rows: (1, H, r, d) the rows' queries; k: (1, H, n, d) with H heads; ``row_index`` the rows'
+    indices in the key sequence (causal: row i sees keys 0..i). Only (r x n) scores exist at once.
+    """
+    scores = torch.matmul(q_rows.float(), k.float().transpose(-1, -2))[0] * scale  # (H, r, n)
+    future = torch.arange(k.shape[2], device=k.device)[None, :] > row_index[:, None]
+    scores = scores.masked_fill(future[None], NEG_INF)
+    return torch.softmax(scores, dim=-1)[:, :, visual_keys].mean(0)
 
 
 def last_row_influence(

@@ -25,10 +25,11 @@ import torch
 
 from . import apply
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
-from .methods import DARTConfig, FastVConfig, PDropConfig, RandomConfig, VisionZipConfig, VTWConfig, config_from_json
+from .methods import (DARTConfig, FastVConfig, PDropConfig, RandomConfig, SparseVLMConfig, VisionZipConfig, VTWConfig,
+                      config_from_json)
 from .methods.layer_drop import _depth_scaled
 
-PEERS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "random", "attention")
+PEERS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "sparsevlm", "random", "attention")
 
 
 @dataclass
@@ -68,6 +69,16 @@ def matched_configs(num_layers: int, fraction: float, visipruner_cfg: VisiPruner
         return _solve(lambda r: _avg_fraction_layer_drop(L, [(k, r)]), fraction)
 
     pdrop_layers = _depth_scaled((8, 16, 24), L)
+    svlm = SparseVLMConfig()
+    svlm_layers = svlm.layers_for(L)
+
+    def svlm_avg(scale):  # keep fractions scaled by a common factor, as ratios of the tokens present
+        fr = [min(1.0, scale * f) for f in svlm.keep_fractions]
+        prev = [1.0] + fr[:-1]
+        return _avg_fraction_layer_drop(L, [(l, f / p if p > 0 else 0.0) for l, f, p in zip(svlm_layers, fr, prev)])
+
+    top = 1.0 / svlm.keep_fractions[-1]  # scale at which every fraction reaches 1
+    svlm_scale = _solve(lambda s: svlm_avg(s * top), fraction) * top
     vtw_layer = min(L - 1, max(0, round(fraction * L) - 1))
     return {
         "fastv": FastVConfig(layer=2, keep_ratio=one_layer(2)),
@@ -78,6 +89,7 @@ def matched_configs(num_layers: int, fraction: float, visipruner_cfg: VisiPruner
         # before the LLM every layer sees the kept tokens: the fraction itself, split 162:30
         "visionzip": VisionZipConfig(dominant_ratio=round(fraction * 162 / 192, 4),
                                      contextual_ratio=round(fraction * 30 / 192, 4)),
+        "sparsevlm": SparseVLMConfig(keep_fractions=tuple(round(min(1.0, svlm_scale * f), 4) for f in svlm.keep_fractions)),
         "random": RandomConfig(layer=2, keep_ratio=one_layer(2)),
         "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
     }
@@ -91,6 +103,7 @@ def default_configs(visipruner_cfg: VisiPrunerConfig) -> dict[str, MethodConfig]
         "vtw": VTWConfig(),
         "dart": DARTConfig(),
         "visionzip": VisionZipConfig(),
+        "sparsevlm": SparseVLMConfig(),
         "random": RandomConfig(),
         "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
     }

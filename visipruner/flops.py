@@ -53,6 +53,11 @@ def influence_flops(dims: Dims, n_keys: int, n_visual: int) -> int:
     return 4 * dims.q_dim * n_keys + 8 * dims.q_dim * n_visual
 
 
+def text_rows_flops(dims: Dims, n_rows: int, n_keys: int) -> int:
+    """Scores of extra query rows against every key (2 q_dim per pair), e.g. SparseVLM's raters."""
+    return 2 * dims.q_dim * n_rows * n_keys
+
+
 def layer_flops(dims: Dims, n_queries: int, score_pairs: int, weighted_pairs: int, extra: int = 0) -> int:
     return dense_token_flops(dims, n_queries) + attention_flops(dims, score_pairs, weighted_pairs) + extra
 

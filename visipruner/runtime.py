@@ -37,10 +37,11 @@ from .attention import (
     Influence,
     last_row_influence,
     repeat_kv,
+    text_rows_to_visual,
     text_rows_attention,
     visual_rows_layer0,
 )
-from .methods.base import PromptLayout, PruningMethod
+from .methods.base import Decision, PromptLayout, PruningMethod
 
 _ORIGINAL = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attention_forward, eager_mask)}
 # attention module -> the handle that owns it
@@ -113,6 +114,8 @@ class _PromptState:
         vis[layout.visual_positions] = torch.arange(layout.num_visual, device=device)
         self.visual_ids = vis  # visual id of each token in the sequence, -1 for text
         self.pending_keep: torch.Tensor | None = None
+        self.pending_merges: list[tuple[int, list[int]]] = []
+        self.layer_text_rows: list[int] = [0] * num_layers  # text rows whose attention a method read
         self.layer_positions: list[torch.Tensor | None] = [None] * num_layers
         self.layer_visual_ids: list[torch.Tensor | None] = [None] * num_layers
         self.layer_modes: list[str | None] = [None] * num_layers
@@ -264,6 +267,8 @@ class PruningHandle:
 
     def _prefill_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        if st.pending_merges:
+            hidden = self._merge(hidden, st)
         if st.pending_keep is not None:
             keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
             rows = keep.nonzero().squeeze(-1)
@@ -287,6 +292,16 @@ class PruningHandle:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    @staticmethod
+    def _merge(hidden: torch.Tensor, st: _PromptState) -> torch.Tensor:
+        row_of = {int(v): i for i, v in enumerate(st.visual_ids.tolist()) if v >= 0}
+        hidden = hidden.clone()
+        for dest, sources in st.pending_merges:
+            rows = torch.tensor([row_of[dest]] + [row_of[s] for s in sources], device=hidden.device)
+            hidden[:, row_of[dest]] = hidden.index_select(1, rows).float().mean(1).to(hidden.dtype)
+        st.pending_merges = []
+        return hidden
 
     def _decode_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
         m = kwargs.get("attention_mask")
@@ -331,7 +346,17 @@ class PruningHandle:
             hidden = st.layer_input[0].index_select(0, vis_keys)
             influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
             st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
+            if self.method.needs_text_attention(layer) and vis_keys.numel():
+                first = int(vis_keys[0])
+                rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
+                rows = rows.nonzero().squeeze(-1)
+                influence.text_attention = text_rows_to_visual(
+                    q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys)
+                st.layer_text_rows[layer] = int(rows.numel())
         keep = self.method.decide(layer, influence, present)
+        if isinstance(keep, Decision):
+            st.pending_merges = [(int(d), [int(x) for x in src]) for d, src in keep.merges if len(src)]
+            keep = keep.keep
         if keep is not None:
             st.pending_keep = keep.to(st.visual_ids.device)
         return out
@@ -404,6 +429,8 @@ class PruningHandle:
             else:
                 score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode)
             extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
+            if st.layer_text_rows[layer]:
+                extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])
             stats.prefill_flops += F_.layer_flops(dims, n, score, weighted, extra)
             stats.dense_prefill_flops += F_.layer_flops(dims, n0, F_.causal_pairs(n0), F_.causal_pairs(n0))
             stats.prefill_flops_fastv += F_.fastv_layer_flops(dims, n)

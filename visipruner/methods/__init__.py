@@ -1,14 +1,15 @@
 """Pruning methods: each a small object deciding what the shared runtime removes."""
 
-from .base import PromptLayout, PruningMethod, Schedule
+from .base import Decision, PromptLayout, PruningMethod, Schedule
 from .dart import DART, DARTConfig
+from .sparsevlm import SparseVLM, SparseVLMConfig
 from .layer_drop import FastVConfig, PDropConfig, RandomConfig, ScoredLayerDrop, VTWConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .visipruner import VisiPruner
 
 __all__ = [
-    "DART", "DARTConfig", "FastVConfig", "PDropConfig", "PromptLayout", "PruningMethod", "RandomConfig",
-    "Schedule", "ScoredLayerDrop", "VTWConfig", "VisiPruner", "VisionZip", "VisionZipConfig",
+    "DART", "DARTConfig", "Decision", "FastVConfig", "PDropConfig", "PromptLayout", "PruningMethod", "RandomConfig",
+    "Schedule", "ScoredLayerDrop", "SparseVLM", "SparseVLMConfig", "VTWConfig", "VisiPruner", "VisionZip", "VisionZipConfig",
 ]
 
 from ..config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig  # noqa: E402
@@ -16,7 +17,8 @@ from ..config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig  # no
 # method name (the "method" key of a config's JSON) -> config class
 CONFIGS: dict[str, type[MethodConfig]] = {
     c.method: c
-    for c in (VisiPrunerConfig, AttentionSelectConfig, FastVConfig, PDropConfig, VTWConfig, RandomConfig, DARTConfig, VisionZipConfig)
+    for c in (VisiPrunerConfig, AttentionSelectConfig, FastVConfig, PDropConfig, VTWConfig, RandomConfig, DARTConfig, VisionZipConfig,
+              SparseVLMConfig)
 }
 
 

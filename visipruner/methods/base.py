@@ -46,6 +46,19 @@ class Schedule:
         self.critical_tokens = sorted(int(i) for i in self.critical_tokens)
 
 
+@dataclass
+class Decision:
+    """A decision that also merges tokens (token recycling): returned by ``decide`` instead of ids.
+
+    ``keep`` are the visual ids that stay from the next layer on. Each ``(dest, sources)`` in
+    ``merges`` replaces the hidden state of kept token ``dest`` by the mean of the hidden states of
+    ``dest`` and ``sources`` (visual ids), as they enter the next layer; ``dest`` keeps its position.
+    """
+
+    keep: torch.Tensor
+    merges: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
 class PruningMethod:
     """Decision logic of one method; the runtime asks it, layer by layer, what to do.
 
@@ -71,10 +84,15 @@ class PruningMethod:
     def needs_influence(self, layer: int) -> bool:
         return False
 
-    def decide(self, layer: int, influence: Influence | None, present: torch.Tensor) -> torch.Tensor | None:
+    def needs_text_attention(self, layer: int) -> bool:
+        """Whether ``influence.text_attention`` (every text query row after the first image) is needed."""
+        return False
+
+    def decide(self, layer: int, influence: Influence | None, present: torch.Tensor) -> torch.Tensor | Decision | None:
         """Visual ids (indices into the prompt's visual tokens) to keep from ``layer + 1`` on.
 
-        ``present`` holds the visual ids in this layer's sequence. Return None to keep them all.
+        ``present`` holds the visual ids in this layer's sequence. Return None to keep them all,
+        or a ``Decision`` to also merge dropped tokens into kept ones.
         """
         return None
 

@@ -292,7 +292,8 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         for g, lg in logits.items():
             tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in labs]))
             if (tgt != -100).any():
-                losses[g] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+                w = args.head_weights.get(g.replace("lin_", ""), 1.0)
+                losses[g] = w * F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
         norm = proj.norm(dim=-1).mean()
         if args.align_weight > 0:
             tl = {g: torch.from_numpy(np.stack([l[g] for l in labs])) for g in ("color", "shape", "size", "word")}
@@ -631,6 +632,16 @@ def run_vision2(args, model, processor, out: Path) -> None:
     log("vision2 weights written into the LM checkpoint")
 
 
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, val = part.partition("=")
+        if name not in ("color", "shape", "size", "word", "cell") or not val:
+            raise argparse.ArgumentTypeError(f"expected HEAD=WEIGHT with HEAD in color/shape/size/word/cell, got {part!r}")
+        out[name] = float(val)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
@@ -643,6 +654,8 @@ def main(argv=None) -> int:
     p.add_argument("--vision-easyvqa-frac", type=float, default=0.3)
     p.add_argument("--ckpt-every-vision", type=int, default=50)
     p.add_argument("--align-weight", type=float, default=2.0)
+    p.add_argument("--head-weights", type=_weights, default={},
+                   help="vision stages: loss weight per head, e.g. word=3,shape=2 (default 1 each)")
     p.add_argument("--vision2-steps", type=int, default=300)
     p.add_argument("--vision-tag", default="vision2")
     p.add_argument("--vision2-at", type=int, default=140, help="--stage all: LM step at which vision2 runs")
