@@ -10,6 +10,8 @@ from visipruner import VisiPrunerConfig
 from visipruner.bench import _avg_fraction_layer_drop, matched_configs
 from visipruner.testing import random_prompt, tiny_llava
 
+from fakes import FakeProcessor, FakeQuestion
+
 torch.set_grad_enabled(False)
 
 
@@ -26,7 +28,7 @@ def test_matched_configs_hit_the_budget_when_run(fraction):
     inputs = random_prompt(model, seed=0)
     n_vis = 64
     cfgs = matched_configs(16, fraction, VisiPrunerConfig(shallow_layers=2))
-    for name in ("fastv", "pdrop", "dart", "random", "vtw", "visionzip"):
+    for name in ("fastv", "pdrop", "dart", "random", "vtw", "visionzip", "sparsevlm"):
         with visipruner.apply(model, cfgs[name]) as h:
             model(**inputs)
         measured = h.last_stats.avg_visual_tokens / n_vis
@@ -34,42 +36,11 @@ def test_matched_configs_hit_the_budget_when_run(fraction):
         assert measured == pytest.approx(fraction, abs=1 / 16 + 1 / n_vis), name
 
 
-class _FakeTokenizer:
-    pad_token_id = 0
-
-    def get_vocab(self):
-        return {}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(int(i)) for i in ids[:1])
-
-
-class _FakeProcessor:
-    """Enough of a LlavaProcessor for the bench: a fixed random prompt per question."""
-
-    def __init__(self, model):
-        self.model, self.tokenizer = model, _FakeTokenizer()
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return messages[0]["content"][1]["text"]
-
-    def __call__(self, images, text, return_tensors="pt", **kw):
-        return random_prompt(self.model, seed=int(text[0]), images=1)
-
-
-class _Q:
-    def __init__(self, i):
-        self.id, self.family, self.question, self.answer = str(i), "all", str(i), "7"
-
-    def load_image(self):
-        return None
-
-
 def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
     from visipruner.bench import PEERS, plot_pareto, run_bench
 
     model = tiny_llava(0, layers=8, image_size=64)
-    rows = run_bench(model, _FakeProcessor(model), [_Q(i) for i in range(2)],
+    rows = run_bench(model, FakeProcessor(model), [FakeQuestion(i) for i in range(2)],
                      VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=0.0, exit_threshold=0.0),
                      timing_prompts=1, repeats=1, decode_steps=2, max_new_tokens=2)
     methods = {r["method"] for r in rows}

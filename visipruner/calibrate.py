@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Records:
     """Per-example influence rows for one shallow boundary K (E examples, L layers, m tokens)."""
 
     K: int
+    shallow: bool  # shallow stage on in layers < K (off: those layers run dense, K only sets where checks start)
     cos: np.ndarray  # (E, L, m), nan where not measured
     norm: np.ndarray  # (E, L, m)
     onorm: np.ndarray  # (E, L)
@@ -71,14 +73,15 @@ class Records:
 
 
 @torch.no_grad()
-def record(model, prompts, K: int, progress=True) -> Records:
+def record(model, prompts, K: int, progress=True, shallow: bool = True) -> Records:
     from tqdm.auto import tqdm
 
     L = model.config.text_config.num_hidden_layers
-    method = _Recorder(VisiPrunerConfig(stages=("shallow", "middle"), shallow_layers=K))
+    stages = ("shallow", "middle") if shallow else ("middle",)
+    method = _Recorder(VisiPrunerConfig(stages=stages, shallow_layers=K))
     rows, lens, nvis, isvis = [], [], [], []
     with apply(model, method):
-        for inp in tqdm(prompts, desc=f"record K={K}", disable=not progress, file=sys.stderr, leave=False):
+        for inp in tqdm(prompts, desc=f"record K={K}{'' if shallow else ' (no shallow stage)'}", disable=not progress, file=sys.stderr, leave=False):
             model(**inp, use_cache=False, logits_to_keep=1)
             rows.append(dict(method.rows))
             ids = inp["input_ids"][0]
@@ -96,7 +99,7 @@ def record(model, prompts, K: int, progress=True) -> Records:
             cos[e, layer, : len(c)] = c
             norm[e, layer, : len(nrm)] = nrm
             onorm[e, layer] = max(o, 1e-12)
-    return Records(K, cos, norm, onorm, np.array(lens), np.array(nvis), isvis)
+    return Records(K, shallow, cos, norm, onorm, np.array(lens), np.array(nvis), isvis)
 
 
 @dataclass
@@ -117,10 +120,14 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
     def layer_cost(n):
         return n * per_token + attn * 2 * (n * (n + 1) / 2)
 
-    shallow = np.array([
-        sum(per_token * n + attn * sum(shallow_prefill_pairs(v, "merge" if l == 0 else "disable")) for l in range(K))
-        for n, v in zip(rec.n_tokens, rec.is_visual)
-    ])
+    if rec.shallow:
+        shallow = np.array([
+            sum(per_token * n + attn * sum(shallow_prefill_pairs(v, "merge" if l == 0 else "disable")) for l in range(K))
+            for n, v in zip(rec.n_tokens, rec.is_visual)
+        ])
+    else:
+        shallow = np.array([K * layer_cost(float(n)) for n in rec.n_tokens])
+    stages = ("shallow", "middle", "deep") if rec.shallow else ("middle", "deep")
     dense = np.array([L * layer_cost(n) for n in rec.n_tokens])
     min_cos = np.nanmin(np.where(np.isnan(rec.cos), np.inf, rec.cos), axis=2)  # (E, L)
     min_cos[:, : K + 1] = np.inf
@@ -160,7 +167,7 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
                     flops = costs.sum(axis=1) + shallow + infl.sum(axis=1)
                     risk = np.where(after & (layers[None] <= exit_l[:, None]), removed_nonS, 0).sum(axis=1) + np.where(
                         layers[None] > exit_l[:, None], all_infl, 0).sum(axis=1)
-                    cfg = VisiPrunerConfig(shallow_layers=K, layer_threshold=float(lt), tokens_threshold=float(tt),
+                    cfg = VisiPrunerConfig(stages=stages, shallow_layers=K, layer_threshold=float(lt), tokens_threshold=float(tt),
                                            exit_threshold=float(min(et, 1.0)), exit_patience=int(p),
                                            relative_tokens_threshold=relative)
                     out.append(Candidate(cfg, float((flops / dense).mean()), float(risk.mean()), float(fused.mean())))
@@ -229,48 +236,126 @@ def parse_target(text: str) -> tuple[str, float]:
     return kind, value
 
 
-def choose(finalists: list[dict], target: tuple[str, float]) -> dict:
+def parse_variants(text: str) -> list[tuple[int, bool]]:
+    """'2,4,6,2:off' -> [(2, True), (4, True), (6, True), (2, False)]."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, _, flag = part.partition(":")
+        if not k.isdigit() or int(k) < 1 or flag not in ("", "off", "on"):
+            raise ValueError(f"--shallow-layers: expected K or K:off with K >= 1, got {part!r}")
+        out.append((int(k), flag != "off"))
+    if not out:
+        raise ValueError("--shallow-layers: no values given")
+    return out
+
+
+def _margin(f: dict) -> float:
+    """One standard error of a measured agreement (binomial, over the rerun examples)."""
+    a, n = f["agreement"], max(1, f["examples"])
+    return math.sqrt(max(a * (1 - a), 0.0) / n)
+
+
+def choose(finalists: list[dict], target: tuple[str, float], margin: bool = True) -> dict:
+    """The finalist that meets the target most cheaply (agreement) or agrees most (flops).
+
+    For an agreement target, ``margin`` asks the agreement to clear the target by one standard
+    error, so that the choice still meets it on examples calibration never saw; when no finalist
+    does, the cheapest one meeting the bare target is taken, then the most agreeing one.
+    """
     kind, value = target
     if kind == "agreement":
-        ok = [f for f in finalists if f["agreement"] >= value]
+        safe = [f for f in finalists if f["agreement"] - (_margin(f) if margin else 0.0) >= value]
+        ok = safe or [f for f in finalists if f["agreement"] >= value]
         return min(ok, key=lambda f: f["flops_ratio"]) if ok else max(finalists, key=lambda f: f["agreement"])
     ok = [f for f in finalists if f["flops_ratio"] <= value]
     return max(ok, key=lambda f: (f["agreement"], -f["flops_ratio"])) if ok else min(finalists, key=lambda f: f["flops_ratio"])
 
 
+def _spread(front: list[Candidate], n: int, lo: float = -np.inf, hi: float = np.inf) -> list[Candidate]:
+    """Up to n front points with predicted FLOPs in (lo, hi), evenly spaced in FLOPs (not by index)."""
+    pts = [c for c in front if lo < c.flops_ratio < hi]
+    if len(pts) <= n:
+        return pts
+    f = np.array([c.flops_ratio for c in pts])
+    out = []
+    for t in np.linspace(f.min(), f.max(), n):
+        i = int(np.argmin(np.abs(f - t) + np.array([1e9 * (c in out) for c in pts])))
+        out.append(pts[i])
+    return out
+
+
+def default_variants(num_layers: int) -> list[tuple[int, bool]]:
+    """(K, shallow stage on) pairs searched by default: K = 2, 4 and 6 of 32 scaled to depth,
+    and the middle/deep stages alone, checked from 2 of 32 on."""
+    ks = sorted({max(1, round(k * num_layers / 32)) for k in (2, 4, 6)})
+    return [(k, True) for k in ks] + [(ks[0], False)]
+
+
 def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
-              finalists: int = 5, rerun_limit: int | None = None, progress=True) -> dict:
+              finalists: int = 4, rerun_limit: int | None = None, progress=True, variants=None,
+              refine: int = 2, margin: bool = True) -> dict:
+    """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
+
+    ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
+    stage on) is the older spelling. Default: ``default_variants(depth)``.
+    """
     from .bench import _inputs
 
     L = model.config.text_config.num_hidden_layers
     dims = Dims.from_config(model.config.text_config)
-    if shallow_layers is None:
-        shallow_layers = sorted({max(1, round(4 * L / 32)), max(1, round(6 * L / 32))})
+    if variants is None:
+        variants = [(k, True) for k in shallow_layers] if shallow_layers else default_variants(L)
     prompts = [_inputs(processor, q, model) for q in calib_questions]
     cands = []
-    for K in shallow_layers:
-        rec = record(model, prompts, K, progress)
+    for K, shallow in variants:
+        rec = record(model, prompts, K, progress, shallow=shallow)
         for relative in (False, True):
             cands += score_candidates(rec, dims, *_grid(rec, relative), relative=relative)
     fronts = {rel: pareto_front([c for c in cands if c.config.relative_tokens_threshold == rel]) for rel in (False, True)}
-    # finalists: evenly spread along each front by FLOPs, plus the cheapest/safest ends
-    picked = []
-    for rel, front in fronts.items():
-        if not front:
-            continue
-        idx = np.unique(np.linspace(0, len(front) - 1, num=min(len(front), finalists)).round().astype(int))
-        picked += [front[i] for i in idx]
     rerun_q = calib_questions[:rerun_limit] if rerun_limit else calib_questions
     rerun_p = prompts[: len(rerun_q)]
     unpruned = measure(model, processor, rerun_q, rerun_p, None, None, progress=progress)["answers"]
-    results = []
-    for c in picked:
-        m = measure(model, processor, rerun_q, rerun_p, c.config, unpruned, progress=progress)
-        results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
-                        "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"]})
-    chosen = choose(results, target)
+    results, done = [], set()
+
+    def rerun(batch, round_):
+        for c in batch:
+            key = c.config.to_json()
+            if key in done:
+                continue
+            done.add(key)
+            m = measure(model, processor, rerun_q, rerun_p, c.config, unpruned, progress=progress)
+            results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
+                            "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"],
+                            "examples": len(rerun_q), "round": round_})
+
+    # round 0: finalists spread evenly in FLOPs along each threshold family's front
+    rerun([c for front in fronts.values() for c in _spread(front, finalists)], 0)
+    # refinement: more front points where the target is crossed (agreement) or just under it (FLOPs)
+    kind, value = target
+    for r in range(1, refine + 1):
+        batch = []
+        for rel, front in fronts.items():
+            mine = sorted((f for f in results if f["config"]["relative_tokens_threshold"] == rel),
+                          key=lambda f: f["flops_ratio"])
+            if not mine:
+                continue
+            if kind == "agreement":
+                passing = [f for f in mine if f["agreement"] >= value]
+                hi = min((f["predicted_flops_ratio"] for f in passing), default=np.inf)
+                lo = max((f["predicted_flops_ratio"] for f in mine if f["agreement"] < value
+                          and f["predicted_flops_ratio"] < hi), default=-np.inf)
+            else:
+                under = [f["predicted_flops_ratio"] for f in mine if f["flops_ratio"] <= value]
+                lo = max(under, default=-np.inf)
+                hi = min((f["predicted_flops_ratio"] for f in mine if f["flops_ratio"] > value), default=value * 1.05)
+            batch += _spread(front, 2, lo, hi)
+        if not batch:
+            break
+        rerun(batch, r)
+    chosen = choose(results, target, margin)
     out = {
         "target": {"kind": target[0], "value": target[1]},
+        "variants": [{"shallow_layers": k, "shallow_stage": sh} for k, sh in variants],
         "candidates_scored": len(cands),
         "front": {("relative" if rel else "absolute"): [
             {"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
@@ -336,15 +421,17 @@ def _run(args) -> int:
     if heldout and args.heldout_limit:
         heldout = heldout[: args.heldout_limit]
     model, processor = _load_model(args)
-    ks = [int(k) for k in args.shallow_layers.split(",")] if args.shallow_layers else None
-    result = calibrate(model, processor, questions, target, heldout, ks, finalists=args.finalists,
-                       rerun_limit=args.rerun_limit)
+    variants = parse_variants(args.shallow_layers) if args.shallow_layers else None
+    result = calibrate(model, processor, questions, target, heldout, finalists=args.finalists,
+                       rerun_limit=args.rerun_limit, variants=variants, refine=args.refine,
+                       margin=not args.no_margin)
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
           f"on {result['rerun_examples']} examples")
-    print(f"{'threshold':<10}{'K':>3}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
+    print(f"{'threshold':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
     for f in result["finalists"]:
         c = f["config"]
-        print(f"{'relative' if c['relative_tokens_threshold'] else 'absolute':<10}{c['shallow_layers']:>3}"
+        k = f"{c['shallow_layers']}{'' if 'shallow' in c['stages'] else '-'}"
+        print(f"{'relative' if c['relative_tokens_threshold'] else 'absolute':<10}{k:>5}"
               f"{c['layer_threshold']:>9.5f}{c['tokens_threshold']:>11.5f}{c['exit_threshold']:>9.5f}{c['exit_patience']:>4}"
               f"{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}")
     ch = result["chosen"]
@@ -376,8 +463,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heldout", help="question file the chosen config is confirmed on")
     p.add_argument("--limit", type=int, help="use the first N calibration examples")
     p.add_argument("--heldout-limit", type=int)
-    p.add_argument("--shallow-layers", help="comma-separated K values to search (default: 4/32 and 6/32 of depth)")
-    p.add_argument("--finalists", type=int, default=5, help="finalists rerun per threshold family")
+    p.add_argument("--shallow-layers", help="comma-separated K values to search; 'K:off' records K without the shallow "
+                   "stage (default: 2, 4, 6 of 32 scaled to depth, and 2:off)")
+    p.add_argument("--finalists", type=int, default=4, help="first-round finalists rerun per threshold family")
+    p.add_argument("--refine", type=int, default=2, help="rounds of 2 more finalists per family around the target")
+    p.add_argument("--no-margin", action="store_true",
+                   help="agreement target: accept a finalist at the bare target (default: one standard error above)")
     p.add_argument("--rerun-limit", type=int, help="rerun finalists on the first N calibration examples only")
     p.add_argument("--out", help="write the chosen config here (VisiPrunerConfig JSON)")
     p.add_argument("--json", help="write the front, finalists and confirmation here (+ a PNG)")
