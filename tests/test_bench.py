@@ -55,5 +55,11 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
     vp = next(r for r in rows if r["method"] == "visipruner")
     assert un["agreement"] == 1.0 and un["prefill_flops_ratio"] == 1.0
     assert vp["prefill_flops_ratio"] < 1.0 and vp["kv_cache_bytes"] < un["kv_cache_bytes"]
+    # FLOPs of exactly the timed prompts, and the per-layer time model's prediction, next to the times
+    assert len(un["layer_time_fit_s"]) == 3
+    assert 0 < vp["timed_prefill_flops_ratio"] < 1.0 and vp["realised_over_predicted_speedup"] > 0
+    for r in rows:
+        if r["method"] not in ("unpruned", "visionzip"):
+            assert r["modelled_latency_ratio"] > 0 and r["realised_over_modelled_speedup"] > 0, r["method"]
     plot_pareto(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000

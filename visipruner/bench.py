@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import apply
@@ -177,12 +178,47 @@ def answer_all(model, processor, questions, config, max_new_tokens, progress_des
 
 
 @torch.no_grad()
-def time_prefill_and_decode(model, processor, questions, config, repeats: int, decode_steps: int) -> dict:
+def fit_layer_time(model, length: int, repeats: int = 3) -> tuple[float, float, float]:
+    """Seconds per decoder layer as ``a + b n + c n^2``, fitted on unpruned language-model runs.
+
+    Timed at five lengths from 10% to 100% of ``length`` (inputs_embeds, no cache). The intercept is
+    what FLOPs do not see: reading every layer's weights and the per-layer framework overhead,
+    which no token pruning removes; it predicts how far a FLOPs ratio can turn into time.
+    """
+    lm = model.model.language_model
+    L = model.config.text_config.num_hidden_layers
+    d = model.config.text_config.hidden_size
+    p = next(lm.parameters())
+    ns = sorted({max(2, round(f * length)) for f in (0.1, 0.3, 0.5, 0.75, 1.0)})
+    rows, ts = [], []
+    for n in ns:
+        x = torch.randn(1, n, d, dtype=p.dtype, device=p.device)
+        lm(inputs_embeds=x, use_cache=False)  # warm-up
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            lm(inputs_embeds=x, use_cache=False)
+            t.append(time.perf_counter() - t0)
+        rows.append([1.0, n, n * n])
+        ts.append(statistics.median(t) / L)
+    coef = np.linalg.lstsq(np.array(rows), np.array(ts), rcond=None)[0]
+    return tuple(float(c) for c in coef)
+
+
+def _modelled_seconds(coef, tokens_per_layer) -> float:
+    a, b, c = coef
+    return sum(a + b * n + c * n * n for n in tokens_per_layer)
+
+
+@torch.no_grad()
+def time_prefill_and_decode(model, processor, questions, config, repeats: int, decode_steps: int,
+                            layer_time=None) -> dict:
     """Median prefill time per prompt, pruned and unpruned interleaved; decode ms per token.
 
     Image features are computed once and passed in, so the vision encoder is in neither time,
     except for methods acting on the vision encoder's output (VisionZip): there both sides run
-    from pixels.
+    from pixels. The FLOPs ratio reported with the times is that of the timed prompts; with
+    ``layer_time`` (``fit_layer_time``) the latency a per-layer time model predicts is added.
     """
     from_pixels = isinstance(config, VisionZipConfig)
     prompts = []
@@ -198,17 +234,22 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
         extra = {} if feats is None else {"mm_encoder_outputs": {"image": feats}}
         return model(**inp, **extra, use_cache=use_cache, logits_to_keep=1)
 
+    seen = {}
+
     def once(inp, feats, cfg):
         if cfg is None:
             t = time.perf_counter()
             prefill(inp, feats)
             return time.perf_counter() - t
-        with apply(model, cfg):
+        with apply(model, cfg) as h:
             t = time.perf_counter()
             prefill(inp, feats)
-            return time.perf_counter() - t
+            t = time.perf_counter() - t
+        seen["stats"] = h.last_stats
+        return t
 
-    dense, pruned = [], []
+    dense, pruned, flops, flops_dense, model_p, model_d = [], [], [], [], [], []
+    L = model.config.text_config.num_hidden_layers
     for inp, feats in prompts:
         once(inp, feats, None), once(inp, feats, config)  # warm-up
         d, p = [], []
@@ -217,7 +258,26 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
             p.append(once(inp, feats, config))
         dense.append(statistics.median(d))
         pruned.append(statistics.median(p))
-
+        n0 = int(inp["input_ids"].shape[1])
+        st = seen.get("stats")
+        if st is not None and st.pruning_applied:
+            flops.append(st.prefill_flops)
+            flops_dense.append(st.dense_prefill_flops)
+            tpl = st.tokens_per_layer
+            n0 = st.prompt_length
+        else:
+            tpl = [n0] * L
+        if layer_time is not None:
+            model_p.append(_modelled_seconds(layer_time, tpl))
+            model_d.append(_modelled_seconds(layer_time, [n0] * L))
+    out = {
+        "prefill_ms_unpruned": sum(dense) / len(dense) * 1e3,
+        "prefill_ms": sum(pruned) / len(pruned) * 1e3,
+        "prefill_latency_ratio": sum(pruned) / sum(dense),
+        "timed_prefill_flops_ratio": sum(flops) / sum(flops_dense) if flops else 1.0,
+    }
+    if layer_time is not None and not from_pixels:
+        out["modelled_latency_ratio"] = sum(model_p) / sum(model_d)
     def decode_ms(cfg):
         times = []
         handle = apply(model, cfg) if cfg is not None else None
@@ -235,13 +295,9 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
                 handle.remove()
         return statistics.median(times)
 
-    return {
-        "prefill_ms_unpruned": sum(dense) / len(dense) * 1e3,
-        "prefill_ms": sum(pruned) / len(pruned) * 1e3,
-        "prefill_latency_ratio": sum(pruned) / sum(dense),
-        "decode_ms_per_token": decode_ms(config),
-        "decode_ms_per_token_unpruned": decode_ms(None) if config is not None else None,
-    }
+    out["decode_ms_per_token"] = decode_ms(config)
+    out["decode_ms_per_token_unpruned"] = decode_ms(None) if config is not None else None
+    return out
 
 
 def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> dict:
@@ -268,8 +324,11 @@ def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> d
         **timing,
     }
     if "prefill_latency_ratio" in timing:
-        predicted = 1.0 / row["prefill_flops_ratio"]
+        # the speedup the timed prompts' FLOPs predict, against the one measured on them
+        predicted = 1.0 / timing.get("timed_prefill_flops_ratio", row["prefill_flops_ratio"])
         row["realised_over_predicted_speedup"] = (1.0 / timing["prefill_latency_ratio"]) / predicted
+        if "modelled_latency_ratio" in timing:
+            row["realised_over_modelled_speedup"] = timing["modelled_latency_ratio"] / timing["prefill_latency_ratio"]
     fus = [r["fusion_layer"] for r in recs if r.get("fusion_layer") is not None]
     if fus:
         row["mean_fusion_layer"] = sum(fus) / len(fus)
@@ -286,15 +345,18 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
     unpruned = Setting("unpruned", "default", None)
     unpruned.records = answer_all(model, processor, questions, None, max_new_tokens, "unpruned")
     timing_q = questions[:timing_prompts]
+    length = int(_inputs(processor, timing_q[0], model)["input_ids"].shape[1])
+    layer_time = fit_layer_time(model, length, repeats)
     base_timing = time_prefill_and_decode(model, processor, timing_q, None, repeats, decode_steps)
-    rows.append(summarise(unpruned, None, {**base_timing, "prefill_latency_ratio": 1.0}))
+    rows.append(summarise(unpruned, None, {**base_timing, "prefill_latency_ratio": 1.0,
+                                           "layer_time_fit_s": list(layer_time)}))
     defaults = default_configs(visipruner_cfg)
     settings = [Setting(m, "default", defaults[m]) for m in methods if m in defaults]
     bar = tqdm(total=len(settings) * (2 if matched else 1), desc="methods", file=sys.stderr)
 
     def run(s: Setting):
         s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}")
-        timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps)
+        timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps, layer_time)
         rows.append(summarise(s, unpruned.records, timing))
         bar.update(1)
 
@@ -313,7 +375,7 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
 # ---------------------------------------------------------------------------------- output
 def print_table(rows: list[dict]) -> None:
     head = (f"{'method':<12}{'setting':<9}{'acc':>7}{'agree':>7}{'vis/layer':>10}{'FLOPs':>7}{'FastV':>7}"
-            f"{'latency':>9}{'real/pred':>10}{'dec ms/tok':>11}{'KV MiB':>8}")
+            f"{'latency':>9}{'real/pred':>10}{'real/model':>11}{'dec ms/tok':>11}{'KV MiB':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -321,6 +383,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['method']:<12}{r['setting']:<9}{r['accuracy']:>7.3f}{r['agreement']:>7.3f}"
               f"{r['avg_visual_tokens']:>10.1f}{r['prefill_flops_ratio']:>7.3f}{r['prefill_flops_ratio_fastv']:>7.3f}"
               f"{r['prefill_latency_ratio']:>9.3f}{(f'{rp:.3f}' if rp else '-'):>10}"
+              f"{(f'{rm:.3f}' if (rm := r.get('realised_over_modelled_speedup')) else '-'):>11}"
               f"{r['decode_ms_per_token']:>11.2f}{r['kv_cache_bytes'] / 2**20:>8.2f}")
 
 
