@@ -169,3 +169,15 @@ def test_easyvqa_converter(tmp_path):
     train_imgs = {r["image"] for r in easyvqa.records("train")}
     test_imgs = {r["image"] for r in easyvqa.records("test")}
     assert not train_imgs & test_imgs
+
+
+def test_train_head_weights_parse():
+    import argparse
+
+    from visipruner.models.train import _weights
+
+    assert _weights("word=3,shape=2") == {"word": 3.0, "shape": 2.0}
+    assert _weights("") == {}
+    for bad in ("nose=2", "word", "word="):
+        with pytest.raises(argparse.ArgumentTypeError, match="HEAD=WEIGHT"):
+            _weights(bad)

@@ -648,22 +648,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/organism")
     p.add_argument("--stage", choices=["all", "vision", "lm", "vision2"], default="all")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vision-steps", type=int, default=120)
+    p.add_argument("--vision-steps", type=int, default=600)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=1e-3)
     p.add_argument("--vision-easyvqa-frac", type=float, default=0.3)
     p.add_argument("--ckpt-every-vision", type=int, default=50)
     p.add_argument("--align-weight", type=float, default=2.0)
-    p.add_argument("--head-weights", type=_weights, default={},
-                   help="vision stages: loss weight per head, e.g. word=3,shape=2 (default 1 each)")
+    p.add_argument("--head-weights", type=_weights, default="word=3,shape=2",
+                   help="vision stages: loss weight per head, HEAD=W,... (unlisted heads: 1)")
     p.add_argument("--vision2-steps", type=int, default=300)
     p.add_argument("--vision-tag", default="vision2")
-    p.add_argument("--vision2-at", type=int, default=140, help="--stage all: LM step at which vision2 runs")
+    p.add_argument("--vision2-at", type=int, default=0,
+                   help="--stage all: LM step at which vision2 runs (0: never; the vision stage is long enough)")
     p.add_argument("--vision2-lr", type=float, default=5e-4)
     p.add_argument("--vision-init", default=None, help="vision2: take the vision tower/projector from this checkpoint")
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-patch vision loss kept during the LM stage")
-    p.add_argument("--aux-extra", type=int, default=16, help="extra vision-only images per LM step (aux loss)")
-    p.add_argument("--lm-steps", type=int, default=420)
+    p.add_argument("--aux-extra", type=int, default=8, help="extra vision-only images per LM step (aux loss)")
+    p.add_argument("--lm-steps", type=int, default=700)
     p.add_argument("--images-per-step", type=int, default=4)
     p.add_argument("--max-q-per-image", type=int, default=10)
     p.add_argument("--easyvqa-frac", type=float, default=0.35)
@@ -685,7 +686,9 @@ def main(argv=None) -> int:
     model.float()
     if args.stage in ("all", "vision"):
         stage_vision(args, model, processor, out)
-    if args.stage == "all":
+    if args.stage == "all" and not args.vision2_at:
+        stage_lm(args, model, processor, out)
+    elif args.stage == "all":
         # LM stage up to --vision2-at, strengthen the vision tower, then finish the LM stage
         stop = args.stop_at
         args.stop_at = args.vision2_at
