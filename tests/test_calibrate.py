@@ -69,8 +69,8 @@ def test_variants_parse_and_default():
     for bad in ("0", "x", "2:maybe", ","):
         with pytest.raises(ValueError, match="--shallow-layers"):
             parse_variants(bad)
-    assert default_variants(30) == [(2, True), (4, True), (6, True), (2, False)]
-    assert default_variants(8) == [(1, True), (2, True), (1, False)]
+    assert default_variants(30) == [(2, True), (4, True), (2, False)]
+    assert default_variants(8) == [(1, True), (1, False)]
 
 
 def test_calibrate_end_to_end_on_a_tiny_model():

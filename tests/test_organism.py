@@ -142,3 +142,16 @@ def test_save_pretrained_roundtrip_identical_logits(organism, tmp_path):
         la = model(**a).logits
         lb = m2(**b).logits
     assert torch.equal(la, lb)
+
+
+def test_vision_tower_encodes_what_questions_need(organism):
+    """Per-patch probe on 16 test scenes: the shipped visual tokens carry colour, shape and the word
+    (the heads read the projector output against the LM's own word embeddings)."""
+    from visipruner.models.organism import WEIGHTS_DIR
+    from visipruner.models.probe import HEADS_FILE, probe
+
+    model, processor = organism
+    res = probe(model, processor, WEIGHTS_DIR / HEADS_FILE, images=16)
+    for head in ("color", "shape", "word"):
+        assert res[head]["patches"] > 50
+        assert res[head]["accuracy"] >= 0.9, res

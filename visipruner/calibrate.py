@@ -285,15 +285,16 @@ def _spread(front: list[Candidate], n: int, lo: float = -np.inf, hi: float = np.
 
 
 def default_variants(num_layers: int) -> list[tuple[int, bool]]:
-    """(K, shallow stage on) pairs searched by default: K = 2, 4 and 6 of 32 scaled to depth,
-    and the middle/deep stages alone, checked from 2 of 32 on."""
-    ks = sorted({max(1, round(k * num_layers / 32)) for k in (2, 4, 6)})
+    """(K, shallow stage on) pairs searched by default: K = 2 and 4 of 32 scaled to depth, and
+    the middle/deep stages alone, checked from 2 of 32 on. (The paper's 6 of 32 is one
+    ``--shallow-layers`` away; each variant costs one prefill per calibration example.)"""
+    ks = sorted({max(1, round(k * num_layers / 32)) for k in (2, 4)})
     return [(k, True) for k in ks] + [(ks[0], False)]
 
 
 def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
-              finalists: int = 4, rerun_limit: int | None = None, progress=True, variants=None,
-              refine: int = 2, margin: bool = True) -> dict:
+              finalists: int = 3, rerun_limit: int | None = 100, progress=True, variants=None,
+              refine: int = 1, margin: bool = True) -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
     ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
@@ -312,8 +313,12 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
         for relative in (False, True):
             cands += score_candidates(rec, dims, *_grid(rec, relative), relative=relative)
     fronts = {rel: pareto_front([c for c in cands if c.config.relative_tokens_threshold == rel]) for rel in (False, True)}
-    rerun_q = calib_questions[:rerun_limit] if rerun_limit else calib_questions
-    rerun_p = prompts[: len(rerun_q)]
+    # reruns use an evenly strided subset (the whole set with rerun_limit 0/None), so every part of
+    # a calibration file made of blocks (one data set after another) is represented
+    idx = (np.unique(np.linspace(0, len(prompts) - 1, rerun_limit).round().astype(int))
+           if rerun_limit and rerun_limit < len(prompts) else np.arange(len(prompts)))
+    rerun_q = [calib_questions[i] for i in idx]
+    rerun_p = [prompts[i] for i in idx]
     unpruned = measure(model, processor, rerun_q, rerun_p, None, None, progress=progress)["answers"]
     results, done = [], set()
 
@@ -464,12 +469,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use the first N calibration examples")
     p.add_argument("--heldout-limit", type=int)
     p.add_argument("--shallow-layers", help="comma-separated K values to search; 'K:off' records K without the shallow "
-                   "stage (default: 2, 4, 6 of 32 scaled to depth, and 2:off)")
-    p.add_argument("--finalists", type=int, default=4, help="first-round finalists rerun per threshold family")
-    p.add_argument("--refine", type=int, default=2, help="rounds of 2 more finalists per family around the target")
+                   "stage (default: 2 and 4 of 32 scaled to depth, and 2:off)")
+    p.add_argument("--finalists", type=int, default=3, help="first-round finalists rerun per threshold family")
+    p.add_argument("--refine", type=int, default=1, help="rounds of 2 more finalists per family around the target")
     p.add_argument("--no-margin", action="store_true",
                    help="agreement target: accept a finalist at the bare target (default: one standard error above)")
-    p.add_argument("--rerun-limit", type=int, help="rerun finalists on the first N calibration examples only")
+    p.add_argument("--rerun-limit", type=int, default=100,
+                   help="rerun finalists on N calibration examples, evenly strided (default 100; 0: all)")
     p.add_argument("--out", help="write the chosen config here (VisiPrunerConfig JSON)")
     p.add_argument("--json", help="write the front, finalists and confirmation here (+ a PNG)")
     p.set_defaults(func=_run)
