@@ -271,16 +271,16 @@ def choose(finalists: list[dict], target: tuple[str, float], margin: bool = True
     return max(ok, key=lambda f: (f["agreement"], -f["flops_ratio"])) if ok else min(finalists, key=lambda f: f["flops_ratio"])
 
 
-def _spread(front: list[Candidate], n: int, lo: float = -np.inf, hi: float = np.inf) -> list[Candidate]:
-    """Up to n front points with predicted FLOPs in (lo, hi), evenly spaced in FLOPs (not by index)."""
-    pts = [c for c in front if lo < c.flops_ratio < hi]
-    if len(pts) <= n:
-        return pts
-    f = np.array([c.flops_ratio for c in pts])
-    out = []
-    for t in np.linspace(f.min(), f.max(), n):
-        i = int(np.argmin(np.abs(f - t) + np.array([1e9 * (c in out) for c in pts])))
-        out.append(pts[i])
+def _nearest(front: list[Candidate], targets, exclude=()) -> list[Candidate]:
+    """For each target FLOPs ratio, the front point predicted nearest to it (each point once)."""
+    out, used = [], set(exclude)
+    for t in targets:
+        pts = [c for c in front if id(c) not in used]
+        if not pts:
+            break
+        c = min(pts, key=lambda c: abs(c.flops_ratio - t))
+        used.add(id(c))
+        out.append(c)
     return out
 
 
@@ -293,8 +293,8 @@ def default_variants(num_layers: int) -> list[tuple[int, bool]]:
 
 
 def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
-              finalists: int = 3, rerun_limit: int | None = 100, progress=True, variants=None,
-              refine: int = 1, margin: bool = True) -> dict:
+              finalists: int = 3, rerun_limit: int | None = 80, progress=True, variants=None,
+              refine: int = 1, margin: bool = True, refine_points: int = 1) -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
     ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
@@ -333,8 +333,14 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
                             "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"],
                             "examples": len(rerun_q), "round": round_})
 
-    # round 0: finalists spread evenly in FLOPs along each threshold family's front
-    rerun([c for front in fronts.values() for c in _spread(front, finalists)], 0)
+    # round 0: finalists spread evenly in predicted FLOPs along each threshold family's front
+    by_key = {}
+    for front in fronts.values():
+        if front:
+            lo_f, hi_f = front[0].flops_ratio, front[-1].flops_ratio
+            for c in _nearest(front, np.linspace(lo_f, hi_f, finalists)):
+                by_key[c.config.to_json()] = c
+    rerun(list(by_key.values()), 0)
     # refinement: more front points where the target is crossed (agreement) or just under it (FLOPs)
     kind, value = target
     for r in range(1, refine + 1):
@@ -344,16 +350,17 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
                           key=lambda f: f["flops_ratio"])
             if not mine:
                 continue
-            if kind == "agreement":
+            if kind == "agreement":  # bisect between the cheapest pass and the dearest fail below it
                 passing = [f for f in mine if f["agreement"] >= value]
-                hi = min((f["predicted_flops_ratio"] for f in passing), default=np.inf)
+                hi = min((f["predicted_flops_ratio"] for f in passing), default=front[-1].flops_ratio)
                 lo = max((f["predicted_flops_ratio"] for f in mine if f["agreement"] < value
-                          and f["predicted_flops_ratio"] < hi), default=-np.inf)
-            else:
-                under = [f["predicted_flops_ratio"] for f in mine if f["flops_ratio"] <= value]
-                lo = max(under, default=-np.inf)
-                hi = min((f["predicted_flops_ratio"] for f in mine if f["flops_ratio"] > value), default=value * 1.05)
-            batch += _spread(front, 2, lo, hi)
+                          and f["predicted_flops_ratio"] < hi), default=front[0].flops_ratio)
+                targets = np.linspace(lo, hi, refine_points + 2)[1:-1]
+            else:  # agreement grows with FLOPs: look just under the target
+                targets = [value * (0.98 - 0.08 * i) for i in range(refine_points)]
+            tried = [c for c in front if c.config.to_json() in done]
+            batch += [c for c in _nearest(front, targets, exclude=[id(c) for c in tried])
+                      if c.flops_ratio <= value * 1.02 or kind == "agreement"]
         if not batch:
             break
         rerun(batch, r)
@@ -429,7 +436,7 @@ def _run(args) -> int:
     variants = parse_variants(args.shallow_layers) if args.shallow_layers else None
     result = calibrate(model, processor, questions, target, heldout, finalists=args.finalists,
                        rerun_limit=args.rerun_limit, variants=variants, refine=args.refine,
-                       margin=not args.no_margin)
+                       margin=not args.no_margin, refine_points=args.refine_points)
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
           f"on {result['rerun_examples']} examples")
     print(f"{'threshold':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
@@ -471,11 +478,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shallow-layers", help="comma-separated K values to search; 'K:off' records K without the shallow "
                    "stage (default: 2 and 4 of 32 scaled to depth, and 2:off)")
     p.add_argument("--finalists", type=int, default=3, help="first-round finalists rerun per threshold family")
-    p.add_argument("--refine", type=int, default=1, help="rounds of 2 more finalists per family around the target")
+    p.add_argument("--refine", type=int, default=1, help="refinement rounds around the target")
+    p.add_argument("--refine-points", type=int, default=1, help="finalists added per threshold family per round")
     p.add_argument("--no-margin", action="store_true",
                    help="agreement target: accept a finalist at the bare target (default: one standard error above)")
-    p.add_argument("--rerun-limit", type=int, default=100,
-                   help="rerun finalists on N calibration examples, evenly strided (default 100; 0: all)")
+    p.add_argument("--rerun-limit", type=int, default=80,
+                   help="rerun finalists on N calibration examples, evenly strided (default 80; 0: all)")
     p.add_argument("--out", help="write the chosen config here (VisiPrunerConfig JSON)")
     p.add_argument("--json", help="write the front, finalists and confirmation here (+ a PNG)")
     p.set_defaults(func=_run)
