@@ -196,16 +196,29 @@ def last_row_influence(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Influence of visual keys on the last query's attention output ``o`` (before o_proj).
 
-    q_last: (1, H, 1, d); k, v: (1, H, n, d) with H heads, all keys visible to the last query.
-    Returns (cos(o - c_j, o), ||c_j||, mean-over-heads attention a_j, ||o||), in float32, where
+    q_last: (1, H, 1, d); k, v: (1, Hkv, n, d), all keys visible to the last query; query head h
+    reads kv head ``h // (H // Hkv)`` (GQA; no copies of K/V are made).
+    Returns (cos(o - c_j, o), ||c_j||, mean-over-heads attention a_j, ||o||), where
     ``c_j = concat_h a[h,j] v[h,j]`` and ``o = sum_j c_j``.
+
+    Nothing of size (m, H*d) is formed: with ``co_j = c_j . o = sum_h a[h,j] (v[h,j] . o_h)`` and
+    ``||c_j||^2 = sum_h a[h,j]^2 ||v[h,j]||^2``, ``cos = (|o|^2 - co_j) / (|o - c_j| |o|)`` with
+    ``|o - c_j|^2 = |o|^2 - 2 co_j + ||c_j||^2``; these sums are taken in float64.
     """
-    scores = torch.matmul(q_last.float(), k.float().transpose(-1, -2))[0, :, 0] * scale  # (H, n)
+    H, d = q_last.shape[1], q_last.shape[-1]
+    hkv = k.shape[1]
+    g = H // hkv
+    kf, vf = k[0].float(), v[0].float()  # (Hkv, n, d)
+    scores = torch.matmul(q_last[0, :, 0].float().view(hkv, g, d), kf.transpose(-1, -2)) * scale  # (Hkv, g, n)
     a = torch.softmax(scores, dim=-1)
-    vf = v[0].float()  # (H, n, d)
-    o = torch.einsum("hn,hnd->hd", a, vf).reshape(-1)  # (H*d,)
-    av = a[:, visual_keys]  # (H, m)
-    m = visual_keys.numel()
-    c = (av[..., None] * vf[:, visual_keys]).permute(1, 0, 2).reshape(m, o.numel())  # (m, H*d)
-    cos = F.cosine_similarity(o[None] - c, o[None].expand_as(c), dim=-1, eps=1e-12)
-    return cos, c.norm(dim=-1), av.mean(0), o.norm()
+    o = torch.matmul(a, vf)  # (Hkv, g, d)
+    vv = vf.index_select(1, visual_keys)  # (Hkv, m, d)
+    av = a.index_select(2, visual_keys).double()  # (Hkv, g, m)
+    vo = torch.matmul(o, vv.transpose(-1, -2)).double()  # (Hkv, g, m): v[h,j] . o_h
+    vn = (vv * vv).sum(-1).double()[:, None, :]  # (Hkv, 1, m): ||v[h,j]||^2
+    co = (av * vo).sum((0, 1))
+    cn2 = (av * av * vn).sum((0, 1))
+    oo = (o.double() ** 2).sum()
+    dist = (oo - 2 * co + cn2).clamp_min(0).sqrt()
+    cos = (oo - co) / (dist * oo.sqrt()).clamp_min(1e-12)
+    return cos.float(), cn2.sqrt().float(), av.reshape(H, -1).mean(0).float(), oo.sqrt().float()

@@ -293,7 +293,7 @@ def default_variants(num_layers: int) -> list[tuple[int, bool]]:
 
 
 def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
-              finalists: int = 3, rerun_limit: int | None = 80, progress=True, variants=None,
+              finalists: int = 3, rerun_limit: int | None = 60, progress=True, variants=None,
               refine: int = 1, margin: bool = True, refine_points: int = 1) -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
@@ -482,8 +482,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--refine-points", type=int, default=1, help="finalists added per threshold family per round")
     p.add_argument("--no-margin", action="store_true",
                    help="agreement target: accept a finalist at the bare target (default: one standard error above)")
-    p.add_argument("--rerun-limit", type=int, default=80,
-                   help="rerun finalists on N calibration examples, evenly strided (default 80; 0: all)")
+    p.add_argument("--rerun-limit", type=int, default=60,
+                   help="rerun finalists on N calibration examples, evenly strided (default 60; 0: all)")
     p.add_argument("--out", help="write the chosen config here (VisiPrunerConfig JSON)")
     p.add_argument("--json", help="write the front, finalists and confirmation here (+ a PNG)")
     p.set_defaults(func=_run)

@@ -340,9 +340,7 @@ class PruningHandle:
                 raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
             vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
             groups = module.num_key_value_groups
-            cos, norm, attn, onorm = last_row_influence(
-                q[:, :, -1:], repeat_kv(k, groups), repeat_kv(v, groups), scale, vis_keys
-            )
+            cos, norm, attn, onorm = last_row_influence(q[:, :, -1:], k, v, scale, vis_keys)
             hidden = st.layer_input[0].index_select(0, vis_keys)
             influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
             st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
