@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
     """
     from .bench import _inputs
 
+    t_start = time.perf_counter()
     L = model.config.text_config.num_hidden_layers
     dims = Dims.from_config(model.config.text_config)
     if variants is None:
@@ -376,6 +378,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
         "chosen": chosen,
         "calibration_examples": len(calib_questions),
         "rerun_examples": len(rerun_q),
+        "search_seconds": time.perf_counter() - t_start,
     }
     if heldout_questions:
         hp = [_inputs(processor, q, model) for q in heldout_questions]
@@ -385,7 +388,8 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
         out["heldout"] = {"examples": len(heldout_questions), "agreement": m["agreement"],
                           "flops_ratio": m["flops_ratio"],
                           "meets_target": (m["agreement"] >= target[1]) if target[0] == "agreement"
-                          else (m["flops_ratio"] <= target[1])}
+                          else (m["flops_ratio"] <= target[1]),
+                          "seconds": time.perf_counter() - t_start - out["search_seconds"]}
     return out
 
 
@@ -438,7 +442,7 @@ def _run(args) -> int:
                        rerun_limit=args.rerun_limit, variants=variants, refine=args.refine,
                        margin=not args.no_margin, refine_points=args.refine_points)
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
-          f"on {result['rerun_examples']} examples")
+          f"on {result['rerun_examples']} examples; search took {result['search_seconds'] / 60:.1f} min")
     print(f"{'threshold':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
     for f in result["finalists"]:
         c = f["config"]
@@ -451,7 +455,7 @@ def _run(args) -> int:
     if "heldout" in result:
         h = result["heldout"]
         print(f"held-out ({h['examples']} examples): agreement {h['agreement']:.3f}, FLOPs {h['flops_ratio']:.3f}, "
-              f"target {'met' if h['meets_target'] else 'NOT met'}")
+              f"target {'met' if h['meets_target'] else 'NOT met'} ({h['seconds'] / 60:.1f} min)")
     cfg = VisiPrunerConfig.from_dict(ch["config"])
     for path in (args.out, args.json):
         if path:
