@@ -185,3 +185,15 @@ def test_schedule_validation():
     with visipruner.apply(model, VisiPrunerConfig(), schedule=Schedule(3, [99], None)):
         with pytest.raises(ValueError, match="out of range"):
             model(**inputs)
+
+
+def test_recommended_config_falls_back_to_scaled_paper_defaults_with_a_warning():
+    from visipruner.testing import tiny_llava
+
+    model = tiny_llava(0, layers=16)
+    with pytest.warns(UserWarning, match="calibrate"):
+        cfg = visipruner.recommended_config(model)
+    assert cfg == visipruner.paper_defaults(16) and cfg.shallow_layers == 3  # 6 of 32 -> 3 of 16
+    stored = visipruner.VisiPrunerConfig(stages=("middle", "deep"), layer_threshold=0.98)
+    model.config.visipruner_config = stored.to_dict()
+    assert visipruner.recommended_config(model) == stored  # a calibrated config wins, no warning

@@ -155,3 +155,18 @@ def test_vision_tower_encodes_what_questions_need(organism):
     for head in ("color", "shape", "word"):
         assert res[head]["patches"] > 50
         assert res[head]["accuracy"] >= 0.9, res
+
+
+def test_embedded_model_recommends_its_shipped_calibrated_config(organism):
+    import json
+    import warnings
+
+    import visipruner
+    from visipruner.models.organism import WEIGHTS_DIR
+
+    model, _ = organism
+    shipped = visipruner.VisiPrunerConfig.from_json((WEIGHTS_DIR / "visipruner_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "please calibrate" warning for the embedded model
+        assert visipruner.recommended_config(model) == shipped
+    assert json.loads(shipped.to_json())["method"] == "visipruner"
