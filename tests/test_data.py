@@ -181,3 +181,21 @@ def test_train_head_weights_parse():
     for bad in ("nose=2", "word", "word="):
         with pytest.raises(argparse.ArgumentTypeError, match="HEAD=WEIGHT"):
             _weights(bad)
+
+
+def test_train_head_losses_weights_and_unsupervised_heads():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from visipruner.models.train import head_losses
+
+    torch.manual_seed(0)
+    logits = {"color": torch.randn(2, 4, 3), "lin_color": torch.randn(2, 4, 3), "word": torch.randn(2, 4, 5)}
+    labs = [{"color": np.array([0, 1, 2, -100]), "word": np.full(4, -100)},
+            {"color": np.array([2, -100, 1, 0]), "word": np.full(4, -100)}]
+    out = head_losses(logits, labs, {"color": 3.0})
+    assert set(out) == {"color", "lin_color"}  # no supervised word patch: left out
+    tgt = torch.tensor([0, 1, 2, -100, 2, -100, 1, 0])
+    torch.testing.assert_close(out["color"], 3.0 * F.cross_entropy(logits["color"].reshape(-1, 3), tgt))
+    torch.testing.assert_close(out["lin_color"], 3.0 * F.cross_entropy(logits["lin_color"].reshape(-1, 3), tgt))

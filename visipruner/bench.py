@@ -278,6 +278,7 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
     }
     if layer_time is not None and not from_pixels:
         out["modelled_latency_ratio"] = sum(model_p) / sum(model_d)
+
     def decode_ms(cfg):
         times = []
         handle = apply(model, cfg) if cfg is not None else None

@@ -336,20 +336,14 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
                             "examples": len(rerun_q), "round": round_})
 
     # round 0: finalists spread evenly in predicted FLOPs along each threshold family's front
-    by_key = {}
-    for front in fronts.values():
-        if front:
-            lo_f, hi_f = front[0].flops_ratio, front[-1].flops_ratio
-            for c in _nearest(front, np.linspace(lo_f, hi_f, finalists)):
-                by_key[c.config.to_json()] = c
-    rerun(list(by_key.values()), 0)
+    rerun([c for front in fronts.values() if front
+           for c in _nearest(front, np.linspace(front[0].flops_ratio, front[-1].flops_ratio, finalists))], 0)
     # refinement: more front points where the target is crossed (agreement) or just under it (FLOPs)
     kind, value = target
     for r in range(1, refine + 1):
         batch = []
         for rel, front in fronts.items():
-            mine = sorted((f for f in results if f["config"]["relative_tokens_threshold"] == rel),
-                          key=lambda f: f["flops_ratio"])
+            mine = [f for f in results if f["config"]["relative_tokens_threshold"] == rel]
             if not mine:
                 continue
             if kind == "agreement":  # bisect between the cheapest pass and the dearest fail below it

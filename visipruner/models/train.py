@@ -207,6 +207,22 @@ class VisionHeads(torch.nn.Module):
         return out
 
 
+def head_losses(logits: dict[str, torch.Tensor], labs: list[dict], weights: dict[str, float] | None = None):
+    """Cross-entropy of each per-patch head against the images' labels (-100: not supervised).
+
+    ``lin_<g>`` probes share the labels of head ``g``; ``weights`` scale a head and its probe.
+    Heads with no supervised patch in the batch are left out.
+    """
+    out = {}
+    for g, lg in logits.items():
+        name = g.replace("lin_", "")
+        tgt = torch.from_numpy(np.stack([l[name] for l in labs]))
+        if (tgt != -100).any():
+            w = (weights or {}).get(name, 1.0)
+            out[g] = w * F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    return out
+
+
 def _image_tensor(processor, imgs):
     return processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
 
@@ -288,12 +304,7 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         pv = _image_tensor(processor, imgs)
         feat, proj = vision_features(model, pv)
         logits = heads(proj, feat)
-        losses = {}
-        for g, lg in logits.items():
-            tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in labs]))
-            if (tgt != -100).any():
-                w = args.head_weights.get(g.replace("lin_", ""), 1.0)
-                losses[g] = w * F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        losses = head_losses(logits, labs, args.head_weights)
         norm = proj.norm(dim=-1).mean()
         if args.align_weight > 0:
             tl = {g: torch.from_numpy(np.stack([l[g] for l in labs])) for g in ("color", "shape", "size", "word")}
@@ -419,12 +430,7 @@ def packed_forward(model, input_ids, mask4d, position_ids, pixel_values, targets
     feat, img = vision_features(model, pixel_values)
     aux = None
     if heads is not None and labs:
-        logits = heads(img, feat)
-        aux = 0.0
-        for g, lg in logits.items():
-            tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in labs]))
-            if (tgt != -100).any():
-                aux = aux + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        aux = sum(head_losses(heads(img, feat), labs).values(), 0.0)
     img_mask = (input_ids == model.config.image_token_id)
     embeds = embeds.masked_scatter(img_mask[..., None].expand_as(embeds), img.reshape(-1, img.shape[-1]).to(embeds.dtype))
     out = inner.language_model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=position_ids,
@@ -553,12 +559,7 @@ def stage_lm(args, model, processor, out: Path) -> None:
                     ximgs.append(sc.render())
                     xlabs.append(scene_patch_labels(sc))
             xfeat, xproj = vision_features(model, _image_tensor(processor, ximgs))
-            xlog = heads(xproj, xfeat)
-            xloss = 0.0
-            for g, lg in xlog.items():
-                tgt = torch.from_numpy(np.stack([l[g.replace("lin_", "")] for l in xlabs]))
-                if (tgt != -100).any():
-                    xloss = xloss + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+            xloss = sum(head_losses(heads(xproj, xfeat), xlabs).values(), 0.0)
             total = total + args.aux_weight * xloss
         opt.zero_grad(set_to_none=True)
         total.backward()
