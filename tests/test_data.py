@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
 
+import numpy as np
 import pytest
 
 from visipruner.data import easyvqa, scenes
@@ -199,3 +201,56 @@ def test_train_head_losses_weights_and_unsupervised_heads():
     tgt = torch.tensor([0, 1, 2, -100, 2, -100, 1, 0])
     torch.testing.assert_close(out["color"], 3.0 * F.cross_entropy(logits["color"].reshape(-1, 3), tgt))
     torch.testing.assert_close(out["lin_color"], 3.0 * F.cross_entropy(logits["lin_color"].reshape(-1, 3), tgt))
+
+
+def test_train_position_labels_follow_the_renderer():
+    """Row/column labels (the words 'top'.. / 'left'.. in the alignment target) come from the grid
+    cell of every foreground patch; background is class 0 and easy-vqa images are unsupervised."""
+    import numpy as np
+    from PIL import Image
+
+    from visipruner.models.train import COL_WORDS, ROW_WORDS, easyvqa_patch_labels, scene_patch_labels
+
+    sc = scenes.random_scene(0, "train", 7)
+    lab = scene_patch_labels(sc)
+    per_cell = scenes.CELL // 16
+    g = scenes.IMAGE_SIZE // 16
+    for o in sc.objects:
+        r, c = divmod(o.cell, scenes.GRID)
+        # the patch at the centre of the object's cell shows the object
+        centre = (r * per_cell + per_cell // 2) * g + c * per_cell + per_cell // 2
+        assert lab["shape"][centre] > 0
+        assert ROW_WORDS[lab["row"][centre] - 1] == ["top", "middle", "bottom"][r]
+        assert COL_WORDS[lab["col"][centre] - 1] == ["left", "center", "right"][c]
+    bg = lab["shape"] == 0
+    assert bg.any() and (lab["row"][bg] == 0).all() and (lab["col"][bg] == 0).all()
+    ev = easyvqa_patch_labels(Image.new("RGB", (64, 64), "white"), {"color": "red", "shape": "circle"}, g, 192)
+    assert (ev["row"] == -100).all() and (ev["col"] == -100).all()
+
+
+def test_train_lm_schedule_restart():
+    from visipruner.models.train import lm_lr_factor
+
+    assert lm_lr_factor(0, 700) == pytest.approx(1 / 20)
+    assert lm_lr_factor(100, 700) == pytest.approx(0.5 * (1 + math.cos(math.pi * 100 / 700)))
+    assert lm_lr_factor(700, 1000) < 0.25  # continuing the old cosine: already low
+    assert lm_lr_factor(700, 1000, start=700) == pytest.approx(1 / 20)  # restarted: warm-up again
+    assert lm_lr_factor(720, 1000, start=700) == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 300)))
+    assert lm_lr_factor(1000, 1000, start=700) == pytest.approx(0.05)
+
+
+def test_relation_questions_cover_every_aligned_pair_both_ways():
+    import collections
+
+    for i in range(40):
+        sc = scenes.random_scene(0, "train", i)
+        qs = scenes.relation_questions(sc)
+        ans = collections.Counter(a for _, a in qs)
+        assert ans["left"] == ans["right"] and ans["above"] == ans["below"]
+        aligned = sum(1 for a in sc.objects for b in sc.objects if a is not b
+                      and (a.cell // scenes.GRID == b.cell // scenes.GRID or a.cell % scenes.GRID == b.cell % scenes.GRID))
+        assert len(qs) <= aligned
+        rng = np.random.default_rng(i)
+        for fam, q, a in scenes.scene_questions(sc, rng):
+            if fam == "relation":
+                assert (q, a) in qs

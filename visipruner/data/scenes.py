@@ -376,6 +376,30 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+def relation_questions(scene: Scene) -> list[tuple[str, str]]:
+    """Every ``(question, answer)`` relation question the scene supports: each ordered pair of
+    objects in the same row (left/right) or column (above/below) that can both be named by
+    colour and shape. Ordered pairs come in both directions, so the answers are balanced within a
+    scene (left with right, above with below)."""
+    out = []
+    for a in scene.objects:
+        for b in scene.objects:
+            if a is b:
+                continue
+            ra, ca = divmod(a.cell, GRID)
+            rb, cb = divmod(b.cell, GRID)
+            rel = None
+            if ra == rb:
+                rel = "left" if ca < cb else "right"
+            elif ca == cb:
+                rel = "above" if ra < rb else "below"
+            if rel:
+                pa, pb = _ref_cs(scene, a), _ref_cs(scene, b)
+                if pa and pb:
+                    out.append((f"Where is the {pa} relative to the {pb}?", rel))
+    return out
+
+
 def scene_questions(scene: Scene, rng: np.random.Generator, per_family: int = 2) -> list[tuple[str, str, str]]:
     """Up to ``per_family`` ``(family, question, answer)`` triples per family about one scene.
 
@@ -404,25 +428,9 @@ def scene_questions(scene: Scene, rng: np.random.Generator, per_family: int = 2)
         k = sum(x.color == color for x in objs)
         if k <= 3:
             out.append(("count", f"How many {color} shapes are there?", str(k)))
-    pairs = []
-    for a in objs:
-        for b in objs:
-            if a is b:
-                continue
-            ra, ca = divmod(a.cell, GRID)
-            rb, cb = divmod(b.cell, GRID)
-            rel = None
-            if ra == rb:
-                rel = "left" if ca < cb else "right"
-            elif ca == cb:
-                rel = "above" if ra < rb else "below"
-            if rel:
-                pa, pb = _ref_cs(scene, a), _ref_cs(scene, b)
-                if pa and pb:
-                    pairs.append((pa, pb, rel))
+    pairs = relation_questions(scene)
     for i in rng.permutation(len(pairs))[:per_family]:
-        pa, pb, rel = pairs[int(i)]
-        out.append(("relation", f"Where is the {pa} relative to the {pb}?", rel))
+        out.append(("relation", *pairs[int(i)]))
     present_cs = {(x.color, x.shape) for x in objs}
     t = objs[int(rng.integers(len(objs)))]
     yes = ("exist", f"Is there a {t.color} {t.shape}?", "yes")

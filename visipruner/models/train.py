@@ -47,6 +47,9 @@ from .lora import apply_lora, load_lora_state, lora_state
 ALL_COLORS = list(dict.fromkeys(scenes.COLOR_NAMES + easyvqa.COLORS))
 ALL_SHAPES = list(dict.fromkeys(scenes.SHAPES + easyvqa.SHAPES))
 SHAPE_CLASSES = ALL_SHAPES + ["word"]  # + text cell
+ROW_WORDS = ["top", "middle", "bottom"]
+COL_WORDS = ["left", "center", "right"]
+POSITION_WEIGHT = 0.7  # weight of the row/column words in a patch's alignment target
 
 
 def log(msg: str) -> None:
@@ -135,6 +138,8 @@ def easyvqa_patch_labels(img: Image.Image, lab: dict, grid: int, size: int) -> d
     out["size"] = np.full(grid * grid, -100, dtype=np.int64)
     out["word"] = np.where(amb, -100, 0).astype(np.int64)
     out["cell"] = np.full(grid * grid, -100, dtype=np.int64)
+    out["row"] = np.full(grid * grid, -100, dtype=np.int64)
+    out["col"] = np.full(grid * grid, -100, dtype=np.int64)
     return out
 
 
@@ -147,7 +152,12 @@ def scene_patch_labels(scene) -> dict[str, np.ndarray]:
     m = (shp > 0) & (shp != scenes.TEXT_LABEL)
     shp[m] = np.array([1 + SHAPE_CLASSES.index(scenes.SHAPES[s - 1]) for s in shp[m]])
     shp[lab["shape"] == scenes.TEXT_LABEL] = 1 + SHAPE_CLASSES.index("word")
-    return {"color": col, "shape": shp, "size": lab["size"], "word": lab["word"], "cell": lab["cell"]}
+    # where the patch is, for patches that show something (background: class 0)
+    fg = lab["shape"] > 0
+    row = np.where(fg, 1 + lab["cell"] // scenes.GRID, 0)
+    col_ = np.where(fg, 1 + lab["cell"] % scenes.GRID, 0)
+    return {"color": col, "shape": shp, "size": lab["size"], "word": lab["word"], "cell": lab["cell"],
+            "row": row.astype(np.int64), "col": col_.astype(np.int64)}
 
 
 class VisionHeads(torch.nn.Module):
@@ -160,6 +170,9 @@ class VisionHeads(torch.nn.Module):
             "shape": SHAPE_CLASSES,
             "size": ["small", "large"],
             "word": scenes.WORDS,
+            # the object's grid row / column, in the words the questions use
+            "row": ROW_WORDS,
+            "col": COL_WORDS,
         }
         for name, words in groups.items():
             vecs = torch.stack([word_vector(tokenizer, emb, w) for w in words])
@@ -185,7 +198,10 @@ class VisionHeads(torch.nn.Module):
         Returns (target (B,N,D), valid mask (B,N))."""
         valid = torch.ones_like(labs["color"], dtype=torch.bool)
         t = 0
-        for g, w in (("color", 1.0), ("shape", 1.0), ("size", 0.5), ("word", 1.0)):
+        for g, w in (("color", 1.0), ("shape", 1.0), ("size", 0.5), ("word", 1.0),
+                     ("row", POSITION_WEIGHT), ("col", POSITION_WEIGHT)):
+            if g not in labs:
+                continue
             lab = labs[g]
             if g in ("color", "shape"):
                 valid &= lab != -100
@@ -266,8 +282,9 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     ckpt = out / f"{tag}_ckpt.pt"
     start = 0
-    logf = CsvLog(out / f"{tag}_loss.csv", ["step", "loss", "color", "shape", "size", "word", "cell", "align",
-                                             "lin_color", "lin_shape", "lin_size", "lin_word", "norm", "sec"])
+    logf = CsvLog(out / f"{tag}_loss.csv", ["step", "loss", "color", "shape", "size", "word", "row", "col", "cell",
+                                             "align", "lin_color", "lin_shape", "lin_size", "lin_word",
+                                             "lin_row", "lin_col", "norm", "sec"])
     if ckpt.exists():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.model.vision_tower.load_state_dict(st["vision"])
@@ -307,7 +324,8 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         losses = head_losses(logits, labs, args.head_weights)
         norm = proj.norm(dim=-1).mean()
         if args.align_weight > 0:
-            tl = {g: torch.from_numpy(np.stack([l[g] for l in labs])) for g in ("color", "shape", "size", "word")}
+            tl = {g: torch.from_numpy(np.stack([l[g] for l in labs]))
+                  for g in ("color", "shape", "size", "word", "row", "col")}
             tgt_vec, valid = heads.align_target(tl)
             cos = F.cosine_similarity(proj, tgt_vec, dim=-1)
             losses["align"] = args.align_weight * (1 - cos)[valid].mean()
@@ -463,10 +481,21 @@ def sample_items(args, step: int, ev_imgs, ev_by_img, n_images: int, ev_labels=N
             extra = [(q, a) for _, q, a in scenes.scene_questions(sq.scene, rng) if q != sq.question]
             order = rng.permutation(len(extra))
             qs += [extra[int(j)] for j in order][:args.max_q_per_image - 1]
+            if args.relation_extra:
+                # relation is the family that needs two objects' positions compared: more of it
+                rel = [x for x in scenes.relation_questions(sq.scene) if x not in qs]
+                qs += [rel[int(j)] for j in rng.permutation(len(rel))[:args.relation_extra]]
             imgs.append(sq.scene.render())
             items.append(qs)
             labs.append(scene_patch_labels(sq.scene))
     return imgs, items, labs
+
+
+def lm_lr_factor(step: int, steps: int, start: int = 0, warm: int = 20) -> float:
+    """LM-stage LR multiplier: linear warm-up over ``warm`` steps, then cosine down to a floor of
+    0.05 at ``steps``; the schedule begins at ``start`` (a restarted segment, ``--lm-restart``)."""
+    frac = min(1.0, (step - start) / max(1, steps - start))
+    return min(1.0, (step - start + 1) / warm) * max(0.05, 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def stage_lm(args, model, processor, out: Path) -> None:
@@ -495,9 +524,8 @@ def stage_lm(args, model, processor, out: Path) -> None:
         {"params": vis_params, "lr": args.vit_lr, "weight_decay": 0.01},
     ])
     steps = args.lm_steps
-    warm = 20
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    seg = {"start": 0}  # --lm-restart: a fresh warm-up + cosine from the resumed step to --lm-steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lm_lr_factor(s, steps, seg["start"]))
     ckpt = out / "lm_ckpt.pt"
     logf = CsvLog(out / "lm_loss.csv", ["step", "loss", "acc", "aux", "n_answers", "seq_len", "sec"])
     start = 0
@@ -510,6 +538,8 @@ def stage_lm(args, model, processor, out: Path) -> None:
         sched.load_state_dict(st["sched"])
         start = st["step"]
         logf.truncate_after(start)
+        if args.lm_restart:
+            seg["start"] = start
         # learning rates from the command line win over the checkpoint's
         sched.base_lrs = [args.lora_lr, args.proj_lr, args.vit_lr]
         for g, lr in zip(opt.param_groups, sched.base_lrs):
@@ -609,8 +639,9 @@ def run_vision2(args, model, processor, out: Path) -> None:
     """Strengthen the vision tower of an LM-stage checkpoint (no LM), then write it back."""
     ck = out / "lm_ckpt.pt"
     st = torch.load(ck, map_location="cpu", weights_only=False)
-    if st.get("vision2_applied"):
-        log("vision2 already applied")
+    applied = st.get("vision_tags_applied", ["vision2"] if st.get("vision2_applied") else [])
+    if args.vision_tag in applied:
+        log(f"{args.vision_tag} already applied to {ck}")
         return
     if args.vision_init:
         vi = torch.load(args.vision_init, map_location="cpu", weights_only=False)
@@ -627,18 +658,21 @@ def run_vision2(args, model, processor, out: Path) -> None:
     args.vision_lr = lr
     st["vision"] = model.model.vision_tower.state_dict()
     st["proj"] = model.model.multi_modal_projector.state_dict()
-    st["vision2_applied"] = True
+    st["vision_tags_applied"] = applied + [args.vision_tag]
     torch.save(st, str(ck) + ".tmp")
     os.replace(str(ck) + ".tmp", ck)
     log("vision2 weights written into the LM checkpoint")
+
+
+HEAD_NAMES = ("color", "shape", "size", "word", "cell", "row", "col")
 
 
 def _weights(text: str) -> dict[str, float]:
     out = {}
     for part in filter(None, text.split(",")):
         name, _, val = part.partition("=")
-        if name not in ("color", "shape", "size", "word", "cell") or not val:
-            raise argparse.ArgumentTypeError(f"expected HEAD=WEIGHT with HEAD in color/shape/size/word/cell, got {part!r}")
+        if name not in HEAD_NAMES or not val:
+            raise argparse.ArgumentTypeError(f"expected HEAD=WEIGHT with HEAD in {'/'.join(HEAD_NAMES)}, got {part!r}")
         out[name] = float(val)
     return out
 
@@ -655,7 +689,7 @@ def main(argv=None) -> int:
     p.add_argument("--vision-easyvqa-frac", type=float, default=0.3)
     p.add_argument("--ckpt-every-vision", type=int, default=50)
     p.add_argument("--align-weight", type=float, default=2.0)
-    p.add_argument("--head-weights", type=_weights, default="word=3,shape=2",
+    p.add_argument("--head-weights", type=_weights, default="word=3,shape=2,row=2,col=2",
                    help="vision stages: loss weight per head, HEAD=W,... (unlisted heads: 1)")
     p.add_argument("--vision2-steps", type=int, default=300)
     p.add_argument("--vision-tag", default="vision2")
@@ -666,9 +700,14 @@ def main(argv=None) -> int:
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-patch vision loss kept during the LM stage")
     p.add_argument("--aux-extra", type=int, default=8, help="extra vision-only images per LM step (aux loss)")
     p.add_argument("--lm-steps", type=int, default=700)
+    p.add_argument("--lm-restart", action="store_true",
+                   help="resuming the LM stage: restart the LR schedule (warm-up + cosine) from the checkpoint's "
+                        "step to --lm-steps instead of continuing the old cosine")
     p.add_argument("--images-per-step", type=int, default=4)
     p.add_argument("--max-q-per-image", type=int, default=10)
     p.add_argument("--easyvqa-frac", type=float, default=0.35)
+    p.add_argument("--relation-extra", type=int, default=4,
+                   help="LM stage: up to N more relation questions per scene image, on top of --max-q-per-image")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--proj-lr", type=float, default=1e-3)
     p.add_argument("--vit-lr", type=float, default=3e-4)
