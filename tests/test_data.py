@@ -206,7 +206,6 @@ def test_train_head_losses_weights_and_unsupervised_heads():
 def test_train_position_labels_follow_the_renderer():
     """Row/column labels (the words 'top'.. / 'left'.. in the alignment target) come from the grid
     cell of every foreground patch; background is class 0 and easy-vqa images are unsupervised."""
-    import numpy as np
     from PIL import Image
 
     from visipruner.models.train import COL_WORDS, ROW_WORDS, easyvqa_patch_labels, scene_patch_labels
