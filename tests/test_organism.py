@@ -158,3 +158,29 @@ def test_embedded_model_recommends_its_shipped_calibrated_config(organism):
         warnings.simplefilter("error")  # no "please calibrate" warning for the embedded model
         assert visipruner.recommended_config(model) == shipped
     assert json.loads(shipped.to_json())["method"] == "visipruner"
+
+
+def test_training_command_runs_resumes_and_exports(tmp_path):
+    """The retraining command end to end at toy size: vision stage, LM stage, a resume that
+    restarts the LR schedule, and an export that ``load_organism`` reads back."""
+    import json
+
+    from visipruner.models import load_organism
+    from visipruner.models.train import main as train_main
+
+    out = tmp_path / "run"
+    common = ["--seed", "0", "--out", str(out), "--vision-batch", "2", "--vision-steps", "2",
+              "--ckpt-every-vision", "1", "--images-per-step", "1", "--max-q-per-image", "2",
+              "--relation-extra", "1", "--aux-extra", "1", "--ckpt-every", "1"]
+    with _NoNetwork():
+        assert train_main(common + ["--lm-steps", "1"]) == 0
+        assert (out / "vision_final.safetensors").exists() and (out / "vision_heads.safetensors").exists()
+        assert train_main(common + ["--stage", "lm", "--lm-steps", "2", "--lm-restart"]) == 0
+    rows = (out / "lm_loss.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # resumed at step 1, not restarted
+    assert (out / "vision_loss.csv").read_text().strip().splitlines()[0].split(",")[:9] == [
+        "step", "loss", "color", "shape", "size", "word", "row", "col", "cell"]
+    meta = json.loads((out / "export" / "organism.json").read_text())
+    assert meta["training"]["lm_steps_done"] == 2
+    model, _ = load_organism(weights_dir=out / "export")
+    assert model.config.image_seq_length == 144

@@ -722,6 +722,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    with torch.enable_grad():  # callers (tests, notebooks) may have turned autograd off globally
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> int:
     model, processor = organism.load_organism(trained=False)
     model.float()
     if args.stage in ("all", "vision"):
