@@ -49,7 +49,8 @@ ALL_SHAPES = list(dict.fromkeys(scenes.SHAPES + easyvqa.SHAPES))
 SHAPE_CLASSES = ALL_SHAPES + ["word"]  # + text cell
 ROW_WORDS = ["top", "middle", "bottom"]
 COL_WORDS = ["left", "center", "right"]
-POSITION_WEIGHT = 0.7  # weight of the row/column words in a patch's alignment target
+# Words summed into a patch's alignment target, and their weights (row/column: where the object is)
+ALIGN_WEIGHTS = {"color": 1.0, "shape": 1.0, "size": 0.5, "word": 1.0, "row": 0.7, "col": 0.7}
 
 
 def log(msg: str) -> None:
@@ -198,10 +199,7 @@ class VisionHeads(torch.nn.Module):
         Returns (target (B,N,D), valid mask (B,N))."""
         valid = torch.ones_like(labs["color"], dtype=torch.bool)
         t = 0
-        for g, w in (("color", 1.0), ("shape", 1.0), ("size", 0.5), ("word", 1.0),
-                     ("row", POSITION_WEIGHT), ("col", POSITION_WEIGHT)):
-            if g not in labs:
-                continue
+        for g, w in ALIGN_WEIGHTS.items():
             lab = labs[g]
             if g in ("color", "shape"):
                 valid &= lab != -100
@@ -324,8 +322,7 @@ def stage_vision(args, model, processor, out: Path, tag: str = "vision", steps: 
         losses = head_losses(logits, labs, args.head_weights)
         norm = proj.norm(dim=-1).mean()
         if args.align_weight > 0:
-            tl = {g: torch.from_numpy(np.stack([l[g] for l in labs]))
-                  for g in ("color", "shape", "size", "word", "row", "col")}
+            tl = {g: torch.from_numpy(np.stack([l[g] for l in labs])) for g in ALIGN_WEIGHTS}
             tgt_vec, valid = heads.align_target(tl)
             cos = F.cosine_similarity(proj, tgt_vec, dim=-1)
             losses["align"] = args.align_weight * (1 - cos)[valid].mean()
