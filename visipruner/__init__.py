@@ -7,6 +7,7 @@
     handle.remove()
 """
 
+from .adapters import supported_models
 from .attention import Influence
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
 from .methods import (
@@ -54,5 +55,6 @@ __all__ = [
     "apply",
     "paper_defaults",
     "recommended_config",
+    "supported_models",
 ]
 __version__ = "0.1.0"

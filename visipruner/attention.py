@@ -84,15 +84,20 @@ def text_rows_attention(
     visual_spans: list[tuple[int, int]],
     merge: bool,
     renormalise: bool,
+    visible: torch.Tensor | None = None,
+    merge_values: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Text queries with their probabilities on visual keys zeroed.
 
     q: (b, H, t, d); k, v: (b, Hkv, n, d) (GQA handled by grouping queries, no kv copies).
-    ``visual_spans``: [s, e) key-index ranges of the images' tokens. Causality uses positions:
-    ``q_pos`` (t,), ``k_pos`` (n,); ``k_pos=None`` means every key is visible to every query.
+    ``visual_spans``: [s, e) key-index ranges of the images' tokens. Which keys a query sees:
+    ``visible`` (t, n) bool when given (the family's own mask: sliding windows, padding);
+    otherwise causality by position, ``q_pos`` (t,) against ``k_pos`` (n,), and ``k_pos=None``
+    means every key is visible to every query.
     Exact form (``renormalise=False``): the softmax normaliser still contains the visual keys;
     ``q.k`` is computed for visual keys, ``a.v`` only over the other keys (slices, no gathers).
-    ``merge`` (layer 0): each image's removed mass goes onto its first key.
+    ``merge`` (layer 0): each image's removed mass goes onto its first key, whose value is
+    ``merge_values[i]`` (b, Hkv, 1, d) when given (a sliding cache may no longer hold it).
     ``renormalise=True``: visual keys are dropped, softmax over the other keys only.
     Returns (b, H, t, d).
     """
@@ -100,12 +105,17 @@ def text_rows_attention(
     hkv, n = k.shape[1], k.shape[2]
     g = H // hkv
     qg = q.reshape(b, hkv, g * t, d).float()  # head h = kv_head * g + r, as repeat_kv orders them
-    qp = q_pos.repeat(g)
+    hidden = None  # (g*t, n) True where a key is NOT visible, rows ordered as qg's
+    if visible is not None:
+        if not bool(visible.all()):
+            hidden = ~visible.repeat(g, 1)
+    elif k_pos is not None and int(k_pos[-1]) > int(q_pos.min()):
+        hidden = k_pos[None, :] > q_pos.repeat(g)[:, None]
 
     def scores(s, e):
         sc = torch.matmul(qg, k[:, :, s:e].float().transpose(-1, -2)) * scale
-        if k_pos is not None and int(k_pos[e - 1]) > int(q_pos.min()):
-            sc = sc.masked_fill(k_pos[s:e][None, :] > qp[:, None], NEG_INF)
+        if hidden is not None:
+            sc = sc.masked_fill(hidden[:, s:e], NEG_INF)
         return sc
 
     text_runs = _complement_runs(visual_spans, n)
@@ -123,8 +133,9 @@ def text_rows_attention(
     for (s, e), sc in zip(text_runs, s_text):
         out = out + torch.matmul(torch.exp(sc - lse_all[..., None]), v[:, :, s:e].float())
     if merge:
-        for (s, _), l in zip(visual_spans, lse_img):
-            out = out + torch.exp(l - lse_all)[..., None] * v[:, :, s : s + 1].float()
+        firsts = merge_values if merge_values is not None else [v[:, :, s : s + 1] for s, _ in visual_spans]
+        for first, l in zip(firsts, lse_img):
+            out = out + torch.exp(l - lse_all).nan_to_num(0.0)[..., None] * first.float()
     return out.to(q.dtype).reshape(b, H, t, -1)
 
 
@@ -153,6 +164,25 @@ def visual_rows_layer0(
     return out_nv * w.to(out_nv.dtype)[..., None]
 
 
+def masked_rows_without_visual(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor,
+    visual_keys: torch.Tensor, chunk: int = 256,
+) -> torch.Tensor:
+    """Rows whose probabilities on visual keys are zeroed without merge or renormalisation, under
+    an arbitrary visibility mask (bidirectional image blocks, sliding windows).
+
+    q: (b, H, r, d); k, v: (b, H, n, d); ``visible`` (r, n) bool; ``visual_keys`` (n,) bool.
+    Computed in chunks of rows, so at most (chunk x n) scores exist at once. Returns (b, H, r, d).
+    """
+    outs = []
+    for s in range(0, q.shape[2], chunk):
+        sc = torch.matmul(q[:, :, s : s + chunk].float(), k.float().transpose(-1, -2)) * scale
+        sc = sc.masked_fill(~visible[s : s + chunk], NEG_INF)
+        p = torch.softmax(sc, dim=-1).masked_fill(visual_keys, 0.0)
+        outs.append(torch.matmul(p, v.float()))
+    return torch.cat(outs, dim=2).to(q.dtype)
+
+
 @dataclass
 class Influence:
     """What the last prompt token's attention row says about the visual tokens of one layer.
@@ -178,25 +208,30 @@ class Influence:
 
 
 def text_rows_to_visual(
-    q_rows: torch.Tensor, k: torch.Tensor, scale: float, row_index: torch.Tensor, visual_keys: torch.Tensor
+    q_rows: torch.Tensor, k: torch.Tensor, scale: float, row_index: torch.Tensor, visual_keys: torch.Tensor,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean softmax attention of some query rows on the visual keys, (rows, m) float32.
 
     q_rows: (1, H, r, d) the rows' queries; k: (1, H, n, d) with H heads; ``row_index`` the rows'
-    indices in the key sequence (causal: row i sees keys 0..i). Only (r x n) scores exist at once.
+    indices in the key sequence (causal: row i sees keys 0..i, unless ``visible`` (r, n) says which
+    keys each row sees). Only (r x n) scores exist at once.
     """
     scores = torch.matmul(q_rows.float(), k.float().transpose(-1, -2))[0] * scale  # (H, r, n)
-    future = torch.arange(k.shape[2], device=k.device)[None, :] > row_index[:, None]
-    scores = scores.masked_fill(future[None], NEG_INF)
+    if visible is None:
+        visible = torch.arange(k.shape[2], device=k.device)[None, :] <= row_index[:, None]
+    scores = scores.masked_fill(~visible[None], NEG_INF)
     return torch.softmax(scores, dim=-1)[:, :, visual_keys].mean(0)
 
 
 def last_row_influence(
-    q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visual_keys: torch.Tensor
+    q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visual_keys: torch.Tensor,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Influence of visual keys on the last query's attention output ``o`` (before o_proj).
 
-    q_last: (1, H, 1, d); k, v: (1, Hkv, n, d), all keys visible to the last query; query head h
+    q_last: (1, H, 1, d); k, v: (1, Hkv, n, d), all keys visible to the last query unless
+    ``visible`` (n,) bool says which are (a sliding window); query head h
     reads kv head ``h // (H // Hkv)`` (GQA; no copies of K/V are made).
     Returns (cos(o - c_j, o), ||c_j||, mean-over-heads attention a_j, ||o||), where
     ``c_j = concat_h a[h,j] v[h,j]`` and ``o = sum_j c_j``.
@@ -210,6 +245,8 @@ def last_row_influence(
     g = H // hkv
     kf, vf = k[0].float(), v[0].float()  # (Hkv, n, d)
     scores = torch.matmul(q_last[0, :, 0].float().view(hkv, g, d), kf.transpose(-1, -2)) * scale  # (Hkv, g, n)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, NEG_INF)
     a = torch.softmax(scores, dim=-1)
     o = torch.matmul(a, vf)  # (Hkv, g, d)
     vv = vf.index_select(1, visual_keys)  # (Hkv, m, d)

@@ -68,7 +68,7 @@ def fastv_layer_flops(dims: Dims, n: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * dims.intermediate
 
 
-def shallow_prefill_pairs(is_visual: list[bool], mode: str) -> tuple[int, int]:
+def shallow_prefill_pairs(is_visual: list[bool], mode: str, spans: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """(score pairs, weighted-sum pairs) of one shallow-stage prefill layer, as the kernels run it.
 
     ``is_visual`` describes the layer's sequence. Kernels (see ``runtime``):
@@ -79,6 +79,7 @@ def shallow_prefill_pairs(is_visual: list[bool], mode: str) -> tuple[int, int]:
     * disable: rows up to the last visual token: causal SDPA; text rows after: scores on all
       earlier keys, a.v on non-visual keys.
     * disable_renorm: as disable, but text rows score only non-visual keys.
+    ``spans`` are the merge targets (default: maximal runs; video frames split a run).
     """
     n = len(is_visual)
     vis_idx = [i for i, v in enumerate(is_visual) if v]
@@ -90,8 +91,10 @@ def shallow_prefill_pairs(is_visual: list[bool], mode: str) -> tuple[int, int]:
     prefix = first + 1 if mode == "merge" else last + 1
     score += causal_pairs(prefix)
     weighted += causal_pairs(prefix)
+    spans = visual_spans(is_visual) if spans is None else spans
+    starts = {s for s, _ in spans}
     if mode == "merge":
-        for s, e in visual_spans(is_visual):
+        for s, e in spans:
             length = e - s
             earlier_vis = sum(1 for i in vis_idx if i < s)
             earlier_nonvis = s - earlier_vis
@@ -102,7 +105,7 @@ def shallow_prefill_pairs(is_visual: list[bool], mode: str) -> tuple[int, int]:
     for i, v in enumerate(is_visual):
         if v:
             vis_seen += 1
-            if i == 0 or not is_visual[i - 1]:
+            if i in starts:
                 images_seen += 1
             continue
         nonvis_seen += 1

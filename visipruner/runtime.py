@@ -30,12 +30,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
+import sys
 
 from . import flops as F_
 from .adapters import ModelAdapter, get_adapter
 from .attention import (
     Influence,
     last_row_influence,
+    masked_rows_without_visual,
     repeat_kv,
     text_rows_to_visual,
     text_rows_attention,
@@ -48,19 +50,37 @@ _ORIGINAL = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attent
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
 
 
-def _make_dispatch(original):
+def _family_eager(module):
+    """The eager attention function of the module's own modeling file (softcapping etc.)."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", eager_attention_forward)
+
+
+def _make_dispatch(name, original):
     def dispatch(module, query, key, value, attention_mask, **kwargs):
+        fn = _family_eager(module) if name == "eager" else original
         handle = _OWNERS.get(module)
         if handle is None:
-            return original(module, query, key, value, attention_mask, **kwargs)
-        return handle._attention(module, query, key, value, attention_mask, original, **kwargs)
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        return handle._attention(module, query, key, value, attention_mask, fn, **kwargs)
 
     return dispatch
 
 
 for _name, (_attn, _mask) in _ORIGINAL.items():
-    AttentionInterface.register(f"visipruner_{_name}", _make_dispatch(_attn))
+    AttentionInterface.register(f"visipruner_{_name}", _make_dispatch(_name, _attn))
     AttentionMaskInterface.register(f"visipruner_{_name}", _mask)
+
+
+def _visibility(mask, n_q: int, n_k: int) -> torch.Tensor | None:
+    """The (n_q, n_k) bool "query sees key" matrix of a batch-1 attention mask as the model built it
+    (bool for SDPA, additive float for eager), or None when there is none (plain causal)."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    m = mask[0, 0] if mask.dim() == 4 else mask
+    m = m[-n_q:, -n_k:]
+    if m.dtype == torch.bool:
+        return m
+    return m > torch.finfo(m.dtype).min / 2
 
 
 @dataclass
@@ -69,7 +89,8 @@ class PruneStats:
 
     prompt_length: int = 0
     num_visual_tokens: int = 0
-    num_images: int = 0
+    num_images: int = 0  # image spans (an image, or one tile of a tiled image)
+    num_frames: int = 0  # video frames
     pruning_applied: bool = False
     fusion_layer: int | None = None
     exit_layer: int | None = None
@@ -126,6 +147,7 @@ class _PromptState:
         self.original_visual = layout.num_visual
         self.reduced_prompt = False
         self.layer_input: torch.Tensor | None = None  # hidden states entering the current layer
+        self.merge_values: list[torch.Tensor] | None = None  # layer-0 values of each span's first token
 
     def pruned(self) -> bool:
         return self.positions.numel() < self.layout.length
@@ -187,14 +209,14 @@ class PruningHandle:
         past = cache.get_seq_length() if cache is not None else 0
         if input_ids is None:
             if self.method.enabled and past == 0:
-                raise ValueError("visipruner needs input_ids (to find the image tokens); got inputs_embeds only")
+                raise ValueError("visipruner needs input_ids (to find the visual tokens); got inputs_embeds only")
             self._state = None
             return None
-        image_token = self.adapter.image_token_id
-        has_image = bool((input_ids == image_token).any())
+        adapter = self.adapter
+        has_visual = bool(adapter.visual_mask(input_ids).any())
         if past > 0:  # decode step (or continuation) of the current prompt
-            if has_image and self.method.enabled:
-                raise ValueError("image tokens after the prompt was prefilled (chunked prefill) are not supported")
+            if has_visual and self.method.enabled:
+                raise ValueError("visual tokens after the prompt was prefilled (chunked prefill) are not supported")
             st = self._state
             if st is not None and st.prefilled:
                 st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
@@ -208,7 +230,7 @@ class PruningHandle:
         # prefill of a new prompt
         self._state = None
         self.last_stats = None
-        if not self.method.enabled or not has_image:
+        if not self.method.enabled or not has_visual:
             self.last_stats = PruneStats(prompt_length=int(input_ids.shape[-1]))
             return None
         if input_ids.shape[0] != 1:
@@ -220,17 +242,18 @@ class PruningHandle:
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError("padding (zeros in attention_mask) is not supported with pruning; pass an unpadded prompt")
         original_length = int(input_ids.shape[1])
-        original_visual = int((input_ids[0] == image_token).sum())
+        original_visual = int(adapter.visual_mask(input_ids[0]).sum())
         changed = hasattr(self.method, "reduce_prompt")  # methods acting before the language model
         if changed:
-            kwargs = self.method.reduce_prompt(self.adapter.multimodal, image_token, kwargs)
+            kwargs = self.method.reduce_prompt(adapter.multimodal, adapter.image_token_id, kwargs)
             input_ids = kwargs["input_ids"]
-        visual_positions = (input_ids[0] == image_token).nonzero().squeeze(-1)
-        is_vis = (input_ids[0] == image_token).tolist()
+        is_vis = adapter.visual_mask(input_ids[0])
+        spans = adapter.spans(input_ids[0], kwargs)
         layout = PromptLayout(
             length=int(input_ids.shape[1]),
-            visual_positions=visual_positions,
-            image_spans=F_.visual_spans(is_vis),
+            visual_positions=is_vis.nonzero().squeeze(-1),
+            image_spans=[(sp.start, sp.end) for sp in spans],
+            span_kinds=[sp.kind for sp in spans],
         )
         self.method.start(layout, self._num_layers)
         st = _PromptState(layout, self._num_layers, input_ids.device)
@@ -260,7 +283,7 @@ class PruningHandle:
             if st is None:
                 return None
             if st.prefilled:
-                return self._decode_layer_inputs(idx, st, args, kwargs)
+                return None  # decode: each layer's attention builds the mask for its own cache
             return self._prefill_layer_inputs(idx, st, args, kwargs)
 
         return hook
@@ -303,19 +326,6 @@ class PruningHandle:
         st.pending_merges = []
         return hidden
 
-    def _decode_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
-        m = kwargs.get("attention_mask")
-        kept = st.layer_positions[idx]
-        if not isinstance(m, torch.Tensor) or kept.numel() == st.layout.length:
-            return None
-        kwargs["attention_mask"] = m.index_select(-1, self._decode_key_positions(idx, st, m.shape[-1]))
-        return args, kwargs
-
-    def _decode_key_positions(self, idx: int, st: _PromptState, total: int) -> torch.Tensor:
-        kept = st.layer_positions[idx]
-        new = torch.arange(st.layout.length, total, device=kept.device)
-        return torch.cat([kept, new])
-
     # --------------------------------------------------------------------------- attention
     def _attention(self, module, q, k, v, mask, original, **kwargs):
         st = self._state
@@ -325,14 +335,15 @@ class PruningHandle:
         scale = kwargs.get("scaling") or module.head_dim**-0.5
         mode = self.method.shallow_mode(layer)
         if st.prefilled:  # decode step
-            if mode is None or st.decode_positions is None:
+            if st.decode_positions is None:
                 return original(module, q, k, v, mask, **kwargs)
-            return self._shallow_decode(module, q, k, v, scale, mode, st, layer)
+            return self._decode_attention(module, q, k, v, mask, original, scale, mode, st, layer, **kwargs)
         st.layer_modes[layer] = mode
+        visible = _visibility(mask, q.shape[2], k.shape[2])  # None: plain causal
         if mode is None:
             out = original(module, q, k, v, mask, **kwargs)
         else:
-            out = self._shallow_prefill(module, q, k, v, scale, mode, st)
+            out = self._shallow_prefill(module, q, k, v, scale, mode, st, visible)
         present = st.visual_ids[st.visual_ids >= 0]
         influence = None
         if self.method.needs_influence(layer):
@@ -340,7 +351,8 @@ class PruningHandle:
                 raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
             vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
             groups = module.num_key_value_groups
-            cos, norm, attn, onorm = last_row_influence(q[:, :, -1:], k, v, scale, vis_keys)
+            cos, norm, attn, onorm = last_row_influence(
+                q[:, :, -1:], k, v, scale, vis_keys, None if visible is None else visible[-1])
             hidden = st.layer_input[0].index_select(0, vis_keys)
             influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
             st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
@@ -349,7 +361,8 @@ class PruningHandle:
                 rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
                 rows = rows.nonzero().squeeze(-1)
                 influence.text_attention = text_rows_to_visual(
-                    q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys)
+                    q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys,
+                    None if visible is None else visible.index_select(0, rows))
                 st.layer_text_rows[layer] = int(rows.numel())
         keep = self.method.decide(layer, influence, present)
         if isinstance(keep, Decision):
@@ -359,53 +372,103 @@ class PruningHandle:
             st.pending_keep = keep.to(st.visual_ids.device)
         return out
 
-    def _shallow_prefill(self, module, q, k, v, scale, mode, st):
-        """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d)."""
+    def _shallow_prefill(self, module, q, k, v, scale, mode, st, visible):
+        """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d).
+
+        ``visible`` (n, n) bool is the family's own mask (bidirectional image blocks, sliding
+        windows) or None for plain causal attention, which takes the cheapest kernels."""
         is_vis = st.visual_ids >= 0
         vis_idx = is_vis.nonzero().squeeze(-1)
         first, last = int(vis_idx[0]), int(vis_idx[-1])
         n = q.shape[2]
-        out = torch.empty_like(q)
         spans = st.layout.image_spans  # the sequence is unpruned in shallow layers
         ar = torch.arange(n, device=q.device)
         if mode == "merge":
-            groups = module.num_key_value_groups
-            kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
-            for s, e in spans:
-                before = ar[:s]
-                out[:, :, s:e] = visual_rows_layer0(
-                    q[:, :, s:e], kk, vv, scale, (s, e), before[is_vis[:s]], before[~is_vis[:s]]
-                )
-            prefix = first + 1
-        else:
-            prefix = last + 1
-        out[:, :, :prefix] = F.scaled_dot_product_attention(
-            q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], is_causal=True, scale=scale,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+            st.merge_values = [v[:, :, s : s + 1] for s, _ in spans]  # for decode steps (sliding caches)
         text_rows = ((~is_vis) & (ar > first)).nonzero().squeeze(-1)
+        gqa = k.shape[1] != q.shape[1]
+        if visible is None:
+            out = torch.empty_like(q)
+            if mode == "merge":
+                groups = module.num_key_value_groups
+                kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+                for s, e in spans:
+                    before = ar[:s]
+                    out[:, :, s:e] = visual_rows_layer0(
+                        q[:, :, s:e], kk, vv, scale, (s, e), before[is_vis[:s]], before[~is_vis[:s]]
+                    )
+                prefix = first + 1
+            else:
+                prefix = last + 1
+            out[:, :, :prefix] = F.scaled_dot_product_attention(
+                q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], is_causal=True, scale=scale, enable_gqa=gqa,
+            )
+        else:
+            out = torch.empty_like(q)
+            changed_visual = is_vis & (ar > first) if mode == "merge" else torch.zeros_like(is_vis)
+            plain = ((ar <= first) | is_vis) & ~changed_visual
+            rows = plain.nonzero().squeeze(-1)
+            out[:, :, rows] = F.scaled_dot_product_attention(
+                q.index_select(2, rows), k, v, attn_mask=visible.index_select(0, rows), scale=scale, enable_gqa=gqa)
+            rows = changed_visual.nonzero().squeeze(-1)
+            if rows.numel():
+                groups = module.num_key_value_groups
+                out[:, :, rows] = masked_rows_without_visual(
+                    q.index_select(2, rows), repeat_kv(k, groups), repeat_kv(v, groups), scale,
+                    visible.index_select(0, rows), is_vis)
         if text_rows.numel():
             out[:, :, text_rows] = text_rows_attention(
                 q.index_select(2, text_rows), k, v, scale, text_rows, ar, spans,
                 merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
+                visible=None if visible is None else visible.index_select(0, text_rows),
             )
         return out.transpose(1, 2).contiguous(), None
 
-    def _shallow_decode(self, module, q, k, v, scale, mode, st, layer):
-        """A decode step's text queries against a shallow layer's (never pruned) cache."""
+    def _decode_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
+        """A decode step's queries against this layer's own cache, whatever it holds.
+
+        The cache holds the prompt tokens this layer processed, then the generated ones, and a
+        sliding-window cache only the last of those: the keys' original positions are the tail of
+        that list. Visibility is decided by original positions (causal, and the layer's window)."""
         n_prompt = st.layout.length
-        if k.shape[2] != int(st.decode_positions[-1]) + 1 or st.layer_positions[layer].numel() != n_prompt:
+        total = int(st.decode_positions[-1]) + 1
+        kept = st.layer_positions[layer]
+        window = kwargs.get("sliding_window")
+        pruned_cache = kept.numel() != n_prompt
+        if mode is None and not pruned_cache and (mask is None or mask.shape[-1] == k.shape[2]):
+            return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the unpruned one
+        key_pos = torch.cat([kept, torch.arange(n_prompt, total, device=kept.device)])
+        if k.shape[2] > key_pos.numel():
             raise RuntimeError(
-                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected {int(st.decode_positions[-1]) + 1}; "
+                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected at most {key_pos.numel()}; "
                 "was the cache built by another prompt?"
             )
-        # cache index == position here; only several new tokens need a causal mask among themselves
-        k_pos = torch.arange(k.shape[2], device=q.device) if q.shape[2] > 1 else None
-        out = text_rows_attention(
-            q, k, v, scale, st.decode_positions, k_pos, st.layout.image_spans,
-            merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
-        )
-        return out.transpose(1, 2).contiguous(), None
+        key_pos = key_pos[key_pos.numel() - k.shape[2]:]
+        q_pos = st.decode_positions
+        visible = key_pos[None, :] <= q_pos[:, None]
+        if window:
+            visible &= (q_pos[:, None] - key_pos[None, :]) < window
+        if mode is not None:
+            # image spans as ranges of this cache's key indices (a sliding cache may have dropped some)
+            spans, firsts = [], []
+            for (s, e), first_v in zip(st.layout.image_spans, st.merge_values or [None] * len(st.layout.image_spans)):
+                a, b = (int(x) for x in torch.searchsorted(key_pos, torch.tensor([s, e], device=key_pos.device)))
+                if b > a:
+                    spans.append((a, b))
+                    firsts.append(first_v if first_v is not None else v[:, :, a : a + 1])
+            out = text_rows_attention(
+                q, k, v, scale, q_pos, None, spans, merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
+                visible=visible, merge_values=firsts,
+            )
+            return out.transpose(1, 2).contiguous(), None
+        if q.shape[2] == 1 and bool(visible.all()):
+            own_mask = None
+        elif self._original_impl == "eager":
+            own_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~visible, torch.finfo(q.dtype).min)[None, None]
+        else:
+            own_mask = visible[None, None]
+        return original(module, q, k, v, own_mask, **kwargs)
 
     # ------------------------------------------------------------------------------- FLOPs
     def _prefill_stats(self, st: _PromptState) -> PruneStats:
@@ -413,7 +476,8 @@ class PruningHandle:
         stats = PruneStats(
             prompt_length=n0,
             num_visual_tokens=st.original_visual,
-            num_images=len(st.layout.image_spans),
+            num_images=sum(k == "image" for k in st.layout.span_kinds),
+            num_frames=sum(k == "video" for k in st.layout.span_kinds),
             pruning_applied=True,
         )
         for layer in range(self._num_layers):
@@ -425,7 +489,7 @@ class PruningHandle:
             if mode is None:
                 score = weighted = F_.causal_pairs(n)
             else:
-                score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode)
+                score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode, st.layout.image_spans)
             extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
             if st.layer_text_rows[layer]:
                 extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])
@@ -487,4 +551,9 @@ def apply(model: nn.Module, config=None, *, schedule=None) -> PruningHandle:
         method = config
     else:
         raise TypeError(f"apply() takes a method config or a PruningMethod, got {type(config).__name__}")
+    if hasattr(method, "reduce_prompt") and not adapter.supports_pre_lm_methods:
+        raise ValueError(
+            f"{method.name} acts before the language model (on the vision features), which is implemented for "
+            f"LLaVA only; it does not support {adapter.family} ({type(model).__name__})"
+        )
     return PruningHandle(model, method, adapter)

@@ -11,11 +11,13 @@ from ..attention import Influence
 
 @dataclass
 class PromptLayout:
-    """Where the visual tokens of one (batch-1) prompt are."""
+    """Where the visual tokens of one (batch-1) prompt are. Each span is one image (or tile) or one
+    video frame; the shallow stage merges a span's visual mass onto the span's first token."""
 
     length: int
     visual_positions: torch.Tensor  # long, sorted
-    image_spans: list[tuple[int, int]]  # [start, end) of each maximal run of image tokens
+    image_spans: list[tuple[int, int]]  # [start, end) of each visual span (image, tile or video frame)
+    span_kinds: list[str] = field(default_factory=list)  # "image" or "video", one per span
 
     @property
     def num_visual(self) -> int:

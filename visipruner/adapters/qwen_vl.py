@@ -1,0 +1,60 @@
+"""Qwen2-VL and Qwen2.5-VL: M-RoPE positions, images and videos of any size.
+
+The model computes 3-D (temporal, height, width) rotary positions for the whole prompt and hands
+every layer the rotated cos/sin; the runtime slices those to the tokens still present, so kept
+tokens keep their 3-D positions. In decode the model continues from ``rope_deltas`` and the
+cache's layer 0 (never pruned), so nothing here needs to know about positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from .base import ModelAdapter, Span, frame_spans, runs
+
+
+class QwenVLAdapter(ModelAdapter):
+    family = "Qwen2-VL"
+
+    def spans(self, input_ids: torch.Tensor, call_kwargs: dict) -> list[Span]:
+        ids = input_ids.tolist()
+        out = [Span(s, e, "image") for s, e in runs([t == self.visual_token_ids["image"] for t in ids])]
+        video_runs = runs([t == self.visual_token_ids.get("video") for t in ids])
+        grids = call_kwargs.get("video_grid_thw")
+        if video_runs:
+            out += video_frames(video_runs, grids, self.merge)
+        return sorted(out, key=lambda s: s.start)
+
+    @property
+    def merge(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+
+def video_frames(video_runs: list[tuple[int, int]], grids, merge: int) -> list[Span]:
+    """Frames of each video: a video's tokens are one run (Qwen2-VL) or one run per frame
+    (Qwen3-VL puts a timestamp between frames); ``grids`` are the videos' (t, h, w) patch grids."""
+    if grids is None:
+        raise ValueError("a prompt with video tokens needs video_grid_thw to split the video into frames")
+    out, pending = [], list(video_runs)
+    for t, h, w in torch.as_tensor(grids).tolist():
+        per_frame, left = (h // merge) * (w // merge), t * (h // merge) * (w // merge)
+        while left > 0:
+            if not pending:
+                raise ValueError("video_grid_thw describes more video tokens than the prompt holds")
+            run = pending.pop(0)
+            out += frame_spans(run, per_frame)
+            left -= run[1] - run[0]
+    if pending:
+        raise ValueError("the prompt holds more video tokens than video_grid_thw describes")
+    return out
+
+
+@register("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+def _qwen2_vl(model) -> ModelAdapter:
+    cfg = model.config
+    a = QwenVLAdapter(model, model.model, model.model.language_model,
+                      {"image": cfg.image_token_id, "video": getattr(cfg, "video_token_id", None)})
+    if type(model).__name__.startswith("Qwen2_5"):
+        a.family = "Qwen2.5-VL"
+    return a
