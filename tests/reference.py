@@ -31,30 +31,66 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope(model, positions, dtype):
-    """cos/sin for the given absolute positions, computed from the config's rope theta."""
-    cfg = model.config.text_config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    theta = cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class _Captured(Exception):
+    pass
 
 
-def input_embeddings(model, input_ids, pixel_values):
-    emb = model.model.get_input_embeddings()(input_ids)[0]
-    if pixel_values is not None:
-        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        feats = torch.cat(list(feats), dim=0).to(emb.dtype)
-        is_img = input_ids[0] == model.config.image_token_id
-        emb = emb.clone()
-        emb[is_img] = feats
-    return emb
+def language_model_inputs(model, input_ids, pixel_values, **extra):
+    """What the family's own multimodal code hands its language model for this prompt: the input
+    embeddings (visual features merged in), the rotary position ids (M-RoPE for Qwen-VL) and any
+    per-layer visual additions (Qwen3-VL's deepstack). Captured at the language model's door; the
+    language model itself is not run."""
+    lm = model.model.language_model
+    got = {}
+
+    def grab(module, args, kwargs):
+        got.update(kwargs)
+        raise _Captured
+
+    h = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        kw = dict(extra)
+        if pixel_values is not None:
+            kw["pixel_values"] = pixel_values
+        model.model(input_ids=input_ids, use_cache=False, **kw)
+    except _Captured:
+        pass
+    finally:
+        h.remove()
+    return got
+
+
+def _rope_tables(model, lm, h, position_ids, layer_type):
+    """cos/sin of every original position, from the family's own rotary module."""
+    n = h.shape[0]
+    if position_ids is None:
+        position_ids = torch.arange(n)[None]
+    if layer_type is not None:
+        return lm.rotary_emb(h[None], position_ids, layer_type)
+    return lm.rotary_emb(h[None], position_ids)
+
+
+def visibility(n, layer_type, sliding_window, image_blocks, pos):
+    """(m, m) bool: query i sees key j. Causal by original position; a sliding layer sees only the
+    last ``sliding_window`` positions; tokens of one image block (bidirectional families) see each
+    other whatever their order."""
+    qi, kj = pos[:, None], pos[None, :]
+    allowed = kj <= qi
+    if layer_type == "sliding_attention" and sliding_window:
+        allowed = allowed & (qi - kj < sliding_window)
+    if image_blocks is not None:
+        blk = image_blocks
+        allowed = allowed | ((blk[:, None] >= 0) & (blk[:, None] == blk[None, :]))
+    return allowed
+
+
+# Families whose images attend to themselves bidirectionally (transformers' token_type_ids masks)
+BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
 
 
 @torch.no_grad()
-def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_rule=None, selection="influence") -> RefResult:
+def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_rule=None, selection="influence",
+                      *, extra_inputs=None, spans=None) -> RefResult:
     """Run the VisiPruner semantics on a batch-1 prompt; ``cfg`` a VisiPrunerConfig-like object.
 
     With ``schedule`` (fusion_layer, critical_tokens, exit_layer) the decisions are forced
@@ -64,29 +100,57 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     ``wants_text = True`` also gets ``text_probs`` (head-mean attention of the text rows after the
     first image on the visual tokens) and may return ``(keep_ids, merges)`` to recycle tokens.
     ``selection="attention"``: the critical set has the same size but is chosen by attention.
+    ``extra_inputs``: the family's other processor outputs (grids, sizes, token types).
+    ``spans``: [start, end) of each image / video frame (the shallow stage's merge targets);
+    default each maximal run of visual tokens.
     """
     lm = model.model.language_model
-    tcfg = model.config.text_config
+    tcfg = lm.config
     H, Hkv = tcfg.num_attention_heads, tcfg.num_key_value_heads
     hd = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // H
-    scale = hd**-0.5
     stages = set(cfg.stages)
     K = cfg.shallow_layers
 
-    h = input_embeddings(model, input_ids, pixel_values)
+    got = language_model_inputs(model, input_ids, pixel_values, **(extra_inputs or {}))
+    h = got["inputs_embeds"][0]
     n = h.shape[0]
+    position_ids = got.get("position_ids")
+    deepstack = got.get("deepstack_visual_embeds")
+    layer_types = getattr(tcfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
+    per_type = len(set(layer_types)) > 1 and "layer_type" in lm.rotary_emb.forward.__code__.co_varnames
+    ropes = {t: _rope_tables(model, lm, h, position_ids, t if per_type else None) for t in set(layer_types)}
     pos = torch.arange(n)
-    is_img = (input_ids[0] == model.config.image_token_id)
+    visual_ids = [getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None)]
+    visual_ids = torch.tensor([t for t in visual_ids if t is not None])
+    is_img = torch.isin(input_ids[0], visual_ids)
     vis_id = torch.full((n,), -1)
     vis_id[is_img] = torch.arange(int(is_img.sum()))
-    # each image's first token (maximal runs of image tokens)
-    starts = [i for i in range(n) if is_img[i] and (i == 0 or not is_img[i - 1])]
+    if spans is None:  # each maximal run of visual tokens
+        spans, i = [], 0
+        while i < n:
+            if is_img[i]:
+                j = i
+                while j < n and is_img[j]:
+                    j += 1
+                spans.append((i, j))
+                i = j
+            else:
+                i += 1
+    starts = [s for s, _ in spans]
     image_of = torch.full((n,), -1)
-    for g, s in enumerate(starts):
-        e = s
-        while e < n and is_img[e]:
-            image_of[e] = g
-            e += 1
+    for g, (s, e) in enumerate(spans):
+        image_of[s:e] = g
+    # bidirectional families: each maximal run of image tokens is one block
+    blocks = None
+    if model.config.model_type in BIDIRECTIONAL_IMAGE_FAMILIES:
+        blocks = torch.full((n,), -1)
+        b = -1
+        for i in range(n):
+            if is_img[i]:
+                if i == 0 or not is_img[i - 1]:
+                    b += 1
+                blocks[i] = b
+    gemma_like = hasattr(lm.layers[0], "pre_feedforward_layernorm")
 
     res = RefResult(logits=None, positions=None)
     fusion = exit_ = None
@@ -95,19 +159,29 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     for li, layer in enumerate(lm.layers):
         m = h.shape[0]
         h_in = h
+        blocks_k = None if blocks is None else blocks[pos]
         res.visual_tokens_per_layer.append(int((vis_id >= 0).sum()))
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(m, H, hd).transpose(0, 1)
-        k = attn.k_proj(x).view(m, Hkv, hd).transpose(0, 1)
+        q = attn.q_proj(x).view(m, H, hd)
+        k = attn.k_proj(x).view(m, Hkv, hd)
         v = attn.v_proj(x).view(m, Hkv, hd).transpose(0, 1)
-        cos, sin = _rope(model, pos, h.dtype)
+        if hasattr(attn, "q_norm"):  # per-head q/k norms (Qwen3, Gemma3) before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        cos, sin = ropes[layer_types[li]]
+        cos, sin = cos[0][pos].to(h.dtype), sin[0][pos].to(h.dtype)  # kept tokens keep their positions
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k = k.repeat_interleave(H // Hkv, dim=0)
         v = v.repeat_interleave(H // Hkv, dim=0)
-        scores = (q @ k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        cap = getattr(attn, "attn_logit_softcapping", None)
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
+        allowed = visibility(m, layer_types[li], getattr(tcfg, "sliding_window", None),
+                             None if blocks is None else blocks_k, pos)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         P = torch.softmax(scores.float(), dim=-1).to(h.dtype)  # (H, m, m)
 
         cur_vis = vis_id >= 0
@@ -185,8 +259,16 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
                     if count >= cfg.exit_patience:
                         exit_, keep_ids = li, torch.tensor([], dtype=torch.long)
 
-        h = h + attn.o_proj(o)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if gemma_like:  # norms after attention and around the MLP
+            h = h + layer.post_attention_layernorm(attn.o_proj(o))
+            h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        else:
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if deepstack is not None and li < len(deepstack):  # Qwen3-VL: vision features added after layer li
+            rows = (vis_id >= 0).nonzero().squeeze(-1)
+            h = h.clone()
+            h[rows] = h[rows] + deepstack[li][vis_id[rows]].to(h.dtype)
 
         if merges and li + 1 < len(lm.layers):  # recycled tokens: mean of the states entering the next layer
             h = h.clone()
@@ -199,6 +281,9 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
 
     h = lm.norm(h)
     res.logits = model.lm_head(h)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        res.logits = torch.tanh(res.logits / cap) * cap
     res.positions = pos
     res.fusion_layer, res.exit_layer = fusion, exit_
     res.critical_tokens = [] if critical is None else sorted(critical.tolist())

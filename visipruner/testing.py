@@ -67,3 +67,81 @@ def random_prompt(model, *, seed: int = 0, prefix: int = 5, suffix: int = 12, im
     size = model.config.vision_config.image_size
     pixels = torch.randn(images, 3, size, size, generator=g)
     return {"input_ids": ids, "pixel_values": pixels, "attention_mask": torch.ones_like(ids)}
+
+
+# ------------------------------------------------------------------------------ Qwen2-VL family
+QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 150, 151, 152, 153
+
+
+def tiny_qwen_vl(
+    seed: int = 0,
+    *,
+    version: str = "2",
+    layers: int = 8,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): M-RoPE, patch 4, merge 2."""
+    torch.manual_seed(seed)
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+               vision_end_token_id=QWEN_VISION_END)
+    if version == "2":
+        from transformers import Qwen2VLConfig as C, Qwen2VLForConditionalGeneration as M
+
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig as C, Qwen2_5_VLForConditionalGeneration as M
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    cfg = C(text_config=text, vision_config=vision, **ids)
+    cfg.text_config._attn_implementation = attn_implementation
+    cfg.vision_config._attn_implementation = "sdpa"
+    return M(cfg).to(dtype).eval()
+
+
+def qwen_vl_prompt(model, *, seed: int = 0, images=((8, 8),), videos=(), prefix: int = 5, suffix: int = 10,
+                   between: int = 3):
+    """A Qwen-VL prompt: text, then each image (patch grid h x w) and each video (t, h, w), each
+    wrapped in vision start/end tokens, then text. Returns the model's keyword inputs and the
+    [start, end) of each image and each video frame (merge 2: h*w/4 tokens per frame)."""
+    g = torch.Generator().manual_seed(seed)
+    vcfg = model.config.vision_config
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    merge = vcfg.spatial_merge_size
+    vocab = 140  # ordinary text ids stay below the special ones
+
+    def text(k):
+        return torch.randint(4, vocab, (k,), generator=g).tolist()
+
+    ids, spans = [1] + text(prefix - 1), []
+    out = {}
+    items = [("image", (1, h, w)) for h, w in images] + [("video", tuple(v)) for v in videos]
+    for i, (kind, (t, h, w)) in enumerate(items):
+        per_frame = (h // merge) * (w // merge)
+        ids.append(QWEN_VISION_START)
+        for f in range(t if kind == "video" else 1):
+            spans.append((len(ids), len(ids) + per_frame))
+            ids += [QWEN_IMAGE if kind == "image" else QWEN_VIDEO] * per_frame
+        ids.append(QWEN_VISION_END)
+        ids += text(between if i < len(items) - 1 else suffix)
+    if images:
+        out["pixel_values"] = torch.randn(sum(h * w for h, w in images), patch_dim, generator=g)
+        out["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in images])
+    if videos:
+        # t frames of the grid are t * temporal_patch_size input frames
+        out["pixel_values_videos"] = torch.randn(sum(t * h * w for t, h, w in videos), patch_dim, generator=g)
+        out["video_grid_thw"] = torch.tensor([list(v) for v in videos])
+    input_ids = torch.tensor([ids])
+    # what the processor returns beside input_ids: 1 for image tokens, 2 for video tokens
+    mm_types = (input_ids == QWEN_IMAGE).long() + 2 * (input_ids == QWEN_VIDEO).long()
+    out.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm_types)
+    return out, spans

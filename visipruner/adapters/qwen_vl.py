@@ -21,9 +21,17 @@ class QwenVLAdapter(ModelAdapter):
         ids = input_ids.tolist()
         out = [Span(s, e, "image") for s, e in runs([t == self.visual_token_ids["image"] for t in ids])]
         video_runs = runs([t == self.visual_token_ids.get("video") for t in ids])
-        grids = call_kwargs.get("video_grid_thw")
         if video_runs:
-            out += video_frames(video_runs, grids, self.merge)
+            grids, pos = call_kwargs.get("video_grid_thw"), call_kwargs.get("position_ids")
+            if grids is not None:
+                out += video_frames(video_runs, grids, self.merge)
+            elif isinstance(pos, torch.Tensor) and pos.dim() == 3:
+                # generate() hands the model precomputed vision features and 3-D positions instead of
+                # the grids: a frame is a run of one temporal position
+                out += frames_from_positions(video_runs, pos[-3, 0])
+            else:
+                raise ValueError("a prompt with video tokens needs video_grid_thw (or M-RoPE position_ids) "
+                                 "to split the video into frames")
         return sorted(out, key=lambda s: s.start)
 
     @property
@@ -47,6 +55,15 @@ def video_frames(video_runs: list[tuple[int, int]], grids, merge: int) -> list[S
             left -= run[1] - run[0]
     if pending:
         raise ValueError("the prompt holds more video tokens than video_grid_thw describes")
+    return out
+
+
+def frames_from_positions(video_runs: list[tuple[int, int]], temporal: torch.Tensor) -> list[Span]:
+    """Frames of each video run read off the temporal M-RoPE positions (one value per frame)."""
+    out = []
+    for s, e in video_runs:
+        per_frame = int((temporal[s:e] == temporal[s]).sum())
+        out += frame_spans((s, e), per_frame)
     return out
 
 

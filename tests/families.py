@@ -1,0 +1,78 @@
+"""Each supported model family as the tests see it: a tiny random model built in-process and a
+prompt maker. A family module of the package (``visipruner/adapters/``) gets an entry here, and
+every test in ``test_families.py`` runs on it.
+
+``prompt(model, seed, layout)`` returns ``(inputs, spans)``: the model's keyword inputs and the
+[start, end) of each image (tile) and video frame, worked out here from how the prompt was
+built (not from the package), so the reference merges onto the spans the family defines.
+``layout`` is one of "one", "two" (two images) and "video".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from visipruner.testing import IMAGE_TOKEN_ID, qwen_vl_prompt, random_prompt, tiny_llava, tiny_qwen_vl, tokens_per_image
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable  # (seed, attn_implementation, layers) -> model
+    prompt: Callable  # (model, seed, layout) -> (inputs, spans)
+    layouts: tuple = ("one", "two")
+    extra_keys: tuple = ()  # inputs besides input_ids/pixel_values the reference must pass on
+    marks: list = field(default_factory=list)
+
+    def reference_inputs(self, inputs):
+        return {k: inputs[k] for k in self.extra_keys if k in inputs}
+
+    def extend(self, inputs, new_ids):
+        """The inputs for the prompt followed by generated tokens ``new_ids`` (1, t)."""
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([inputs["input_ids"], new_ids], dim=1)
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                out[key] = torch.cat([inputs[key], torch.zeros_like(new_ids)], dim=1)
+        return out
+
+
+def _llava_prompt(model, seed, layout):
+    images = 2 if layout == "two" else 1
+    inputs = random_prompt(model, seed=seed, images=images)
+    per, spans, ids = tokens_per_image(model), [], inputs["input_ids"][0].tolist()
+    i = 0
+    while i < len(ids):
+        if ids[i] == IMAGE_TOKEN_ID:
+            spans.append((i, i + per))
+            i += per
+        else:
+            i += 1
+    return inputs, spans
+
+
+def _qwen_prompt(model, seed, layout):
+    if layout == "one":
+        return qwen_vl_prompt(model, seed=seed, images=((8, 8),))
+    if layout == "two":
+        return qwen_vl_prompt(model, seed=seed, images=((8, 8), (4, 8)))
+    return qwen_vl_prompt(model, seed=seed, images=((4, 4),), videos=((3, 4, 8),))
+
+
+FAMILIES = [
+    Family("llava", lambda seed, attn, layers: tiny_llava(seed, attn_implementation=attn, layers=layers), _llava_prompt),
+    Family("qwen2_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2", attn_implementation=attn, layers=layers),
+           _qwen_prompt, layouts=("one", "two", "video"),
+           extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
+    Family("qwen2_5_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2.5", attn_implementation=attn, layers=layers),
+           _qwen_prompt, layouts=("one", "video"),
+           extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
+]
+
+
+def family(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
