@@ -145,3 +145,48 @@ def qwen_vl_prompt(model, *, seed: int = 0, images=((8, 8),), videos=(), prefix:
     mm_types = (input_ids == QWEN_IMAGE).long() + 2 * (input_ids == QWEN_VIDEO).long()
     out.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm_types)
     return out, spans
+
+
+# ------------------------------------------------------------------------------ processors
+TINY_WORDS = ("what color is the shape in image a an red blue green circle square triangle yes no how many "
+              "there ? . , 0 1 2 3 4 user assistant system").split()
+
+
+def tiny_tokenizer(special_tokens=(), words=TINY_WORDS):
+    """A word-level fast tokenizer built in-process (ids: <unk> 0, <pad> 1, words, then the special
+    tokens), small enough for tiny models' vocabularies; nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    t.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *special_tokens]})
+    return t
+
+
+# ChatML with an image placeholder, as LLaVA-style processors expand it
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llava_with_processor(seed: int = 0, layers: int = 4):
+    """A tiny LLaVA whose vocabulary is a tiny tokenizer's, and its LlavaProcessor (CLIP preprocessing,
+    ChatML chat template): a complete model folder once saved with ``save_pretrained``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tok = tiny_tokenizer(["<image>"])
+    model = tiny_llava(seed, layers=layers, vocab=len(tok) + 2)
+    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    size = model.config.vision_config.image_size
+    ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=model.config.vision_config.patch_size,
+                          vision_feature_select_strategy="default", chat_template=CHATML_TEMPLATE,
+                          image_token="<image>", num_additional_image_tokens=1)
+    return model, proc

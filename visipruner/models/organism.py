@@ -256,10 +256,7 @@ def load_organism(device: str | torch.device = "cpu", dtype: torch.dtype = torch
 
 
 def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32):
-    """Load a saved HF Llava directory (``save_pretrained`` output) with its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load a saved model folder (``save_pretrained`` output) of any supported family with its processor."""
+    from .hf import load_model_dir as load
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
+    return load(path, device=device, dtype=dtype)

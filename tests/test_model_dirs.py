@@ -1,0 +1,69 @@
+"""`--model DIR`: a saved folder of a supported family loads with its own processor and template."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visipruner.cli import main
+from visipruner.models import load_model_dir
+from visipruner.testing import tiny_llava_with_processor, tiny_qwen_vl
+
+
+def _questions(tmp_path, n=3):
+    rows = []
+    for i in range(n):
+        img = tmp_path / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype("uint8")).save(img)
+        rows.append({"image": str(img), "question": "what color is the shape ?", "answer": "red", "id": str(i)})
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+def test_llava_folder_loads_and_evaluates(tmp_path, capsys):
+    model, proc = tiny_llava_with_processor(0)
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    loaded, lproc = load_model_dir(tmp_path / "m")
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    assert loaded.config.text_config._attn_implementation == "sdpa"
+    # the folder's chat template and image expansion, through the processor
+    from visipruner.evaluate import prepare_batch
+    from visipruner.data.questions import load_questions
+
+    qs = load_questions(str(_questions(tmp_path)))
+    batch = prepare_batch(lproc, qs[:1])
+    n_img = int((batch["input_ids"] == loaded.config.image_token_id).sum())
+    assert n_img == (loaded.config.vision_config.image_size // loaded.config.vision_config.patch_size) ** 2
+    text = lproc.tokenizer.decode(batch["input_ids"][0]).replace(" ", "")  # word-level: spaces between tokens
+    assert text.startswith("<|im_start|>user<image>") and text.endswith("?<|im_end|><|im_start|>assistant")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "q.jsonl"), "--json", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads(out.read_text())["overall"]["n"] == 3
+
+
+def test_unsupported_folder_names_the_supported_classes(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match="Qwen2VLForConditionalGeneration"):
+        load_model_dir(tmp_path / "lm")
+
+
+def test_qwen_folder_loads_its_model_class(tmp_path):
+    """The model half of a Qwen2-VL folder (its processor needs torchvision in transformers 5.x)."""
+    from visipruner.models.hf import model_class_for
+
+    model = tiny_qwen_vl(0, layers=2)
+    model.save_pretrained(tmp_path / "q")
+    cls, _ = model_class_for(tmp_path / "q")
+    assert cls.__name__ == "Qwen2VLForConditionalGeneration"
