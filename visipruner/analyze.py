@@ -46,6 +46,7 @@ import torch
 from .adapters import ADAPTERS, get_adapter
 from .attention import Influence
 from .config import VisiPrunerConfig
+from .inputs import InputError
 from .methods.base import Schedule
 from .methods.visipruner import VisiPruner
 from .runtime import apply
@@ -928,10 +929,10 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
     if not isinstance(config, VisiPrunerConfig):
         raise TypeError(f"config must be a VisiPrunerConfig, got {type(config).__name__}")
     if config.shallow_layers >= L:
-        raise ValueError(f"config.shallow_layers={config.shallow_layers} must be below the model's {L} layers")
+        raise InputError(f"config.shallow_layers={config.shallow_layers} must be below the model's {L} layers")
     window = window or max(1, L // 8)
     if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+        raise InputError(f"window must be >= 1, got {window}")
     if examples is None:
         if processor is None:
             raise ValueError("analyze() needs a processor to turn questions into inputs, or pre-built examples=")
@@ -940,7 +941,7 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
     elif limit:
         examples = examples[:limit]
     if not examples:
-        raise ValueError("no examples to analyze")
+        raise InputError("no examples to analyze")
     for e in examples:
         ids = e.inputs["input_ids"]
         if ids.shape[0] != 1:
@@ -992,32 +993,21 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
 
 
 def _run(args) -> int:
+    from . import inputs
     from .bench import _load_model
-    from .data.questions import load_questions
 
-    def fail(msg):
-        print(f"visipruner analyze: error: {msg}", file=sys.stderr)
-        return 2
-
-    try:
-        questions = load_questions(args.data)
-    except (ValueError, OSError) as e:
-        return fail(f"bad question file: {e}")
-    if not questions:
-        return fail(f"{args.data}: no questions")
-    config = None
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        try:
-            config = VisiPrunerConfig.from_json(text)
-        except (ValueError, TypeError) as e:
-            return fail(f"--config: {e}")
+    for flag, value in (("--limit", args.limit), ("--window", args.window), ("--stride", args.stride),
+                        ("--sinks", args.sinks)):
+        inputs.at_least(flag, value, 1)
+    inputs.positive("--tolerance", args.tolerance)
+    config = inputs.method_config("--config", args.config, VisiPrunerConfig) if args.config else None
+    inputs.model_dir("--model", args.model)
+    inputs.output_file("--out", str(Path(args.out) / "analysis.json"))
+    questions = inputs.read_questions(args.data, limit=args.limit)
     model, processor = _load_model(args)
-    try:
-        s = analyze(model, processor, questions, args.out, config=config, window=args.window, limit=args.limit,
-                    stride=args.stride, sinks=args.sinks, tolerance=args.tolerance)
-    except (TypeError, ValueError) as e:
-        return fail(str(e))
+    # errors inside analyze() other than InputError (e.g. a TypeError) are bugs: they keep their traceback
+    s = analyze(model, processor, questions, args.out, config=config, window=args.window, limit=args.limit,
+                stride=args.stride, sinks=args.sinks, tolerance=args.tolerance)
     for k, v in s["verdicts"].items():
         print(f"[{k}] {v}")
     for n in s["suggestion"]["notes"]:
