@@ -1105,12 +1105,19 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
     finally:
         bar.close()
         model.train(was_training)
-    results = _clean(results)
-    summary = _clean(summarise(results, config, L, window, tolerance))
+    images = ([e.image for e in examples[:heatmap_examples]] if any(e.image is not None for e in examples)
+              else [None] * min(heatmap_examples, len(examples)))
+    return write_report(_clean(results), config, L, window, tolerance, out_dir, decode, images)
+
+
+def write_report(results: list[dict], config: VisiPrunerConfig, num_layers: int, window: int, tolerance: float,
+                 out_dir, decode: Callable[[int], str], images: list) -> dict:
+    """Summary, verdicts, plots, ``analysis.json``, ``suggested_config.json`` and ``report.html``
+    from the per-example results (``analyze_example``'s dicts, as ``analysis.json`` stores them)."""
+    summary = _clean(summarise(results, config, num_layers, window, tolerance))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = make_plots(summary, results, out, decode, [e.image for e in examples[:heatmap_examples]]
-                       if any(e.image is not None for e in examples) else [None] * min(heatmap_examples, len(examples)))
+    files = make_plots(summary, results, out, decode, images)
     for r in results:
         r["answer_token"] = decode(r["answer_id"])
         for k in ("residual_top", "attn_output_top"):
