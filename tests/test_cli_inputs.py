@@ -170,3 +170,19 @@ def test_installed_command_exits_2_with_one_line(files):
     assert p.stderr.strip().splitlines() == [
         f"visipruner eval: error: bad question file (--data): {files}/badjson.jsonl:2: invalid JSON "
         "(Expecting property name enclosed in double quotes at column 2)"]
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("calibrate --data {d}/good.jsonl --target agreement=0.9 --shallow-layers 2,4",
+     "--shallow-layers: K must be below the model's 4 layers, got '2,4'"),
+    ("analyze --data {d}/good.jsonl --out {d}/o --config {d}/k4.json",
+     "config.shallow_layers=4 must be below the model's 4 layers"),
+])
+def test_input_errors_found_once_the_model_is_known_are_one_line_too(files, capsys, monkeypatch, line, needle):
+    """Depth-dependent checks need the model's config: still one line and status 2, before any work."""
+    from visipruner.testing import tiny_llava
+
+    monkeypatch.setattr(visipruner.models, "load_organism", lambda *a, **k: (tiny_llava(0, layers=4), None))
+    (files / "k4.json").write_text('{"method": "visipruner", "shallow_layers": 4}')
+    rc, err = run(line.format(d=files).split(" "), capsys)
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
