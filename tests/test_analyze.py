@@ -94,9 +94,15 @@ def test_analyze_writes_json_png_html_and_a_config(model, tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(pngs)
     assert "<img src=\"knockout.png\"" not in page and "Verdicts" in page
-    for stage in ("shallow", "middle", "deep"):
-        v = s["verdicts"][stage]
-        assert "APPEAR" in v  # a plain statement either way
+    words = {"yes": "APPEARS", "no": "DOES NOT APPEAR", "inconclusive": "INCONCLUSIVE"}
+    heads = {"shallow": "Shallow stage (K=2): ", "middle": "Middle stage: ", "deep": "Deep stage: "}
+    for stage, head in heads.items():  # each verdict opens with exactly its measured outcome
+        assert s["outcomes"][stage] in words
+        assert s["verdicts"][stage].startswith(head + words[s["outcomes"][stage]] + ". ")
+    for key in ("knockout", "visipruner_shallow_stage"):  # VisiPruner's own shallow stage beside the knockout
+        d = s["shallow_cost"][key]["delta_logp"]
+        assert d["n"] == 3 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert "the knockout beside VisiPruner's own shallow stage" in page
     text = (tmp_path / "suggested_config.json").read_text()
     sug = visipruner.VisiPrunerConfig.from_json(text)
     assert visipruner.VisiPrunerConfig.from_json(sug.to_json()) == sug
@@ -139,3 +145,91 @@ def test_suggestion_takes_the_tightest_bound():
     assert "shallow" not in suggest(s, cfg)["config"]["stages"]
     s["knockout_all"] = c(0.0, L=12)  # the image is not used at all: nothing to locate
     assert suggest(s, cfg)["shallow_layers"] == 2
+
+
+# ------------------------------------------------------------------------------ verdicts
+def test_bootstrap_interval_of_the_mean():
+    from visipruner.analyze import bootstrap_ci
+
+    assert bootstrap_ci([]) is None
+    assert bootstrap_ci([0.25] * 7) == [0.25, 0.25]  # no spread, nothing to be unsure about
+    wide = bootstrap_ci([-1.0, 1.0] * 5)
+    narrow = bootstrap_ci([-1.0, 1.0] * 200)
+    assert -1.0 < wide[0] < -0.2 and 0.2 < wide[1] < 1.0  # 10 examples: the mean 0 is far from pinned down
+    assert -0.15 < narrow[0] < 0 < narrow[1] < 0.15  # 400: sd/sqrt(n) = 0.05, so about ±0.1
+    assert bootstrap_ci([-1.0, 1.0] * 5) == wide  # seeded: the report does not change from run to run
+
+
+def _effects(deltas):
+    from visipruner.analyze import _cond_summary
+
+    return _cond_summary([{"delta_logp": d, "correct": None, "same_top": d > -0.5} for d in deltas])
+
+
+def _summary(*, knockout=(0.0,) * 10, own=(0.0,) * 10, fused=10, critical=(-1.2,) * 10, random=(0.0,) * 10,
+             keep=(0.0,) * 10, exited=10, late=(0.0,) * 10):
+    """A summary with the fields verdicts() reads; 10 examples, K = 2, 12 layers, tolerance 0.1."""
+    from visipruner.analyze import bootstrap_ci
+
+    zero = _effects([0.0] * 10)
+    stat = {"n": 10, "mean": 1.0, "median": 1.0, "q25": 1.0, "q75": 1.0}
+    windows = [{**(_effects(late) if start > 8 else zero), "start": start, "end": start + 2} for start in range(0, 11)]
+    diff = [c - r for c, r in zip(critical, random)]
+    return {
+        "examples": 10, "num_layers": 12, "tolerance_nats": 0.1, "unpruned": zero, "knockout_all": _effects([-1.5] * 10),
+        "shallow_cost": {"layers": 2, "knockout": _effects(knockout), "visipruner_shallow_stage": _effects(own)},
+        "sink_test": {"block_topk_sinks": zero}, "knockout": windows,
+        "value_l1": {"sinks": [stat] * 12, "other_visual": [stat] * 12}, "sink_attention_share": stat,
+        "fusion_rate": fused / 10, "fusion_rate_ci95": bootstrap_ci([1.0] * fused + [0.0] * (10 - fused)),
+        "fusion_layer": {**stat, "median": 5.0},
+        "exit_rate": exited / 10, "exit_rate_ci95": bootstrap_ci([1.0] * exited + [0.0] * (10 - exited)),
+        "exit_layer": {**stat, "median": 8.0 if exited else None},
+        "attribution": {"remove_critical": _effects(critical), "remove_random_others": _effects(random),
+                        "keep_only_critical": _effects(keep), "noise_critical": _effects(critical),
+                        "critical_minus_random": {"mean": sum(diff) / 10, "ci95": bootstrap_ci(diff)}},
+        "config_run": {**zero, "prefill_flops_ratio": {**stat, "mean": 0.6}},
+    }
+
+
+# The shipped weights' own numbers for the shallow knockout (docs/results/analysis, 10 examples):
+# mean -0.105 against a tolerance of 0.1, median -0.0006; VisiPruner's shallow stage +0.011.
+SHIPPED_KNOCKOUT = (0.0014, -0.0002, -0.0394, -0.3204, -0.6940, -0.0096, -0.0001, -0.0009, -0.0001, 0.0101)
+SHIPPED_OWN = (0.0024, 0.0003, 0.0162, -0.0084, 0.0074, 0.0868, -0.0002, -0.0001, 0.0004, 0.0046)
+
+
+@pytest.mark.parametrize("stage, kwargs, outcome", [
+    ("shallow", {}, "yes"),
+    ("shallow", {"knockout": (-0.5,) * 10}, "no"),
+    ("shallow", {"own": (-0.3, -0.4) * 5}, "no"),  # the knockout is harmless, VisiPruner's own stage is not
+    ("shallow", {"knockout": SHIPPED_KNOCKOUT, "own": SHIPPED_OWN}, "inconclusive"),
+    ("shallow", {"knockout": (-0.3, 0.1) * 5}, "inconclusive"),  # mean -0.1, right at the tolerance
+    ("middle", {}, "yes"),
+    ("middle", {"fused": 1}, "no"),  # fusion rarely triggers
+    ("middle", {"fused": 5}, "inconclusive"),  # half the examples: the rate's interval straddles 50%
+    ("middle", {"critical": (0.0,) * 10}, "no"),  # removing the critical tokens is as harmless as random ones
+    ("middle", {"critical": (-0.6, 0.3) * 5}, "inconclusive"),  # -0.15 on average, but half the time +0.3
+    ("middle", {"keep": (-1.0,) * 10}, "no"),  # keeping only the critical tokens costs a lot
+    ("deep", {}, "yes"),
+    ("deep", {"exited": 0}, "no"),
+    ("deep", {"exited": 3}, "inconclusive"),  # 30% of 10 examples: the interval reaches past 50%
+    ("deep", {"late": (-1.0,) * 10}, "no"),  # knocking vision out after the exit layer still costs
+    ("deep", {"late": (-0.6, 0.3) * 5}, "inconclusive"),
+])
+def test_verdicts_say_inconclusive_when_the_interval_straddles_the_tolerance(stage, kwargs, outcome):
+    from visipruner.analyze import verdicts
+
+    texts, outcomes = verdicts(_summary(**kwargs), visipruner.VisiPrunerConfig(shallow_layers=2))
+    assert outcomes[stage] == outcome
+    head = {"shallow": "Shallow stage (K=2): ", "middle": "Middle stage: ", "deep": "Deep stage: "}[stage]
+    word = {"yes": "APPEARS", "no": "DOES NOT APPEAR", "inconclusive": "INCONCLUSIVE"}[outcome]
+    assert texts[stage].startswith(f"{head}{word}. "), texts[stage]
+    others = {k: v for k, v in outcomes.items() if k not in (stage, "attribution")}
+    assert others == {"vision_used": "yes", **{k: "yes" for k in ("shallow", "middle", "deep") if k != stage}}
+
+
+def test_shallow_verdict_quotes_both_costs_with_their_intervals():
+    from visipruner.analyze import verdicts
+
+    texts, _ = verdicts(_summary(knockout=SHIPPED_KNOCKOUT, own=SHIPPED_OWN), visipruner.VisiPrunerConfig(shallow_layers=2))
+    t = texts["shallow"]
+    assert "layers 0..1: -0.105 [" in t and "VisiPruner's own shallow stage (layer-0 merge, then zeroing): +0.011 [" in t

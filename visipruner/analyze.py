@@ -46,6 +46,7 @@ import torch
 from .adapters import ADAPTERS, get_adapter
 from .attention import Influence
 from .config import VisiPrunerConfig
+from .inputs import InputError
 from .methods.base import Schedule
 from .methods.visipruner import VisiPruner
 from .runtime import apply
@@ -427,8 +428,50 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
+def bootstrap_ci(values, level: float = 0.95, resamples: int = 4000, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean over examples (resampled with replacement).
+
+    None without values; a single value gives a zero-width interval (nothing to resample).
+    """
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))
+    means = v[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))]
+
+
+def harmless(ci, tol: float) -> str:
+    """Is a Δ log p within ±tol? 'yes' (whole interval inside), 'no' (wholly outside), 'inconclusive'."""
+    if ci is None:
+        return "inconclusive"
+    lo, hi = ci
+    if -tol <= lo and hi <= tol:
+        return "yes"
+    if hi < -tol or lo > tol:
+        return "no"
+    return "inconclusive"
+
+
+def costs(ci, tol: float) -> str:
+    """Does a Δ log p cost more than tol? 'yes' (whole interval below -tol), 'no' (none of it), 'inconclusive'."""
+    if ci is None:
+        return "inconclusive"
+    lo, hi = ci
+    return "yes" if hi < -tol else "no" if lo >= -tol else "inconclusive"
+
+
+def at_least_half(ci) -> str:
+    """Does a rate reach 50%? 'yes' (whole interval at or above), 'no' (wholly below), 'inconclusive'."""
+    if ci is None:
+        return "no"
+    return "yes" if ci[0] >= 0.5 else "no" if ci[1] < 0.5 else "inconclusive"
+
+
 def _cond_summary(effects: list[dict]) -> dict:
-    return {"delta_logp": _stats([e["delta_logp"] for e in effects]),
+    d = [e["delta_logp"] for e in effects]
+    return {"delta_logp": {**_stats(d), "ci95": bootstrap_ci(d)},
             "accuracy": _mean([e["correct"] for e in effects]),
             "same_top": _mean([e["same_top"] for e in effects]), "n": len(effects)}
 
@@ -452,7 +495,8 @@ def summarise(results: list[dict], cfg: VisiPrunerConfig, num_layers: int, windo
     s["knockout"] = []
     for i, (a, b) in enumerate((w["start"], w["end"]) for w in results[0]["knockout"]):
         c = _cond_summary([r["knockout"][i] for r in results])
-        c.update(start=a, end=b, matters=bool(c["delta_logp"]["mean"] < -tolerance))
+        c.update(start=a, end=b, matters=bool(c["delta_logp"]["mean"] < -tolerance),
+                 costs=costs(c["delta_logp"]["ci95"], tolerance))
         s["knockout"].append(c)
     s["sink_test"] = {k: _cond_summary([r["sink_test"][k] for r in results]) for k in results[0]["sink_test"]}
     s["sink_attention_share"] = _stats([r["sink_attention_share"] for r in results])
@@ -469,6 +513,8 @@ def summarise(results: list[dict], cfg: VisiPrunerConfig, num_layers: int, windo
     s["exit_layers"] = ex
     s["fusion_rate"] = sum(f is not None for f in fus) / len(results)
     s["exit_rate"] = sum(e is not None for e in ex) / len(results)
+    s["fusion_rate_ci95"] = bootstrap_ci([float(f is not None) for f in fus])
+    s["exit_rate_ci95"] = bootstrap_ci([float(e is not None) for e in ex])
     s["fusion_layer"] = _stats(fus)
     s["exit_layer"] = _stats(ex)
     s["critical_tokens"] = _stats([len(r["config_run"]["critical_tokens"]) for r in results
@@ -484,8 +530,16 @@ def summarise(results: list[dict], cfg: VisiPrunerConfig, num_layers: int, windo
         e = [a[k] for a in att if k in a]
         if e:
             s["attribution"][k] = _cond_summary(e)
+    # paired per example: how much more removing the critical tokens costs than removing random others
+    diff = [a["remove_critical"]["delta_logp"] - a["remove_random_others"]["delta_logp"] for a in att
+            if "remove_random_others" in a]
+    if diff:
+        s["attribution"]["critical_minus_random"] = {**_stats(diff), "ci95": bootstrap_ci(diff)}
+    # VisiPruner's own shallow stage beside the knockout it approximates (layers 0..K-1)
+    s["shallow_cost"] = {"layers": cfg.shallow_layers, "knockout": s["sink_test"]["block_all_visual"],
+                         "visipruner_shallow_stage": s["sink_test"]["visipruner_merge"]}
     s["suggestion"] = suggest(s, cfg)
-    s["verdicts"] = verdicts(s, cfg)
+    s["verdicts"], s["outcomes"] = verdicts(s, cfg)
     return s
 
 
@@ -563,25 +617,55 @@ def _acc(c):
     return "n/a" if c["accuracy"] is None else f"{c['accuracy']:.2f}"
 
 
-def verdicts(s: dict, cfg: VisiPrunerConfig) -> dict:
-    """Plain statements: does each stage appear, with the numbers."""
+def _ci(c) -> str:
+    """'-0.105 [-0.25, -0.01]': a mean Δ log p and its 95% bootstrap interval over examples."""
+    d = c["delta_logp"] if "delta_logp" in c else c
+    ci = d.get("ci95")
+    return _f(d["mean"]) + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+
+
+def _rate(rate, ci, n) -> str:
+    text = f"{rate:.0%} ({round(rate * n)}/{n}"
+    return text + (")" if ci is None else f"; 95% CI {ci[0]:.0%}-{ci[1]:.0%})")
+
+
+OUTCOME = {"yes": "APPEARS", "no": "DOES NOT APPEAR", "inconclusive": "INCONCLUSIVE"}
+
+
+def verdicts(s: dict, cfg: VisiPrunerConfig) -> tuple[dict, dict]:
+    """Plain statements with the numbers: does each stage appear, appear not, or can these examples not tell?
+
+    Each test compares a 95% bootstrap interval over examples (of a mean Δ log p, or of a rate)
+    with the tolerance: a stage APPEARS or DOES NOT APPEAR only when the intervals lie wholly on
+    one side; an interval straddling the tolerance makes it INCONCLUSIVE. Returns (statements,
+    outcomes): outcomes are 'yes', 'no' or 'inconclusive' per test.
+    """
     tol = s["tolerance_nats"]
     K = cfg.shallow_layers
-    out = {}
-    ko_all = s["knockout_all"]["delta_logp"]["mean"]
-    shallow_w = [w for w in s["knockout"] if w["end"] <= K]
-    b = s["sink_test"]["block_all_visual"]["delta_logp"]["mean"]
-    c = s["sink_test"]["visipruner_merge"]["delta_logp"]["mean"]
-    a = s["sink_test"]["block_topk_sinks"]["delta_logp"]["mean"]
-    ok = abs(b) <= tol and abs(c) <= tol
+    n = s["examples"]
+    out, outcomes = {}, {}
+    ko_all = s["knockout_all"]
+    used = costs(ko_all["delta_logp"]["ci95"], tol)
+    outcomes["vision_used"] = used
     out["vision_used"] = (f"Blocking text-to-vision attention in every layer changes the answer log-prob by "
-                          f"{_f(ko_all)} nats (accuracy {_acc(s['knockout_all'])} vs {_acc(s['unpruned'])} unpruned): "
-                          + ("the model uses the image." if ko_all < -tol else
-                             "the model barely uses the image through attention; every stage test below is weak."))
-    out["shallow"] = (f"Shallow stage (K={K}) {'APPEARS' if ok else 'DOES NOT APPEAR'}: blocking all text-to-vision "
-                      f"attention in layers 0..{K - 1}: {_f(b)} nats; VisiPruner merge: {_f(c)} nats; blocking the "
-                      f"top-k sinks only: {_f(a)} nats (tolerance {tol}). "
-                      + (f"{len(shallow_w)} knockout window(s) inside 0..{K - 1}, worst "
+                          f"{_ci(ko_all)} nats (mean [95% CI over examples]; accuracy {_acc(ko_all)} vs "
+                          f"{_acc(s['unpruned'])} unpruned): "
+                          + {"yes": "the model uses the image.",
+                             "no": "the model barely uses the image through attention; every stage test below is weak.",
+                             "inconclusive": "these examples cannot tell whether the model uses the image."}[used])
+
+    # shallow: the knockout of layers 0..K-1 and VisiPruner's own shallow stage must both be harmless
+    knock, own = s["shallow_cost"]["knockout"], s["shallow_cost"]["visipruner_shallow_stage"]
+    sinks_only = s["sink_test"]["block_topk_sinks"]
+    tests = [harmless(knock["delta_logp"]["ci95"], tol), harmless(own["delta_logp"]["ci95"], tol)]
+    shallow = "no" if "no" in tests else "yes" if tests == ["yes", "yes"] else "inconclusive"
+    outcomes["shallow"] = shallow
+    shallow_w = [w for w in s["knockout"] if w["end"] <= K]
+    out["shallow"] = (f"Shallow stage (K={K}): {OUTCOME[shallow]}. Blocking all text-to-vision attention in layers "
+                      f"0..{K - 1}: {_ci(knock)} nats; VisiPruner's own shallow stage (layer-0 merge, then zeroing): "
+                      f"{_ci(own)} nats; blocking the top-k sinks only: {_ci(sinks_only)} nats (tolerance ±{tol}; "
+                      "the stage appears when both of the first two intervals lie within it)."
+                      + (f" {len(shallow_w)} knockout window(s) inside 0..{K - 1}, worst "
                          f"{_f(min(w['delta_logp']['mean'] for w in shallow_w))} nats." if shallow_w else ""))
     vl = s["value_l1"]
     ratios = [a_["median"] / b_["median"] for a_, b_ in zip(vl["sinks"][:K], vl["other_visual"][:K])
@@ -594,31 +678,57 @@ def verdicts(s: dict, cfg: VisiPrunerConfig) -> dict:
                         "there (mean over layers of the median ratio): "
                         + ("small values, attention sinks as the paper describes." if r_ < 0.8 else
                            "not smaller, so these tokens are not value-less sinks."))
-    fr = s["fusion_rate"]
+
+    # middle: fusion triggers on most examples, and the critical tokens carry the visual information
+    fused = at_least_half(s["fusion_rate_ci95"])
     att = s["attribution"]
-    mid = f"Middle stage: fusion triggered on {fr:.0%} of examples (median layer {_f(s['fusion_layer']['median'], '{:.0f}')})"
-    if "remove_critical" in att:
-        rc, rr = att["remove_critical"]["delta_logp"]["mean"], att.get("remove_random_others", {}).get("delta_logp", {}).get("mean")
-        kc = att["keep_only_critical"]["delta_logp"]["mean"]
-        nc = att["noise_critical"]["delta_logp"]["mean"]
-        attributed = rc is not None and rr is not None and rc < rr - tol and abs(kc) <= max(tol, abs(rc) / 2)
-        mid += (f"; at the fusion layer removing the critical tokens: {_f(rc)} nats, noising them: {_f(nc)}, removing "
-                f"as many random others: {_f(rr)}, keeping only them: {_f(kc)}. Influence attribution "
-                + ("HOLDS (critical tokens carry the visual information)." if attributed else "DOES NOT clearly hold."))
+    mid = (f"Fusion triggered on {_rate(s['fusion_rate'], s['fusion_rate_ci95'], n)} of examples (median layer "
+           f"{_f(s['fusion_layer']['median'], '{:.0f}')})")
+    if "remove_critical" in att and "critical_minus_random" in att:
+        kc = att["keep_only_critical"]
+        rc_mean = att["remove_critical"]["delta_logp"]["mean"]
+        worse = costs(att["critical_minus_random"]["ci95"], tol)  # removing critical costs more than random
+        keep_ok = harmless(kc["delta_logp"]["ci95"], max(tol, abs(rc_mean) / 2))
+        held = "no" if "no" in (worse, keep_ok) else "yes" if (worse, keep_ok) == ("yes", "yes") else "inconclusive"
+        mid += (f"; at the fusion layer removing the critical tokens: {_ci(att['remove_critical'])} nats, noising "
+                f"them: {_ci(att['noise_critical'])}, removing as many random others: "
+                f"{_ci(att['remove_random_others'])}, keeping only them: {_ci(kc)}; removing the critical tokens "
+                f"minus removing random ones, paired per example: {_ci(att['critical_minus_random'])}. Influence "
+                f"attribution {({'yes': 'HOLDS', 'no': 'DOES NOT HOLD', 'inconclusive': 'is INCONCLUSIVE'})[held]} "
+                f"(holds when that difference lies below -{tol} and keeping only them stays within "
+                f"±{_f(max(tol, abs(rc_mean) / 2), '{:.3f}')})")
     else:
-        mid += "; attribution not measured."
-    out["middle"] = mid + (" Stage APPEARS." if fr >= 0.5 and "HOLDS" in mid else " Stage DOES NOT APPEAR clearly.")
-    late = [w for w in s["knockout"] if w["start"] > (s["suggestion"]["knockout_last_matters"] or -1)]
-    er = s["exit_rate"]
-    out["deep"] = (f"Deep stage: exit detected on {er:.0%} of examples (median layer "
-                   f"{_f(s['exit_layer']['median'], '{:.0f}')}); {len(late)} knockout window(s) after the last one "
-                   f"that matters (layer {s['suggestion']['knockout_last_matters']}). Stage "
-                   + ("APPEARS." if er >= 0.5 and late else "DOES NOT APPEAR clearly."))
+        held = "inconclusive"
+        mid += "; attribution not measured (nothing runs after the fusion layer)"
+    outcomes["attribution"] = held
+    middle = "no" if "no" in (fused, held) else "yes" if (fused, held) == ("yes", "yes") else "inconclusive"
+    outcomes["middle"] = middle
+    out["middle"] = f"Middle stage: {OUTCOME[middle]}. {mid}."
+
+    # deep: the exit fires on most examples, and the knockout after the median exit layer is harmless
+    exited = at_least_half(s["exit_rate_ci95"])
+    med_exit = s["exit_layer"]["median"]
+    late = [w for w in s["knockout"] if med_exit is not None and w["start"] > med_exit]
+    late_tests = [costs(w["delta_logp"]["ci95"], tol) for w in late]
+    late_ok = ("no" if "yes" in late_tests else "yes" if late_tests and set(late_tests) == {"no"} else "inconclusive")
+    deep = "no" if "no" in (exited, late_ok) else "yes" if (exited, late_ok) == ("yes", "yes") else "inconclusive"
+    outcomes["deep"] = deep
+    text = (f"Deep stage: {OUTCOME[deep]}. Exit detected on {_rate(s['exit_rate'], s['exit_rate_ci95'], n)} of "
+            f"examples (median layer {_f(med_exit, '{:.0f}')})")
+    if late:
+        worst = min(late, key=lambda w: w["delta_logp"]["mean"])
+        text += (f"; {len(late)} knockout window(s) start after it, "
+                 f"{sum(t == 'yes' for t in late_tests)} of them cost more than {tol} nats, "
+                 f"{sum(t == 'inconclusive' for t in late_tests)} cannot tell; the worst, layers "
+                 f"{worst['start']}..{worst['end'] - 1}: {_ci(worst)} nats")
+    elif med_exit is not None:
+        text += "; no knockout window starts after it, so the knockout cannot confirm it"
+    out["deep"] = text + "."
     full = s["config_run"]
-    out["config"] = (f"The config as given: {_f(full['delta_logp']['mean'])} nats, accuracy {_acc(full)}, "
+    out["config"] = (f"The config as given: {_ci(full)} nats, accuracy {_acc(full)}, "
                      f"same top-1 as unpruned {_f(full['same_top'], '{:.2f}')}, prefill FLOPs "
                      f"{_f(full['prefill_flops_ratio']['mean'], '{:.2f}')} of unpruned.")
-    return out
+    return out, outcomes
 
 
 # ------------------------------------------------------------------------------------- plots
@@ -658,6 +768,13 @@ def make_plots(s: dict, results: list[dict], out: Path, decode: Callable[[int], 
     ax.plot(xs, [w["delta_logp"]["mean"] for w in s["knockout"]], "s--", ms=3, color="C3", label="mean Δ log p")
     ax.plot([p["layers"] - 1 for p in s["knockout_prefix"]], [p["delta_logp"]["mean"] for p in s["knockout_prefix"]],
             "D-.", ms=3, color="C4", label="mean Δ log p, layers 0..x blocked together")
+    sc = s["shallow_cost"]
+    for dx, (key, color, label) in enumerate((("knockout", "C4", f"layers 0..{K - 1} blocked (95% CI)"),
+                                              ("visipruner_shallow_stage", "C2", "VisiPruner's shallow stage (95% CI)"))):
+        d = sc[key]["delta_logp"]
+        if d["mean"] is not None and d["ci95"] is not None:
+            ax.errorbar([K - 1 + 0.15 * (2 * dx - 1)], [d["mean"]], fmt="*", ms=9, color=color, capsize=3, label=label,
+                        yerr=[[max(0.0, d["mean"] - d["ci95"][0])], [max(0.0, d["ci95"][1] - d["mean"])]])
     ax.axhline(-s["tolerance_nats"], color="gray", ls=":", lw=1, label="-tolerance")
     ax.axvspan(-0.5, K - 0.5, color="C2", alpha=0.08, label=f"config shallow 0..{K - 1}")
     ax.set_xlabel(f"window centre (layer), window = {s['window']}; prefix: last blocked layer")
@@ -767,7 +884,9 @@ EXPLAIN = {
                 "layers and measures the change in log p of the unpruned model's first answer token, teacher-forced "
                 "at the last prompt position. Where the curve drops, the model reads the image. The dash-dot curve blocks "
                 "layers 0..x together (what a shallow stage of K = x + 1 layers does, renormalised): its last harmless "
-                "point is the suggested K. Accuracy is the "
+                "point is the suggested K. The two stars at layer K-1 put VisiPruner's own shallow stage (what "
+                "the runtime does in layers 0..K-1) beside the knockout of those layers, with 95% bootstrap "
+                "intervals over examples. Accuracy is the "
                 "first-token proxy: greedy first token equals the gold answer's first token.",
     "sink_attribution": "Left: in layers 0..K-1, blocking only the top-k visual tokens the last token attends to "
                         "most (the sinks), as many random other visual tokens, all visual tokens, or running "
@@ -803,25 +922,38 @@ def write_html(s: dict, results: list[dict], out: Path, files: dict, decode: Cal
              (f"<p>{s['examples']} examples, {s['num_layers']} layers, knockout window {s['window']}, tolerance "
               f"{s['tolerance_nats']} nats. Unpruned first-token accuracy: {_acc(s['unpruned'])}; unpruned "
               f"generated-answer accuracy (normalised exact match): {_f(s['unpruned_answer_accuracy'], '{:.2f}')}.</p>"),
-             "<h2>Verdicts</h2>"]
+             "<h2>Verdicts</h2>",
+             ("<p>Intervals are 95% bootstrap intervals of the mean over examples. A stage APPEARS or DOES NOT "
+              "APPEAR only when its intervals lie wholly on one side of the tolerance; INCONCLUSIVE means these "
+              "examples cannot tell (more examples narrow the intervals).</p>")]
     for k, v in s["verdicts"].items():
         parts.append(f"<p class='v'><b>{esc(k)}</b>: {esc(v)}</p>")
     parts.append("<h2>1. Where does vision matter? Layer-window knockout</h2>")
     parts.append(f"<p>{EXPLAIN['knockout']}</p>{img(files['knockout'])}")
-    rows = "".join(f"<tr><td>{w['start']}..{w['end'] - 1}</td><td>{_f(w['delta_logp']['mean'])}</td>"
-                   f"<td>{_f(w['delta_logp']['median'])}</td><td>{_acc(w)}</td><td>{'yes' if w['matters'] else ''}</td></tr>"
-                   for w in s["knockout"])
-    parts.append("<table><tr><th>layers</th><th>mean Δ log p</th><th>median</th><th>accuracy</th><th>matters</th></tr>"
-                 f"{rows}</table>")
+    rows = "".join(f"<tr><td>{w['start']}..{w['end'] - 1}</td><td>{_ci(w)}</td>"
+                   f"<td>{_f(w['delta_logp']['median'])}</td><td>{_acc(w)}</td><td>{'yes' if w['matters'] else ''}</td>"
+                   f"<td>{w['costs']}</td></tr>" for w in s["knockout"])
+    parts.append("<table><tr><th>layers</th><th>mean Δ log p [95% CI]</th><th>median</th><th>accuracy</th>"
+                 f"<th>matters (mean)</th><th>costs > {s['tolerance_nats']} (CI)</th></tr>{rows}</table>")
+    sc, K = s["shallow_cost"], s["shallow_cost"]["layers"]
+    shallow_rows = {f"knockout of layers 0..{K - 1} (true blocking, renormalised)": sc["knockout"],
+                    "VisiPruner's shallow stage (layer-0 merge, then zeroing)": sc["visipruner_shallow_stage"],
+                    f"blocking only the top-k sinks in layers 0..{K - 1}": s["sink_test"]["block_topk_sinks"]}
+    parts.append(f"<h3>Layers 0..{K - 1}: the knockout beside VisiPruner's own shallow stage</h3>"
+                 "<table><tr><th>condition</th><th>mean Δ log p [95% CI]</th><th>median</th><th>accuracy</th>"
+                 "<th>same top-1</th><th>n</th></tr>"
+                 + "".join(f"<tr><td>{esc(k)}</td><td>{_ci(v)}</td><td>{_f(v['delta_logp']['median'])}</td>"
+                           f"<td>{_acc(v)}</td><td>{_f(v['same_top'], '{:.2f}')}</td><td>{v['n']}</td></tr>"
+                           for k, v in shallow_rows.items()) + "</table>")
     parts.append("<h2>2. Sink test and 7. attribution</h2>")
     parts.append(f"<p>{EXPLAIN['sink_attribution']}</p>{img(files['sink_attribution'])}")
     conds = {**{f"sink: {k}": v for k, v in s["sink_test"].items()},
              **{f"attribution: {k}": v for k, v in s["attribution"].items() if isinstance(v, dict) and "delta_logp" in v},
              **{f"knockout, layers 0..{p['layers'] - 1}": p for p in s["knockout_prefix"]},
              "config as given": s["config_run"], "knockout, all layers": s["knockout_all"]}
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{_f(v['delta_logp']['mean'])}</td><td>{_f(v['delta_logp']['median'])}</td>"
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{_ci(v)}</td><td>{_f(v['delta_logp']['median'])}</td>"
                    f"<td>{_acc(v)}</td><td>{_f(v['same_top'], '{:.2f}')}</td><td>{v['n']}</td></tr>" for k, v in conds.items())
-    parts.append("<table><tr><th>condition</th><th>mean Δ log p</th><th>median</th><th>accuracy</th>"
+    parts.append("<table><tr><th>condition</th><th>mean Δ log p [95% CI]</th><th>median</th><th>accuracy</th>"
                  f"<th>same top-1</th><th>n</th></tr>{rows}</table>")
     a = s["attribution"]
     parts.append(f"<p>Attribution measured on {a['n']} examples ({a['detected']} with a detected fusion layer; "
@@ -928,10 +1060,10 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
     if not isinstance(config, VisiPrunerConfig):
         raise TypeError(f"config must be a VisiPrunerConfig, got {type(config).__name__}")
     if config.shallow_layers >= L:
-        raise ValueError(f"config.shallow_layers={config.shallow_layers} must be below the model's {L} layers")
+        raise InputError(f"config.shallow_layers={config.shallow_layers} must be below the model's {L} layers")
     window = window or max(1, L // 8)
     if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+        raise InputError(f"window must be >= 1, got {window}")
     if examples is None:
         if processor is None:
             raise ValueError("analyze() needs a processor to turn questions into inputs, or pre-built examples=")
@@ -940,7 +1072,7 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
     elif limit:
         examples = examples[:limit]
     if not examples:
-        raise ValueError("no examples to analyze")
+        raise InputError("no examples to analyze")
     for e in examples:
         ids = e.inputs["input_ids"]
         if ids.shape[0] != 1:
@@ -973,12 +1105,19 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
     finally:
         bar.close()
         model.train(was_training)
-    results = _clean(results)
-    summary = _clean(summarise(results, config, L, window, tolerance))
+    images = ([e.image for e in examples[:heatmap_examples]] if any(e.image is not None for e in examples)
+              else [None] * min(heatmap_examples, len(examples)))
+    return write_report(_clean(results), config, L, window, tolerance, out_dir, decode, images)
+
+
+def write_report(results: list[dict], config: VisiPrunerConfig, num_layers: int, window: int, tolerance: float,
+                 out_dir, decode: Callable[[int], str], images: list) -> dict:
+    """Summary, verdicts, plots, ``analysis.json``, ``suggested_config.json`` and ``report.html``
+    from the per-example results (``analyze_example``'s dicts, as ``analysis.json`` stores them)."""
+    summary = _clean(summarise(results, config, num_layers, window, tolerance))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = make_plots(summary, results, out, decode, [e.image for e in examples[:heatmap_examples]]
-                       if any(e.image is not None for e in examples) else [None] * min(heatmap_examples, len(examples)))
+    files = make_plots(summary, results, out, decode, images)
     for r in results:
         r["answer_token"] = decode(r["answer_id"])
         for k in ("residual_top", "attn_output_top"):
@@ -992,34 +1131,26 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
 
 
 def _run(args) -> int:
+    from . import inputs
     from .bench import _load_model
-    from .data.questions import load_questions
 
-    def fail(msg):
-        print(f"visipruner analyze: error: {msg}", file=sys.stderr)
-        return 2
-
-    try:
-        questions = load_questions(args.data)
-    except (ValueError, OSError) as e:
-        return fail(f"bad question file: {e}")
-    if not questions:
-        return fail(f"{args.data}: no questions")
-    config = None
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        try:
-            config = VisiPrunerConfig.from_json(text)
-        except (ValueError, TypeError) as e:
-            return fail(f"--config: {e}")
+    for flag, value in (("--limit", args.limit), ("--window", args.window), ("--stride", args.stride),
+                        ("--sinks", args.sinks)):
+        inputs.at_least(flag, value, 1)
+    inputs.positive("--tolerance", args.tolerance)
+    config = inputs.method_config("--config", args.config, VisiPrunerConfig) if args.config else None
+    inputs.model_dir("--model", args.model)
+    inputs.output_file("--out", str(Path(args.out) / "analysis.json"))
+    questions = inputs.read_questions(args.data, limit=args.limit)
     model, processor = _load_model(args)
-    try:
-        s = analyze(model, processor, questions, args.out, config=config, window=args.window, limit=args.limit,
-                    stride=args.stride, sinks=args.sinks, tolerance=args.tolerance)
-    except (TypeError, ValueError) as e:
-        return fail(str(e))
+    # errors inside analyze() other than InputError (e.g. a TypeError) are bugs: they keep their traceback
+    s = analyze(model, processor, questions, args.out, config=config, window=args.window, limit=args.limit,
+                stride=args.stride, sinks=args.sinks, tolerance=args.tolerance)
     for k, v in s["verdicts"].items():
         print(f"[{k}] {v}")
+    sc = s["shallow_cost"]
+    print(f"[shallow cost] layers 0..{sc['layers'] - 1}: knockout {_ci(sc['knockout'])} nats, VisiPruner's shallow "
+          f"stage {_ci(sc['visipruner_shallow_stage'])} nats (mean [95% CI])")
     for n in s["suggestion"]["notes"]:
         print(f"- {n}")
     print("suggested config:")

@@ -26,8 +26,7 @@ import torch
 
 from . import apply
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
-from .methods import (DARTConfig, FastVConfig, PDropConfig, RandomConfig, SparseVLMConfig, VisionZipConfig, VTWConfig,
-                      config_from_json)
+from .methods import DARTConfig, FastVConfig, PDropConfig, RandomConfig, SparseVLMConfig, VisionZipConfig, VTWConfig
 from .methods.layer_drop import _depth_scaled
 
 PEERS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "sparsevlm", "random", "attention")
@@ -446,30 +445,28 @@ def default_questions(quick: bool):
 
 
 def _run(args) -> int:
-    from .data.questions import load_questions
+    from . import inputs
 
+    for flag, value in (("--limit", args.limit), ("--timing-prompts", args.timing_prompts), ("--repeats", args.repeats),
+                        ("--decode-steps", args.decode_steps), ("--threads", args.threads)):
+        inputs.at_least(flag, value, 1)
+    everything = ("visipruner",) + PEERS
+    methods = everything if args.methods is None else inputs.choices("--methods", args.methods, everything)
+    cfg = (inputs.method_config("--visipruner-config", args.visipruner_config, VisiPrunerConfig)
+           if args.visipruner_config else None)
+    inputs.model_dir("--model", args.model)
+    inputs.output_file("--json", args.json)
+    inputs.output_file("--png", args.png)
+    questions = (inputs.read_questions(args.data, limit=args.limit) if args.data
+                 else default_questions(args.quick)[: args.limit])
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    questions = load_questions(args.data) if args.data else default_questions(args.quick)
-    if args.limit:
-        questions = questions[: args.limit]
-    if not questions:
-        print("no questions to run", file=sys.stderr)
-        return 2
     model, processor = _load_model(args)
-    if args.visipruner_config:
-        cfg = config_from_json(Path(args.visipruner_config).read_text())
-        if not isinstance(cfg, VisiPrunerConfig):
-            raise SystemExit(f"--visipruner-config must hold a VisiPruner config, got method {cfg.method!r}")
-    else:
+    if cfg is None:
         from . import recommended_config
 
         cfg = recommended_config(model)
-    methods = tuple(m for m in (args.methods.split(",") if args.methods else ("visipruner",) + PEERS))
-    unknown = [m for m in methods if m not in ("visipruner",) + PEERS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {('visipruner',) + PEERS}")
     print(f"bench: {len(questions)} questions, {len(methods)} methods, VisiPruner config {cfg.to_json()}", file=sys.stderr)
     rows = run_bench(model, processor, questions, cfg, methods, matched=not args.no_matched,
                      timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps)

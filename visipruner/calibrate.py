@@ -40,6 +40,7 @@ from . import apply
 from .attention import Influence
 from .config import VisiPrunerConfig
 from .flops import Dims, dense_token_flops, shallow_prefill_pairs
+from .inputs import InputError
 from .methods.visipruner import VisiPruner
 
 
@@ -231,9 +232,9 @@ def parse_target(text: str) -> tuple[str, float]:
         kind, value = text.split("=")
         value = float(value)
     except ValueError:
-        raise ValueError(f"--target must look like agreement=0.99 or flops=0.4, got {text!r}") from None
+        raise InputError(f"--target must look like agreement=0.99 or flops=0.4, got {text!r}") from None
     if kind not in ("agreement", "flops") or not 0 < value <= 1:
-        raise ValueError(f"--target: kind must be 'agreement' or 'flops' and the value in (0, 1], got {text!r}")
+        raise InputError(f"--target: kind must be 'agreement' or 'flops' and the value in (0, 1], got {text!r}")
     return kind, value
 
 
@@ -243,10 +244,10 @@ def parse_variants(text: str) -> list[tuple[int, bool]]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         k, _, flag = part.partition(":")
         if not k.isdigit() or int(k) < 1 or flag not in ("", "off", "on"):
-            raise ValueError(f"--shallow-layers: expected K or K:off with K >= 1, got {part!r}")
+            raise InputError(f"--shallow-layers: expected K or K:off with K >= 1, got {part!r}")
         out.append((int(k), flag != "off"))
     if not out:
-        raise ValueError("--shallow-layers: no values given")
+        raise InputError("--shallow-layers: no values given")
     return out
 
 
@@ -420,18 +421,26 @@ def plot(result: dict, path: str) -> None:
 
 
 def _run(args) -> int:
+    from . import inputs
     from .bench import _load_model
-    from .data.questions import load_questions
 
     target = parse_target(args.target)
-    questions = load_questions(args.data)
-    if args.limit:
-        questions = questions[: args.limit]
-    heldout = load_questions(args.heldout) if args.heldout else None
-    if heldout and args.heldout_limit:
-        heldout = heldout[: args.heldout_limit]
+    variants = parse_variants(args.shallow_layers) if args.shallow_layers is not None else None
+    for flag, value, low in (("--limit", args.limit, 1), ("--heldout-limit", args.heldout_limit, 1),
+                             ("--finalists", args.finalists, 1), ("--refine", args.refine, 0),
+                             ("--refine-points", args.refine_points, 1), ("--rerun-limit", args.rerun_limit, 0)):
+        inputs.at_least(flag, value, low)
+    if args.heldout_limit is not None and not args.heldout:
+        raise inputs.InputError("--heldout-limit needs --heldout")
+    inputs.model_dir("--model", args.model)
+    inputs.output_file("--out", args.out)
+    inputs.output_file("--json", args.json)
+    questions = inputs.read_questions(args.data, limit=args.limit)
+    heldout = inputs.read_questions(args.heldout, "--heldout", limit=args.heldout_limit) if args.heldout else None
     model, processor = _load_model(args)
-    variants = parse_variants(args.shallow_layers) if args.shallow_layers else None
+    L = model.config.text_config.num_hidden_layers
+    if variants and max(k for k, _ in variants) >= L:
+        raise InputError(f"--shallow-layers: K must be below the model's {L} layers, got {args.shallow_layers!r}")
     result = calibrate(model, processor, questions, target, heldout, finalists=args.finalists,
                        rerun_limit=args.rerun_limit, variants=variants, refine=args.refine,
                        margin=not args.no_margin, refine_points=args.refine_points)

@@ -110,11 +110,17 @@ def evaluate(model, processor, questions, batch_size: int = 8, max_new_tokens: i
 
 
 def _run(args) -> int:
-    from .data.questions import load_questions
+    from . import inputs
 
+    for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--batch-size", args.batch_size),
+                        ("--threads", args.threads)):
+        inputs.at_least(flag, value, 1)
+    inputs.model_dir("--model", args.model)
+    inputs.weights_dir("--weights", args.weights)
+    inputs.output_file("--json", args.json)
+    questions = inputs.read_questions(args.data)
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = load_questions(args.data)
     if args.sample and args.sample < len(questions):
         import random
 

@@ -2,9 +2,12 @@
 
 Convention: 2 FLOPs per multiply-accumulate of the matrix products (q/k/v/o projections with
 GQA's smaller k/v, attention scores, attention-weighted sums, the 3 SwiGLU matrices).
-Norms, RoPE, softmax and the LM head are not counted; the vision encoder is counted separately.
-Attention is counted per (query, key) pair actually evaluated, so causal attention counts
-n(n+1)/2 pairs, not n^2.
+Norms, RoPE, softmax and the LM head are not counted. Attention is counted per (query, key)
+pair actually evaluated, so causal attention counts n(n+1)/2 pairs, not n^2.
+
+The vision encoder and the projector are counted separately (:func:`vision_flops`, reported as
+``PruneStats.vision_flops``), outside the prefill figures and ratios, which are the language
+model's: no method here prunes inside the encoder, so it costs the same pruned or not.
 """
 
 from __future__ import annotations
@@ -135,3 +138,46 @@ def visual_spans(is_visual: list[bool]) -> list[tuple[int, int]]:
             spans.append((start, i))
             start = None
     return spans
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """A LLaVA's vision tower (a CLIP ViT, every layer runs) and its two-layer projector."""
+
+    hidden: int
+    intermediate: int
+    num_layers: int
+    patches: int  # per image
+    patch_pixels: int  # channels * patch_size**2
+    projector_in: int  # hidden * number of feature layers concatenated
+    projector_out: int  # the language model's hidden size
+    tokens_per_image: int  # image tokens in the prompt per image (patches, + CLS with the "full" strategy)
+
+    @classmethod
+    def from_config(cls, cfg) -> "VisionDims | None":
+        """From a LLaVA config; None when the model has no vision_config."""
+        vc = getattr(cfg, "vision_config", None)
+        if vc is None:
+            return None
+        layers = cfg.vision_feature_layer
+        return cls(hidden=vc.hidden_size, intermediate=vc.intermediate_size, num_layers=vc.num_hidden_layers,
+                   patches=(vc.image_size // vc.patch_size) ** 2, patch_pixels=vc.num_channels * vc.patch_size ** 2,
+                   projector_in=vc.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1),
+                   projector_out=cfg.text_config.hidden_size,
+                   tokens_per_image=(vc.image_size // vc.patch_size) ** 2
+                   + (cfg.vision_feature_select_strategy == "full"))
+
+
+def vision_flops(vd: VisionDims, num_images: int, projected_tokens: int) -> int:
+    """Vision tower for ``num_images`` images plus the projector on ``projected_tokens`` tokens.
+
+    Per image: the patch embedding (a convolution: one matrix product per patch), then per layer
+    the q/k/v/o projections, full (non-causal) attention over patches + CLS, and the 2-matrix
+    MLP. The projector counts what it ran on (fewer tokens for VisionZip, whose scoring key
+    projection of the feature layer is not counted).
+    """
+    d, n = vd.hidden, vd.patches + 1  # + CLS
+    embed = 2 * vd.patches * vd.patch_pixels * d
+    layer = 2 * n * 4 * d * d + 2 * 2 * n * n * d + 2 * n * 2 * d * vd.intermediate
+    projector = 2 * projected_tokens * (vd.projector_in * vd.projector_out + vd.projector_out * vd.projector_out)
+    return num_images * (embed + vd.num_layers * layer) + projector

@@ -101,6 +101,8 @@ class PruneStats:
     dense_prefill_flops: int = 0
     prefill_flops_fastv: int = 0  # FastV's formula on the executed lengths
     dense_prefill_flops_fastv: int = 0
+    vision_flops: int = 0  # vision tower + projector for this prompt's images (not in the prefill ratios)
+    dense_vision_flops: int = 0  # the same with the projector on every patch (differs for VisionZip)
     decode_flops: list[int] = field(default_factory=list)  # per decode step
     dense_decode_flops: list[int] = field(default_factory=list)
     method: dict = field(default_factory=dict)  # method-specific extras (e.g. min cos per layer)
@@ -161,6 +163,7 @@ class PruningHandle:
         self.method = method
         self.adapter = adapter
         self.dims = F_.Dims.from_config(adapter.text_config)
+        self.vision_dims = F_.VisionDims.from_config(model.config)
         self.last_stats: PruneStats | None = None
         self._state: _PromptState | None = None
         self._hooks = []
@@ -497,6 +500,10 @@ class PruningHandle:
             stats.dense_prefill_flops += F_.layer_flops(dims, n0, F_.causal_pairs(n0), F_.causal_pairs(n0))
             stats.prefill_flops_fastv += F_.fastv_layer_flops(dims, n)
             stats.dense_prefill_flops_fastv += F_.fastv_layer_flops(dims, n0)
+        if self.vision_dims is not None:
+            images = st.original_visual // self.vision_dims.tokens_per_image
+            stats.vision_flops = F_.vision_flops(self.vision_dims, images, stats.visual_tokens_per_layer[0])
+            stats.dense_vision_flops = F_.vision_flops(self.vision_dims, images, st.original_visual)
         summary = self.method.summary()
         stats.fusion_layer = summary.pop("fusion_layer", None)
         stats.exit_layer = summary.pop("exit_layer", None)

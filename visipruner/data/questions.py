@@ -2,7 +2,7 @@
 
 Required keys: ``image`` (path relative to the JSONL file's folder, or
 absolute), ``question``, ``answer`` (strings).  Optional: ``family``, ``id``.
-Blank lines are skipped.  Anything else is rejected with a ``ValueError``
+Blank lines are skipped.  Anything else is rejected with an ``InputError`` (a ``ValueError``)
 naming the file, the line number and what is wrong.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+
+from ..inputs import InputError
 
 REQUIRED = ("image", "question", "answer")
 OPTIONAL = ("family", "id")
@@ -31,14 +33,19 @@ class Question:
 
 
 def _err(path, lineno, msg):
-    return ValueError(f"{path}:{lineno}: {msg}")
+    return InputError(f"{path}:{lineno}: {msg}")
 
 
-def load_questions(path: str | os.PathLike, check_images: bool = True) -> list[Question]:
-    """Read a question file. Raises ``ValueError`` on malformed lines."""
+def load_questions(path: str | os.PathLike, check_images: bool = True, verify_images: bool = False) -> list[Question]:
+    """Read a question file. Raises ``InputError`` (a ``ValueError``) on malformed lines.
+
+    ``check_images``: each image file must exist. ``verify_images``: each must also open as an
+    image (checked after the whole file parses, so syntax errors are reported first).
+    """
     path = os.fspath(path)
     base = os.path.dirname(os.path.abspath(path))
     out: list[Question] = []
+    lines: list[int] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -68,7 +75,26 @@ def load_questions(path: str | os.PathLike, check_images: bool = True) -> list[Q
                 image=os.path.normpath(img_path), question=obj["question"], answer=obj["answer"],
                 family=str(obj.get("family") or "all"), id=str(obj.get("id", f"{os.path.basename(path)}:{lineno}")),
             ))
+            lines.append(lineno)
+    if verify_images:
+        _verify_images(path, out, lines)
     return out
+
+
+def _verify_images(path: str, questions: list[Question], lines: list[int]) -> None:
+    """Every image opens and decodes (PIL's verify: headers and checksums, no full decode)."""
+    from PIL import Image
+
+    seen: set[str] = set()
+    for q, lineno in zip(questions, lines):
+        if q.image in seen:
+            continue
+        try:
+            with Image.open(q.image) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, SyntaxError, struct.error)
+            raise _err(path, lineno, f"key 'image': {q.image} cannot be read as an image ({type(e).__name__}: {e})") from None
+        seen.add(q.image)
 
 
 def write_questions(path: str | os.PathLike, questions, relative_to_file: bool = True) -> None:

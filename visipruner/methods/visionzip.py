@@ -4,8 +4,11 @@ At the vision layer LLaVA takes its features from, keep the *dominant* patches (
 attention from the CLS token, mean over heads) and merge the remaining patches into a few
 *contextual* tokens: evenly spaced targets among the rest, every other patch averaged into the
 target whose key it is most similar to (cosine). The language model then sees
-``dominant + contextual`` tokens per image instead of all patches: the prompt itself is shorter,
-so positions are contiguous (unlike in-LLM pruning, which keeps original positions).
+``dominant + contextual`` tokens per image instead of all patches: the prompt itself is shorter.
+The kept image slots (the first ``dominant + contextual`` of each image's run) and the text keep
+their original positions, with gaps where patches were dropped, as in-LLM pruning keeps them and
+as ``generate`` counts them; VisionZip's own code renumbers the shortened prompt contiguously
+instead, which shifts every later text token's position.
 
 Defaults are VisionZip's 192-of-576 setting (162 dominant + 30 contextual) as fractions.
 """
