@@ -256,8 +256,13 @@ def load_organism(device: str | torch.device = "cpu", dtype: torch.dtype = torch
 
 
 def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32):
-    """Load a saved HF Llava directory (``save_pretrained`` output) with its processor."""
+    """Load a saved HF Llava directory (``save_pretrained`` output) or a MobileVLM folder, with its processor."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .mobilevlm import is_mobilevlm_dir, load_mobilevlm
+
+    if is_mobilevlm_dir(path):
+        return load_mobilevlm(path, dtype=dtype, device=device)
 
     model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
