@@ -27,26 +27,28 @@ from test_methods import CASES, NO_STAGES, check_peer
 
 torch.set_grad_enabled(False)
 
-DIM, VISION_DIM, SQUEEZE = 64, 64, 16  # SQUEEZE: MobileNetV3's rounding of DIM / 4
-VISION = dict(hidden_size=VISION_DIM, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
+DIM, VISION_DIM, SQUEEZE = 64, 128, 16  # SQUEEZE: MobileNetV3's rounding of DIM / 4
+VISION = dict(hidden_size=VISION_DIM, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
               image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 PUBLISHED_CLIP = "model.vision_tower.vision_tower.vision_model."
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'-") + ["\u2581", "\n"]
 
 
 def write_tokenizer(folder) -> int:
-    """A character-level LLaMA-style tokenizer (<unk>, <s>, </s>, metaspace, BOS prepended)."""
+    """A LLaMA-style unigram tokenizer: <unk>, <s>, </s>, metaspace, BOS prepended; the template's
+    words are single pieces (short prompts), anything else falls back to characters."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({c: 3 + i for i, c in enumerate(CHARS)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    words = {"\u2581" + w for w in (V1_SYSTEM + " USER: ASSISTANT: what is here? color how many").split()}
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(c, -10.0) for c in CHARS]
+    pieces += [(w, -1.0) for w in sorted(words)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(folder)
-    return len(vocab)
+    return len(pieces)
 
 
 def projector_weights(kind: str, g: torch.Generator) -> dict:
@@ -338,7 +340,7 @@ def test_bad_weights_are_named(tmp_path, edit, match):
 
 def test_known_vision_tower_is_checked_against_the_weights(tmp_path):
     folder = write_checkpoint(tmp_path, mm_vision_tower="openai/clip-vit-large-patch14-336")
-    with pytest.raises(MobileVLMFormatError, match="hidden_size 64 .* != 1024"):
+    with pytest.raises(MobileVLMFormatError, match="hidden_size 128 .* != 1024"):
         load_mobilevlm(folder)
 
 

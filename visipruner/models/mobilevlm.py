@@ -486,7 +486,9 @@ def load_mobilevlm(path: str | os.PathLike, *, vision_tower: str | os.PathLike |
         raise MobileVLMFormatError(f"config.json: mm_vision_select_layer = {select_layer} is not a layer of a "
                                    f"{n_layers}-layer vision tower")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    text = {k: v for k, v in cfg.items() if k not in MULTIMODAL_FIELDS}
+    # config= spares AutoTokenizer reading config.json, whose model_type transformers does not know
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), config=LlamaConfig(**text), local_files_only=True)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -494,7 +496,6 @@ def load_mobilevlm(path: str | os.PathLike, *, vision_tower: str | os.PathLike |
     tokenizer.padding_side = "left"
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    text = {k: v for k, v in cfg.items() if k not in MULTIMODAL_FIELDS}
     text["vocab_size"] = max(int(cfg["vocab_size"]), len(tokenizer))
     text_config = LlamaConfig(**text)
     grid_side = vision_config.image_size // vision_config.patch_size
