@@ -95,6 +95,19 @@ def _configs(model, inputs):
 def test_fast_path_matches_reference(seed, images):
     model = tiny_llava(seed)
     inputs = random_prompt(model, seed=seed, images=images)
+    check_stages_match_reference(model, inputs)
+    # the stages were exercised as intended
+    cfgs = _configs(model, inputs)
+    with visipruner.apply(model, cfgs["all_exit"]) as h:
+        model(**inputs)
+    n_vis = h.last_stats.num_visual_tokens
+    assert h.last_stats.fusion_layer == 3 and h.last_stats.exit_layer == 5
+    assert 0 < len(h.last_stats.critical_tokens) < n_vis
+    assert h.last_stats.visual_tokens_per_layer == [n_vis] * 4 + [len(h.last_stats.critical_tokens)] * 2 + [0] * 2
+
+
+def check_stages_match_reference(model, inputs):
+    """Every stage combination of ``_configs``: fast path == slow reference (logits and decisions)."""
     unpruned = model(**inputs).logits[0]
     for name, cfg in _configs(model, inputs).items():
         ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], cfg)
@@ -109,14 +122,6 @@ def test_fast_path_matches_reference(seed, images):
         assert s.visual_tokens_per_layer == ref.visual_tokens_per_layer, name
         if name != "none_trigger":  # the method changed something
             assert out.shape != unpruned.shape or not torch.allclose(out, unpruned, atol=1e-4), name
-    # the stages were exercised as intended
-    cfgs = _configs(model, inputs)
-    with visipruner.apply(model, cfgs["all_exit"]) as h:
-        model(**inputs)
-    n_vis = h.last_stats.num_visual_tokens
-    assert h.last_stats.fusion_layer == 3 and h.last_stats.exit_layer == 5
-    assert 0 < len(h.last_stats.critical_tokens) < n_vis
-    assert h.last_stats.visual_tokens_per_layer == [n_vis] * 4 + [len(h.last_stats.critical_tokens)] * 2 + [0] * 2
 
 
 def test_reference_agrees_with_unpruned_model_when_disabled():
@@ -159,7 +164,11 @@ def test_measured_thresholds_trigger_stages_like_the_reference():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cached_generation_equals_recomputation(seed):
     model = tiny_llava(seed)
-    inputs = random_prompt(model, seed=seed, images=1 + seed % 2)
+    check_cached_generation(model, random_prompt(model, seed=seed, images=1 + seed % 2))
+
+
+def check_cached_generation(model, inputs):
+    """Cached greedy generation == recomputing the pruned forward (fast path and reference) per token."""
     median_norm, _ = _probe_thresholds(model, inputs, 2)
     cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=median_norm, exit_threshold=0.0)
     steps = 8

@@ -113,6 +113,9 @@ class VisionZip(PruningMethod):
         cfg = adapter.multimodal.config
         if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError("VisionZip supports one vision_feature_layer and the 'default'/'full' strategies")
+        if getattr(adapter.multimodal.multi_modal_projector, "pools_patches", False):
+            raise ValueError("VisionZip keeps a subset of the vision encoder's patches, which needs a per-patch "
+                             "projector; this model's projector pools the patch grid (MobileVLM's LDP)")
         layer = _feature_layer(adapter.multimodal.vision_tower, cfg.vision_feature_layer)
 
         def capture(module, args, kwargs, output):

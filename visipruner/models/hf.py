@@ -42,6 +42,10 @@ def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32, a
     supported family; nothing is downloaded. The processor brings the family's chat template."""
     from transformers import AutoProcessor
 
+    from .mobilevlm import is_mobilevlm_dir, load_mobilevlm
+
+    if is_mobilevlm_dir(path):  # the MobileVLM code's own layout, not a transformers class
+        return load_mobilevlm(path, dtype=dtype, device=device)
     cls, _ = model_class_for(path)
     model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
                                 local_files_only=True)

@@ -256,7 +256,8 @@ def load_organism(device: str | torch.device = "cpu", dtype: torch.dtype = torch
 
 
 def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32):
-    """Load a saved model folder (``save_pretrained`` output) of any supported family with its processor."""
+    """Load a saved model folder (``save_pretrained`` output) of any supported family, or a MobileVLM
+    folder, with its processor."""
     from .hf import load_model_dir as load
 
     return load(path, device=device, dtype=dtype)
