@@ -440,6 +440,8 @@ class PruningHandle:
         pruned_cache = kept.numel() != n_prompt
         if mode is None and not pruned_cache and (mask is None or mask.shape[-1] == k.shape[2]):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the unpruned one
+        if mode is None and not window and q.shape[2] == 1:
+            return original(module, q, k, v, None, **kwargs)  # one new token sees its whole cache
         key_pos = torch.cat([kept, torch.arange(n_prompt, total, device=kept.device)])
         if k.shape[2] > key_pos.numel():
             raise RuntimeError(
