@@ -296,9 +296,14 @@ def test_disabled_is_bit_identical(v2):
 
 
 def test_visionzip_is_refused_clearly(v2):
-    _, model, _ = v2
+    _, model, processor = v2
+    inputs = prompt_inputs(processor)
+    before = model(**inputs).logits
     with pytest.raises(ValueError, match="pools the patch grid"):
         visipruner.apply(model, VisionZipConfig())
+    # the refusal left the model as it was, and free for another method
+    assert torch.equal(model(**inputs).logits, before)
+    visipruner.apply(model, FastVConfig()).remove()
 
 
 # ------------------------------------------------------------------ what the loader refuses
