@@ -343,10 +343,27 @@ def test_bad_weights_are_named(tmp_path, edit, match):
         load_mobilevlm(folder)
 
 
-def test_known_vision_tower_is_checked_against_the_weights(tmp_path):
-    folder = write_checkpoint(tmp_path, mm_vision_tower="openai/clip-vit-large-patch14-336")
-    with pytest.raises(MobileVLMFormatError, match="hidden_size 128 .* != 1024"):
+@pytest.mark.parametrize("name", ["openai/clip-vit-large-patch14-336", "/training/box/clip-vit-large-patch14-336/"])
+def test_known_vision_tower_is_checked_against_the_weights(tmp_path, name):
+    folder = write_checkpoint(tmp_path, mm_vision_tower=name)
+    with pytest.raises(MobileVLMFormatError, match="openai/clip-vit-large-patch14-336: hidden_size 128 .* != 1024"):
         load_mobilevlm(folder)
+
+
+def test_vision_weights_from_the_vision_tower_folder(tmp_path):
+    """A checkpoint without the tower (V1 reads it from mm_vision_tower) takes a CLIPModel folder's."""
+    folder = write_checkpoint(tmp_path / "ckpt", kind="ldpnet")
+    model, processor = load_mobilevlm(folder)
+    inputs = prompt_inputs(processor)
+    expected = model(**inputs).logits
+    clip = tmp_path / "clip"
+    CLIPVisionConfig(**VISION).save_pretrained(clip)
+    state = load_file(str(folder / "model.safetensors"))
+    tower = {"vision_model." + k[len(PUBLISHED_CLIP):]: state.pop(k) for k in list(state) if k.startswith(PUBLISHED_CLIP)}
+    save_file({**tower, "text_model.embeddings.token_embedding.weight": torch.zeros(4, 8)}, str(clip / "model.safetensors"))
+    save_file(state, str(folder / "model.safetensors"))
+    model, processor = load_mobilevlm(folder, vision_tower=clip)
+    torch.testing.assert_close(model(**prompt_inputs(processor)).logits, expected, atol=0, rtol=0)
 
 
 def test_missing_vision_weights_need_a_vision_tower_folder(tmp_path):
