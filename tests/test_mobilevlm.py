@@ -371,3 +371,14 @@ def test_missing_vision_weights_need_a_vision_tower_folder(tmp_path):
     _edit_weights(folder, lambda s: [s.pop(k) for k in list(s) if k.startswith(PUBLISHED_CLIP)])
     with pytest.raises(MobileVLMFormatError, match="vision_tower="):
         load_mobilevlm(folder)
+
+
+def test_the_image_placeholder_is_never_generated(tmp_path):
+    model, processor = load_mobilevlm(write_checkpoint(tmp_path))
+    inputs = prompt_inputs(processor)
+    img = model.config.image_token_id
+    last = model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+    model.lm_head.weight[img] = 100 * last  # the added row now wins the raw logits ...
+    assert int(model(**inputs).logits[0, -1].argmax()) == img
+    out = model.generate(**inputs, max_new_tokens=1)
+    assert int(out[0, -1]) != img  # ... and generation still never emits it
