@@ -296,9 +296,14 @@ def test_disabled_is_bit_identical(v2):
 
 
 def test_visionzip_is_refused_clearly(v2):
-    _, model, _ = v2
+    _, model, processor = v2
+    inputs = prompt_inputs(processor)
+    before = model(**inputs).logits
     with pytest.raises(ValueError, match="pools the patch grid"):
         visipruner.apply(model, VisionZipConfig())
+    # the refusal left the model as it was, and free for another method
+    assert torch.equal(model(**inputs).logits, before)
+    visipruner.apply(model, FastVConfig()).remove()
 
 
 # ------------------------------------------------------------------ what the loader refuses
@@ -338,10 +343,27 @@ def test_bad_weights_are_named(tmp_path, edit, match):
         load_mobilevlm(folder)
 
 
-def test_known_vision_tower_is_checked_against_the_weights(tmp_path):
-    folder = write_checkpoint(tmp_path, mm_vision_tower="openai/clip-vit-large-patch14-336")
-    with pytest.raises(MobileVLMFormatError, match="hidden_size 128 .* != 1024"):
+@pytest.mark.parametrize("name", ["openai/clip-vit-large-patch14-336", "/training/box/clip-vit-large-patch14-336/"])
+def test_known_vision_tower_is_checked_against_the_weights(tmp_path, name):
+    folder = write_checkpoint(tmp_path, mm_vision_tower=name)
+    with pytest.raises(MobileVLMFormatError, match="openai/clip-vit-large-patch14-336: hidden_size 128 .* != 1024"):
         load_mobilevlm(folder)
+
+
+def test_vision_weights_from_the_vision_tower_folder(tmp_path):
+    """A checkpoint without the tower (V1 reads it from mm_vision_tower) takes a CLIPModel folder's."""
+    folder = write_checkpoint(tmp_path / "ckpt", kind="ldpnet")
+    model, processor = load_mobilevlm(folder)
+    inputs = prompt_inputs(processor)
+    expected = model(**inputs).logits
+    clip = tmp_path / "clip"
+    CLIPVisionConfig(**VISION).save_pretrained(clip)
+    state = load_file(str(folder / "model.safetensors"))
+    tower = {"vision_model." + k[len(PUBLISHED_CLIP):]: state.pop(k) for k in list(state) if k.startswith(PUBLISHED_CLIP)}
+    save_file({**tower, "text_model.embeddings.token_embedding.weight": torch.zeros(4, 8)}, str(clip / "model.safetensors"))
+    save_file(state, str(folder / "model.safetensors"))
+    model, processor = load_mobilevlm(folder, vision_tower=clip)
+    torch.testing.assert_close(model(**prompt_inputs(processor)).logits, expected, atol=0, rtol=0)
 
 
 def test_missing_vision_weights_need_a_vision_tower_folder(tmp_path):
@@ -349,3 +371,14 @@ def test_missing_vision_weights_need_a_vision_tower_folder(tmp_path):
     _edit_weights(folder, lambda s: [s.pop(k) for k in list(s) if k.startswith(PUBLISHED_CLIP)])
     with pytest.raises(MobileVLMFormatError, match="vision_tower="):
         load_mobilevlm(folder)
+
+
+def test_the_image_placeholder_is_never_generated(tmp_path):
+    model, processor = load_mobilevlm(write_checkpoint(tmp_path))
+    inputs = prompt_inputs(processor)
+    img = model.config.image_token_id
+    last = model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+    model.lm_head.weight[img] = 100 * last  # the added row now wins the raw logits ...
+    assert int(model(**inputs).logits[0, -1].argmax()) == img
+    out = model.generate(**inputs, max_new_tokens=1)
+    assert int(out[0, -1]) != img  # ... and generation still never emits it

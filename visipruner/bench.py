@@ -415,6 +415,16 @@ def plot_pareto(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _applies(model, method: str, visipruner_cfg: VisiPrunerConfig) -> bool:
+    """Whether ``method``'s default config attaches to ``model`` (e.g. VisionZip needs a per-patch projector)."""
+    try:
+        apply(model, default_configs(visipruner_cfg)[method]).remove()
+    except ValueError as e:
+        print(f"bench: skipping {method}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _load_model(args):
     if args.model:
         from .models.organism import load_model_dir
@@ -467,6 +477,8 @@ def _run(args) -> int:
         from . import recommended_config
 
         cfg = recommended_config(model)
+    if args.methods is None:  # every method, except those that refuse this model (said, not silent)
+        methods = tuple(m for m in methods if _applies(model, m, cfg))
     print(f"bench: {len(questions)} questions, {len(methods)} methods, VisiPruner config {cfg.to_json()}", file=sys.stderr)
     rows = run_bench(model, processor, questions, cfg, methods, matched=not args.no_matched,
                      timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps)

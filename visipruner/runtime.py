@@ -176,13 +176,13 @@ class PruningHandle:
     # ----------------------------------------------------------------------------- lifecycle
     def _attach(self) -> None:
         a = self.adapter
+        if hasattr(self.method, "attach"):  # methods that watch other modules (e.g. the vision tower);
+            self._hooks.extend(self.method.attach(a))  # first: one that refuses the model leaves it untouched
         self._hooks.append(a.multimodal.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._hooks.append(a.multimodal.register_forward_hook(self._on_model_return, with_kwargs=True))
         for i, layer in enumerate(a.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             _OWNERS[a.attention_module(layer)] = self
-        if hasattr(self.method, "attach"):  # methods that watch other modules (e.g. the vision tower)
-            self._hooks.extend(self.method.attach(a))
         a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
         self._attached = True
 

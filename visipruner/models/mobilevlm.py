@@ -230,6 +230,8 @@ def _vision_config(cfg: dict, vision_state: dict, vision_tower: str | os.PathLik
         return CLIPVisionConfig.from_pretrained(name, local_files_only=True), Path(name)
     if vision_tower is not None:
         raise MobileVLMFormatError(f"vision_tower={name!r} is not a local folder")
+    # a training machine's local copy of a published tower (e.g. /data/clip-vit-large-patch14-336)
+    name = next((known for known in KNOWN_CLIP if known.split("/")[-1] == name.rstrip("/").split("/")[-1]), name)
     if not name.startswith("openai/"):
         raise MobileVLMFormatError(
             f"config.json: mm_vision_tower = {name!r} names a hub model whose architecture is not known offline; "
@@ -292,9 +294,12 @@ def _map_keys(state: dict, projector_type: str, vision_folder: Path | None,
                                    + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""))
     if not any(k.startswith("model.vision_tower.") for k in out) and vision_folder is not None:
         # V1 checkpoints may leave the (frozen) tower to mm_vision_tower's own weights
-        for key, value in read_weights(vision_folder).items():
-            if key.startswith("vision_model.") and not key.endswith(IGNORED_SUFFIXES):
-                out["model.vision_tower." + clip_prefix + key[len("vision_model."):]] = value
+        tower = read_weights(vision_folder)
+        if any(k.startswith("vision_model.") for k in tower):  # a CLIPModel, or a CLIPVisionModel before v5
+            tower = {k[len("vision_model."):]: v for k, v in tower.items() if k.startswith("vision_model.")}
+        for key, value in tower.items():
+            if not key.endswith(IGNORED_SUFFIXES):
+                out["model.vision_tower." + clip_prefix + key] = value
     return out
 
 
@@ -509,7 +514,6 @@ def load_mobilevlm(path: str | os.PathLike, *, vision_tower: str | os.PathLike |
     )
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = "sdpa"
-    config.mobilevlm = {"mm_projector_type": projector_type, "image_aspect_ratio": cfg.get("image_aspect_ratio")}
     model = LlavaForConditionalGeneration(config)
     model.model.multi_modal_projector = projector  # instance-level: the LLaVA MLP becomes the LDP
     clip_prefix = "vision_model." if hasattr(model.model.vision_tower, "vision_model") else ""
