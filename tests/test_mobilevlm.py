@@ -382,3 +382,36 @@ def test_the_image_placeholder_is_never_generated(tmp_path):
     assert int(model(**inputs).logits[0, -1].argmax()) == img
     out = model.generate(**inputs, max_new_tokens=1)
     assert int(out[0, -1]) != img  # ... and generation still never emits it
+
+
+def test_a_sentencepiece_tokenizer_model_loads(tmp_path):
+    """The published checkpoints ship a sentencepiece ``tokenizer.model`` (LlamaTokenizer): one trained
+    here in-process replaces the fast tokenizer files, and the folder still loads and runs."""
+    import io
+
+    import sentencepiece as spm
+
+    folder = write_checkpoint(tmp_path / "spm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    buf = io.BytesIO()
+    corpus = [V1_SYSTEM, "USER: what is here? ASSISTANT: a red circle", "how many shapes are there? 2"] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=48,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    model, processor = load_mobilevlm(folder)
+    path = folder / "q.png"
+    image(40, 40).save(path)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is here?"}]}],
+        add_generation_prompt=True)
+    batch = processor(images=[Image.open(path)], text=[prompt], return_tensors="pt")
+    ids = batch["input_ids"][0]
+    assert int(ids[0]) == 1  # BOS from the sentencepiece model
+    n_img = int((ids == model.config.image_token_id).sum())
+    assert n_img == processor.num_image_tokens
+    with torch.no_grad():
+        assert model(**batch).logits.shape[1] == ids.numel()
