@@ -178,6 +178,7 @@ class PruningHandle:
         for i, layer in enumerate(a.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             _OWNERS[a.attention_module(layer)] = self
+        self._hooks.extend(a.install(self))  # the family's own hooks (Qwen3-VL's deepstack)
         if hasattr(self.method, "attach"):  # methods that watch other modules (e.g. the vision tower)
             self._hooks.extend(self.method.attach(a))
         a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
