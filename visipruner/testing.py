@@ -80,10 +80,12 @@ def tiny_qwen_vl(
     layers: int = 8,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    deepstack: int = 5,
 ):
     """A random Qwen2-VL (``version="2"``), Qwen2.5-VL (``"2.5"``) or Qwen3-VL (``"3"``): M-RoPE, patch
-    4, merge 2. Qwen3-VL: interleaved M-RoPE, q/k norms, and deepstack features (from vision blocks
-    0-2) added to the visual tokens after language-model layers 0, 1 and 2."""
+    4, merge 2. Qwen3-VL: interleaved M-RoPE, q/k norms, and deepstack: the features of vision
+    blocks 0..deepstack-1 added to the visual tokens after language-model layers 0..deepstack-1
+    (more of them than a real checkpoint's 3 of 36, so that pruning at layer 2-3 overlaps them)."""
     torch.manual_seed(seed)
     text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -107,9 +109,9 @@ def tiny_qwen_vl(
 
         text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                   "mrope_section": [4, 2, 2], "mrope_interleaved": True})
-        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
-                      deepstack_visual_indexes=[0, 1, 2])
+        vision = dict(depth=deepstack, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      num_position_embeddings=16, deepstack_visual_indexes=list(range(deepstack)))
     else:
         raise ValueError(f"version must be '2', '2.5' or '3', got {version!r}")
     cfg = C(text_config=text, vision_config=vision, **ids)
