@@ -110,3 +110,8 @@ def test_text_only_prompt_and_disabled_run_untouched(impl):
         assert torch.equal(model(**text).logits, text_logits)
     with visipruner.apply(model, VisiPrunerConfig(stages=())):
         assert torch.equal(model(**inputs).logits, logits)
+
+
+def test_visionzip_names_qwen3_vl():
+    with pytest.raises(ValueError, match="Qwen3-VL"):
+        visipruner.apply(FAM.build(0, "sdpa", 2), visipruner.VisionZipConfig())
