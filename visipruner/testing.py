@@ -107,8 +107,9 @@ def tiny_qwen_vl(
     elif version == "3":
         from transformers import Qwen3VLConfig as C, Qwen3VLForConditionalGeneration as M
 
-        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                  "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        # head_dim 32 != hidden / heads, as in Qwen3-VL-4B (2560 / 32 heads of 128)
+        text.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [8, 4, 4], "mrope_interleaved": True})
         vision = dict(depth=deepstack, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                       num_position_embeddings=16, deepstack_visual_indexes=list(range(deepstack)))
