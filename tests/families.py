@@ -71,6 +71,9 @@ FAMILIES = [
     Family("qwen2_5_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2.5", attn_implementation=attn, layers=layers),
            _qwen_prompt, layouts=("one", "video"),
            extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
+    Family("qwen3_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="3", attn_implementation=attn, layers=layers),
+           _qwen_prompt, layouts=("one", "two", "video"),
+           extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
 ]
 
 

@@ -152,7 +152,7 @@ def test_cached_generation_equals_recomputation(fam, layout):
 def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                "Qwen2_5_VLForConditionalGeneration"):
+                "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
         assert cls in names
     with pytest.raises(TypeError) as e:
         visipruner.apply(torch.nn.Linear(2, 2))

@@ -183,6 +183,7 @@ class PruningHandle:
         for i, layer in enumerate(a.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             _OWNERS[a.attention_module(layer)] = self
+        self._hooks.extend(a.install(self))  # the family's own hooks (Qwen3-VL's deepstack)
         a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
         self._attached = True
 

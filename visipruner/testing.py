@@ -80,8 +80,12 @@ def tiny_qwen_vl(
     layers: int = 8,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    deepstack: int = 5,
 ):
-    """A random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): M-RoPE, patch 4, merge 2."""
+    """A random Qwen2-VL (``version="2"``), Qwen2.5-VL (``"2.5"``) or Qwen3-VL (``"3"``): M-RoPE, patch
+    4, merge 2. Qwen3-VL: interleaved M-RoPE, q/k norms, and deepstack: the features of vision
+    blocks 0..deepstack-1 added to the visual tokens after language-model layers 0..deepstack-1
+    (more of them than a real checkpoint's 3 of 36, so that pruning at layer 2-3 overlaps them)."""
     torch.manual_seed(seed)
     text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -100,8 +104,17 @@ def tiny_qwen_vl(
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
                       fullatt_block_indexes=[1])
+    elif version == "3":
+        from transformers import Qwen3VLConfig as C, Qwen3VLForConditionalGeneration as M
+
+        # head_dim 32 != hidden / heads, as in Qwen3-VL-4B (2560 / 32 heads of 128)
+        text.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [8, 4, 4], "mrope_interleaved": True})
+        vision = dict(depth=deepstack, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      num_position_embeddings=16, deepstack_visual_indexes=list(range(deepstack)))
     else:
-        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+        raise ValueError(f"version must be '2', '2.5' or '3', got {version!r}")
     cfg = C(text_config=text, vision_config=vision, **ids)
     cfg.text_config._attn_implementation = attn_implementation
     cfg.vision_config._attn_implementation = "sdpa"
@@ -109,10 +122,12 @@ def tiny_qwen_vl(
 
 
 def qwen_vl_prompt(model, *, seed: int = 0, images=((8, 8),), videos=(), prefix: int = 5, suffix: int = 10,
-                   between: int = 3):
+                   between: int = 3, timestamp: int = 3):
     """A Qwen-VL prompt: text, then each image (patch grid h x w) and each video (t, h, w), each
-    wrapped in vision start/end tokens, then text. Returns the model's keyword inputs and the
-    [start, end) of each image and each video frame (merge 2: h*w/4 tokens per frame)."""
+    wrapped in vision start/end tokens, then text. Qwen3-VL lays a video out frame by frame as its
+    processor does: a timestamp (``timestamp`` text tokens, "<0.5 seconds>") then the frame in its
+    own start/end tokens. Returns the model's keyword inputs and the [start, end) of each image and
+    each video frame (merge 2: h*w/4 tokens per frame)."""
     g = torch.Generator().manual_seed(seed)
     vcfg = model.config.vision_config
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
@@ -122,6 +137,7 @@ def qwen_vl_prompt(model, *, seed: int = 0, images=((8, 8),), videos=(), prefix:
     def text(k):
         return torch.randint(4, vocab, (k,), generator=g).tolist()
 
+    per_frame_runs = model.config.model_type == "qwen3_vl"
     ids, spans = [1] + text(prefix - 1), []
     out = {}
     items = [("image", (1, h, w)) for h, w in images] + [("video", tuple(v)) for v in videos]
@@ -129,8 +145,12 @@ def qwen_vl_prompt(model, *, seed: int = 0, images=((8, 8),), videos=(), prefix:
         per_frame = (h // merge) * (w // merge)
         ids.append(QWEN_VISION_START)
         for f in range(t if kind == "video" else 1):
+            if per_frame_runs and kind == "video":
+                ids += text(timestamp) + [QWEN_VISION_START]
             spans.append((len(ids), len(ids) + per_frame))
             ids += [QWEN_IMAGE if kind == "image" else QWEN_VIDEO] * per_frame
+            if per_frame_runs and kind == "video":
+                ids.append(QWEN_VISION_END)
         ids.append(QWEN_VISION_END)
         ids += text(between if i < len(items) - 1 else suffix)
     if images:
