@@ -7,6 +7,7 @@ states. It shares no code with the package: it only reads the model's weights.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -71,16 +72,17 @@ def _rope_tables(model, lm, h, position_ids, layer_type):
 
 
 def visibility(n, layer_type, sliding_window, image_blocks, pos):
-    """(m, m) bool: query i sees key j. Causal by original position; a sliding layer sees only the
-    last ``sliding_window`` positions; tokens of one image block (bidirectional families) see each
-    other whatever their order."""
+    """(m, m) bool: query i sees key j. Causal by original position, and tokens of one image block
+    (bidirectional families) see each other whatever their order; a sliding layer then sees no key
+    ``sliding_window`` or more positions back (transformers: AND(window, OR(causal, block)), so a
+    block longer than the window is cut too, looking back only)."""
     qi, kj = pos[:, None], pos[None, :]
     allowed = kj <= qi
-    if layer_type == "sliding_attention" and sliding_window:
-        allowed = allowed & (qi - kj < sliding_window)
     if image_blocks is not None:
         blk = image_blocks
         allowed = allowed | ((blk[:, None] >= 0) & (blk[:, None] == blk[None, :]))
+    if layer_type == "sliding_attention" and sliding_window:
+        allowed = allowed & (qi - kj < sliding_window)
     return allowed
 
 
@@ -117,7 +119,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     position_ids = got.get("position_ids")
     deepstack = got.get("deepstack_visual_embeds")
     layer_types = getattr(tcfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
-    per_type = len(set(layer_types)) > 1 and "layer_type" in lm.rotary_emb.forward.__code__.co_varnames
+    per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters  # Gemma3: local/global bases
     ropes = {t: _rope_tables(model, lm, h, position_ids, t if per_type else None) for t in set(layer_types)}
     pos = torch.arange(n)
     visual_ids = [getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None)]
@@ -140,14 +142,17 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     image_of = torch.full((n,), -1)
     for g, (s, e) in enumerate(spans):
         image_of[s:e] = g
-    # bidirectional families: each maximal run of image tokens is one block
+    # bidirectional families: each maximal run of token type 1 (the image tokens, as the processor
+    # marks them) is one block; without token_type_ids the model's mask is plain causal
     blocks = None
-    if model.config.model_type in BIDIRECTIONAL_IMAGE_FAMILIES:
+    types = (extra_inputs or {}).get("token_type_ids")
+    if model.config.model_type in BIDIRECTIONAL_IMAGE_FAMILIES and types is not None:
+        in_block = types[0] == 1
         blocks = torch.full((n,), -1)
         b = -1
         for i in range(n):
-            if is_img[i]:
-                if i == 0 or not is_img[i - 1]:
+            if in_block[i]:
+                if i == 0 or not in_block[i - 1]:
                     b += 1
                 blocks[i] = b
     gemma_like = hasattr(lm.layers[0], "pre_feedforward_layernorm")

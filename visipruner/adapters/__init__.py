@@ -36,6 +36,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 from . import llava, qwen_vl  # noqa: E402,F401  (registration)
+from . import gemma3  # noqa: E402,F401  (registration)
 
 __all__ = ["ADAPTERS", "ModelAdapter", "SUPPORTED_ATTENTION", "Span", "frame_spans", "get_adapter", "register",
            "runs", "supported_models"]
