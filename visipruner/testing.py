@@ -179,7 +179,10 @@ def tiny_gemma3(
                        boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
     cfg.text_config._attn_implementation = attn_implementation
     cfg.vision_config._attn_implementation = "sdpa"
-    return Gemma3ForConditionalGeneration(cfg).to(dtype).eval()
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers starts the image projection at zero: every image token alike
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.03)
+    return model.to(dtype).eval()
 
 
 def gemma3_prompt(model, *, seed: int = 0, images: int = 1, prefix: int = 5, suffix: int = 8, between: int = 3):
