@@ -90,6 +90,24 @@ def visibility(n, layer_type, sliding_window, image_blocks, pos):
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
 
 
+def bidirectional_blocks(model, extra_inputs, n):
+    """(n,) block number of each token, -1 outside blocks, or None. In a bidirectional family each
+    maximal run of token type 1 (the image tokens, as the processor marks them) is one block;
+    without ``token_type_ids`` the model's mask is plain causal."""
+    types = extra_inputs.get("token_type_ids")
+    if model.config.model_type not in BIDIRECTIONAL_IMAGE_FAMILIES or types is None:
+        return None
+    in_block = types[0] == 1
+    blocks = torch.full((n,), -1)
+    b = -1
+    for i in range(n):
+        if in_block[i]:
+            if i == 0 or not in_block[i - 1]:
+                b += 1
+            blocks[i] = b
+    return blocks
+
+
 @torch.no_grad()
 def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_rule=None, selection="influence",
                       *, extra_inputs=None, spans=None) -> RefResult:
@@ -142,19 +160,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     image_of = torch.full((n,), -1)
     for g, (s, e) in enumerate(spans):
         image_of[s:e] = g
-    # bidirectional families: each maximal run of token type 1 (the image tokens, as the processor
-    # marks them) is one block; without token_type_ids the model's mask is plain causal
-    blocks = None
-    types = (extra_inputs or {}).get("token_type_ids")
-    if model.config.model_type in BIDIRECTIONAL_IMAGE_FAMILIES and types is not None:
-        in_block = types[0] == 1
-        blocks = torch.full((n,), -1)
-        b = -1
-        for i in range(n):
-            if in_block[i]:
-                if i == 0 or not in_block[i - 1]:
-                    b += 1
-                blocks[i] = b
+    blocks = bidirectional_blocks(model, extra_inputs or {}, n)
     gemma_like = hasattr(lm.layers[0], "pre_feedforward_layernorm")
 
     res = RefResult(logits=None, positions=None)

@@ -11,8 +11,8 @@ import torch
 import visipruner
 from visipruner import FastVConfig, Schedule, VisiPrunerConfig
 
-from families import FAMILIES
-from reference import reference_forward
+from families import FAMILIES, family
+from reference import bidirectional_blocks, reference_forward, visibility
 
 torch.set_grad_enabled(False)
 
@@ -107,6 +107,29 @@ def test_fast_path_matches_reference_for_every_stage_subset(fam, layout):
 
 
 @pytest.mark.parametrize("fam,layout", _params())
+def test_reference_visibility_is_the_models_own_mask(fam, layout):
+    """The masks the reference builds (causal, sliding windows, bidirectional image blocks) are the
+    ones the family's own code hands each layer (eager: always a full additive matrix)."""
+    model = fam.build(0, "eager", 4)
+    inputs, _ = fam.prompt(model, 0, layout)
+    lm, masks = model.model.language_model, {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, kw, i=i: masks.__setitem__(i, kw["attention_mask"]),
+                                             with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    try:
+        model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    n, tcfg = inputs["input_ids"].shape[1], lm.config
+    blocks = bidirectional_blocks(model, fam.reference_inputs(inputs), n)
+    types = getattr(tcfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
+    for i, mask in masks.items():
+        own = mask[0, 0] > torch.finfo(mask.dtype).min / 2
+        ref = visibility(n, types[i], getattr(tcfg, "sliding_window", None), blocks, torch.arange(n))
+        assert torch.equal(own, ref), f"layer {i} ({types[i]})"
+
+
+@pytest.mark.parametrize("fam,layout", _params())
 def test_fastv_matches_reference(fam, layout):
     """A peer on the same runtime: FastV's top-R by the last token's attention after layer 2."""
     model = fam.build(2, "sdpa", LAYERS)
@@ -152,14 +175,15 @@ def test_cached_generation_equals_recomputation(fam, layout):
 def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                "Qwen2_5_VLForConditionalGeneration"):
+                "Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration"):
         assert cls in names
     with pytest.raises(TypeError) as e:
         visipruner.apply(torch.nn.Linear(2, 2))
     assert "Linear" in str(e.value) and "Qwen2VLForConditionalGeneration" in str(e.value)
 
 
-def test_visionzip_names_the_family_it_does_not_support():
-    model = FAMILIES[1].build(0, "sdpa", 2)
-    with pytest.raises(ValueError, match="Qwen2-VL"):
+@pytest.mark.parametrize("name,family_name", [("qwen2_vl", "Qwen2-VL"), ("gemma3", "Gemma3")])
+def test_visionzip_names_the_family_it_does_not_support(name, family_name):
+    model = family(name).build(0, "sdpa", 2)
+    with pytest.raises(ValueError, match=family_name):
         visipruner.apply(model, visipruner.VisionZipConfig())
