@@ -187,9 +187,8 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
         k = k.repeat_interleave(H // Hkv, dim=0)
         v = v.repeat_interleave(H // Hkv, dim=0)
         scores = (q @ k.transpose(-1, -2)) * attn.scaling
-        cap = getattr(attn, "attn_logit_softcapping", None)
-        if cap:
-            scores = torch.tanh(scores / cap) * cap
+        # no logit softcapping: Gemma3 keeps attn/final_logit_softcapping in its config but its
+        # attention and Gemma3ForConditionalGeneration apply neither (transformers 5.23)
         allowed = visibility(m, layer_types[li], getattr(tcfg, "sliding_window", None),
                              None if blocks is None else blocks_k, pos)
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -292,9 +291,6 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
 
     h = lm.norm(h)
     res.logits = model.lm_head(h)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        res.logits = torch.tanh(res.logits / cap) * cap
     res.positions = pos
     res.fusion_layer, res.exit_layer = fusion, exit_
     res.critical_tokens = [] if critical is None else sorted(critical.tolist())

@@ -172,6 +172,44 @@ def test_cached_generation_equals_recomputation(fam, layout):
         assert int(full.argmax()) == int(seq[0, n + t])
 
 
+def _sliding(fam):
+    model = fam.build(0, "sdpa", 1)
+    return "sliding_attention" in (getattr(model.model.language_model.config, "layer_types", None) or [])
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if _sliding(f)], ids=lambda f: f.name)
+def test_sliding_caches_decode_past_the_window(fam):
+    """Eager, a prompt longer than the window, decoding past it: a sliding layer's cache keeps its
+    last window - 1 entries, and with tokens pruned those reach back further than the window by
+    original position, so each step's mask must come from original positions."""
+    model = fam.build(4, "eager", LAYERS)
+    inputs, spans = fam.prompt(model, 4, "one")
+    tcfg, steps = model.model.language_model.config, 8
+    window, n = tcfg.sliding_window, inputs["input_ids"].shape[1]
+    assert n > window
+    cfg = _config(("shallow", "middle", "deep"), _median_norm(fam, model, inputs, spans))
+    with visipruner.apply(model, cfg) as h:
+        model.generation_config.eos_token_id = None
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        kept = h._state.layer_positions  # original positions of the prompt tokens each layer holds
+        stats = h.last_stats
+    reaching_back = 0
+    for i, layer_type in enumerate(tcfg.layer_types):
+        if layer_type != "sliding_attention":
+            continue
+        assert out.past_key_values.layers[i].keys.shape[2] == window - 1
+        for q in range(n, n + steps - 1):  # each decode step's query sees the cache's last window - 1 entries
+            held = torch.cat([kept[i], torch.arange(n, q)])[-(window - 1):]
+            reaching_back += int(held[0]) <= q - window  # held, but out of the query's window
+    assert reaching_back > 0
+    schedule = Schedule(stats.fusion_layer, stats.critical_tokens, stats.exit_layer)
+    for t in range(steps):
+        ref = _ref(fam, model, fam.extend(inputs, out.sequences[:, n : n + t]), spans, cfg, schedule=schedule)
+        torch.testing.assert_close(out.logits[t][0], ref.logits[-1], atol=1e-5, rtol=0)
+        assert int(ref.logits[-1].argmax()) == int(out.sequences[0, n + t])
+
+
 def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",

@@ -172,7 +172,9 @@ def tiny_gemma3(
                 sliding_window_pattern=sliding_window_pattern,
                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                  "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
-                bos_token_id=2, eos_token_id=1, pad_token_id=0)
+                bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                # Gemma-2 values; Gemma3's modeling code applies neither (the tests pin that down)
+                attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=32, patch_size=4)
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=GEMMA_IMAGE,
