@@ -210,6 +210,21 @@ def test_sliding_caches_decode_past_the_window(fam):
         assert int(ref.logits[-1].argmax()) == int(out.sequences[0, n + t])
 
 
+def test_static_cache_is_refused_clearly():
+    fam = family("gemma3")
+    model = fam.build(0, "sdpa", 4)
+    inputs, _ = fam.prompt(model, 0, "one")
+    with visipruner.apply(model), pytest.raises(ValueError, match="dynamic KV cache"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_gemma3_encoder_is_refused():
+    model = family("gemma3").build(0, "sdpa", 1)
+    model.config.text_config.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        visipruner.apply(model)
+
+
 def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",

@@ -1,7 +1,8 @@
 """Gemma3: bidirectional image blocks, sliding-window layers, per-layer-type RoPE.
 
-Nothing here needs a hook: the model builds its masks by original position (each image's tokens
-see each other, a sliding layer sees keys less than ``sliding_window`` positions back) and hands
+Nothing here needs a hook: the model builds its masks by original position (an image's tokens see
+each other when the prompt carries the processor's ``token_type_ids``; a sliding layer sees no key
+``sliding_window`` or more positions back, within an image too) and hands
 every layer the cos/sin of its layer type; the runtime slices both to the tokens still present,
 so a kept token attends by its original position. In decode the runtime rebuilds each layer's
 mask from the original positions its cache holds (a sliding cache keeps only the tail).
@@ -19,7 +20,8 @@ class Gemma3Adapter(ModelAdapter):
     def check(self) -> None:
         super().check()
         if getattr(self.text_config, "use_bidirectional_attention", False):
-            # every token sees every other (an encoder): there is no last token to prune for
+            # an encoder (EmbeddingGemma): its attention is not causal where the model passes no
+            # mask, which the runtime reads as plain causal
             raise ValueError("Gemma3 with use_bidirectional_attention=True (an embedding model) is not supported")
 
 
