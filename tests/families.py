@@ -34,6 +34,7 @@ class Family:
     prompt: Callable  # (model, seed, layout) -> (inputs, spans)
     layouts: tuple = ("one", "two")
     extra_keys: tuple = ()  # inputs besides input_ids/pixel_values the reference must pass on
+    sliding: bool = False  # sliding-window layers; the "one" prompt is longer than the window
     marks: list = field(default_factory=list)
 
     def reference_inputs(self, inputs):
@@ -89,7 +90,7 @@ FAMILIES = [
            _qwen_prompt, layouts=("one", "video"),
            extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
     Family("gemma3", lambda seed, attn, layers: tiny_gemma3(seed, attn_implementation=attn, layers=layers),
-           _gemma3_prompt, layouts=("one", "two", "long"), extra_keys=("token_type_ids",)),
+           _gemma3_prompt, layouts=("one", "two", "long"), extra_keys=("token_type_ids",), sliding=True),
 ]
 
 

@@ -172,12 +172,7 @@ def test_cached_generation_equals_recomputation(fam, layout):
         assert int(full.argmax()) == int(seq[0, n + t])
 
 
-def _sliding(fam):
-    model = fam.build(0, "sdpa", 1)
-    return "sliding_attention" in (getattr(model.model.language_model.config, "layer_types", None) or [])
-
-
-@pytest.mark.parametrize("fam", [f for f in FAMILIES if _sliding(f)], ids=lambda f: f.name)
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.sliding], ids=lambda f: f.name)
 def test_sliding_caches_decode_past_the_window(fam):
     """Eager, a prompt longer than the window, decoding past it: a sliding layer's cache keeps its
     last window - 1 entries, and with tokens pruned those reach back further than the window by
