@@ -15,7 +15,16 @@ from typing import Callable
 
 import torch
 
-from visipruner.testing import IMAGE_TOKEN_ID, qwen_vl_prompt, random_prompt, tiny_llava, tiny_qwen_vl, tokens_per_image
+from visipruner.testing import (
+    IMAGE_TOKEN_ID,
+    gemma3_prompt,
+    qwen_vl_prompt,
+    random_prompt,
+    tiny_gemma3,
+    tiny_llava,
+    tiny_qwen_vl,
+    tokens_per_image,
+)
 
 
 @dataclass
@@ -25,6 +34,7 @@ class Family:
     prompt: Callable  # (model, seed, layout) -> (inputs, spans)
     layouts: tuple = ("one", "two")
     extra_keys: tuple = ()  # inputs besides input_ids/pixel_values the reference must pass on
+    sliding: bool = False  # sliding-window layers; the "one" prompt is longer than the window
     marks: list = field(default_factory=list)
 
     def reference_inputs(self, inputs):
@@ -63,6 +73,14 @@ def _qwen_prompt(model, seed, layout):
     return qwen_vl_prompt(model, seed=seed, images=((4, 4),), videos=((3, 4, 8),))
 
 
+def _gemma3_prompt(model, seed, layout):
+    # the window (12) is shorter than an image (16 tokens) and than every prompt; "long": the
+    # image leaves the sliding layers' window before the prompt ends
+    if layout == "long":
+        return gemma3_prompt(model, seed=seed, images=1, suffix=20)
+    return gemma3_prompt(model, seed=seed, images=2 if layout == "two" else 1)
+
+
 FAMILIES = [
     Family("llava", lambda seed, attn, layers: tiny_llava(seed, attn_implementation=attn, layers=layers), _llava_prompt),
     Family("qwen2_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2", attn_implementation=attn, layers=layers),
@@ -74,6 +92,8 @@ FAMILIES = [
     Family("qwen3_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="3", attn_implementation=attn, layers=layers),
            _qwen_prompt, layouts=("one", "two", "video"),
            extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
+    Family("gemma3", lambda seed, attn, layers: tiny_gemma3(seed, attn_implementation=attn, layers=layers),
+           _gemma3_prompt, layouts=("one", "two", "long"), extra_keys=("token_type_ids",), sliding=True),
 ]
 
 

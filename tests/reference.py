@@ -7,6 +7,7 @@ states. It shares no code with the package: it only reads the model's weights.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -71,21 +72,40 @@ def _rope_tables(model, lm, h, position_ids, layer_type):
 
 
 def visibility(n, layer_type, sliding_window, image_blocks, pos):
-    """(m, m) bool: query i sees key j. Causal by original position; a sliding layer sees only the
-    last ``sliding_window`` positions; tokens of one image block (bidirectional families) see each
-    other whatever their order."""
+    """(m, m) bool: query i sees key j. Causal by original position, and tokens of one image block
+    (bidirectional families) see each other whatever their order; a sliding layer then sees no key
+    ``sliding_window`` or more positions back (transformers: AND(window, OR(causal, block)), so a
+    block longer than the window is cut too, looking back only)."""
     qi, kj = pos[:, None], pos[None, :]
     allowed = kj <= qi
-    if layer_type == "sliding_attention" and sliding_window:
-        allowed = allowed & (qi - kj < sliding_window)
     if image_blocks is not None:
         blk = image_blocks
         allowed = allowed | ((blk[:, None] >= 0) & (blk[:, None] == blk[None, :]))
+    if layer_type == "sliding_attention" and sliding_window:
+        allowed = allowed & (qi - kj < sliding_window)
     return allowed
 
 
 # Families whose images attend to themselves bidirectionally (transformers' token_type_ids masks)
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
+
+
+def bidirectional_blocks(model, extra_inputs, n):
+    """(n,) block number of each token, -1 outside blocks, or None. In a bidirectional family each
+    maximal run of token type 1 (the image tokens, as the processor marks them) is one block;
+    without ``token_type_ids`` the model's mask is plain causal."""
+    types = extra_inputs.get("token_type_ids")
+    if model.config.model_type not in BIDIRECTIONAL_IMAGE_FAMILIES or types is None:
+        return None
+    in_block = types[0] == 1
+    blocks = torch.full((n,), -1)
+    b = -1
+    for i in range(n):
+        if in_block[i]:
+            if i == 0 or not in_block[i - 1]:
+                b += 1
+            blocks[i] = b
+    return blocks
 
 
 @torch.no_grad()
@@ -117,7 +137,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     position_ids = got.get("position_ids")
     deepstack = got.get("deepstack_visual_embeds")
     layer_types = getattr(tcfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
-    per_type = len(set(layer_types)) > 1 and "layer_type" in lm.rotary_emb.forward.__code__.co_varnames
+    per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters  # Gemma3: local/global bases
     ropes = {t: _rope_tables(model, lm, h, position_ids, t if per_type else None) for t in set(layer_types)}
     pos = torch.arange(n)
     visual_ids = [getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None)]
@@ -140,16 +160,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     image_of = torch.full((n,), -1)
     for g, (s, e) in enumerate(spans):
         image_of[s:e] = g
-    # bidirectional families: each maximal run of image tokens is one block
-    blocks = None
-    if model.config.model_type in BIDIRECTIONAL_IMAGE_FAMILIES:
-        blocks = torch.full((n,), -1)
-        b = -1
-        for i in range(n):
-            if is_img[i]:
-                if i == 0 or not is_img[i - 1]:
-                    b += 1
-                blocks[i] = b
+    blocks = bidirectional_blocks(model, extra_inputs or {}, n)
     gemma_like = hasattr(lm.layers[0], "pre_feedforward_layernorm")
 
     res = RefResult(logits=None, positions=None)
@@ -176,9 +187,8 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
         k = k.repeat_interleave(H // Hkv, dim=0)
         v = v.repeat_interleave(H // Hkv, dim=0)
         scores = (q @ k.transpose(-1, -2)) * attn.scaling
-        cap = getattr(attn, "attn_logit_softcapping", None)
-        if cap:
-            scores = torch.tanh(scores / cap) * cap
+        # no logit softcapping: Gemma3 keeps attn/final_logit_softcapping in its config but its
+        # attention and Gemma3ForConditionalGeneration apply neither (transformers 5.23)
         allowed = visibility(m, layer_types[li], getattr(tcfg, "sliding_window", None),
                              None if blocks is None else blocks_k, pos)
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -281,9 +291,6 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
 
     h = lm.norm(h)
     res.logits = model.lm_head(h)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        res.logits = torch.tanh(res.logits / cap) * cap
     res.positions = pos
     res.fusion_layer, res.exit_layer = fusion, exit_
     res.critical_tokens = [] if critical is None else sorted(critical.tolist())

@@ -11,8 +11,8 @@ import torch
 import visipruner
 from visipruner import FastVConfig, Schedule, VisiPrunerConfig
 
-from families import FAMILIES
-from reference import reference_forward
+from families import FAMILIES, family
+from reference import bidirectional_blocks, reference_forward, visibility
 
 torch.set_grad_enabled(False)
 
@@ -107,6 +107,29 @@ def test_fast_path_matches_reference_for_every_stage_subset(fam, layout):
 
 
 @pytest.mark.parametrize("fam,layout", _params())
+def test_reference_visibility_is_the_models_own_mask(fam, layout):
+    """The masks the reference builds (causal, sliding windows, bidirectional image blocks) are the
+    ones the family's own code hands each layer (eager: always a full additive matrix)."""
+    model = fam.build(0, "eager", 4)
+    inputs, _ = fam.prompt(model, 0, layout)
+    lm, masks = model.model.language_model, {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, kw, i=i: masks.__setitem__(i, kw["attention_mask"]),
+                                             with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    try:
+        model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    n, tcfg = inputs["input_ids"].shape[1], lm.config
+    blocks = bidirectional_blocks(model, fam.reference_inputs(inputs), n)
+    types = getattr(tcfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
+    for i, mask in masks.items():
+        own = mask[0, 0] > torch.finfo(mask.dtype).min / 2
+        ref = visibility(n, types[i], getattr(tcfg, "sliding_window", None), blocks, torch.arange(n))
+        assert torch.equal(own, ref), f"layer {i} ({types[i]})"
+
+
+@pytest.mark.parametrize("fam,layout", _params())
 def test_fastv_matches_reference(fam, layout):
     """A peer on the same runtime: FastV's top-R by the last token's attention after layer 2."""
     model = fam.build(2, "sdpa", LAYERS)
@@ -149,17 +172,67 @@ def test_cached_generation_equals_recomputation(fam, layout):
         assert int(full.argmax()) == int(seq[0, n + t])
 
 
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.sliding], ids=lambda f: f.name)
+def test_sliding_caches_decode_past_the_window(fam):
+    """Eager, a prompt longer than the window, decoding past it: a sliding layer's cache keeps its
+    last window - 1 entries, and with tokens pruned those reach back further than the window by
+    original position, so each step's mask must come from original positions."""
+    model = fam.build(4, "eager", LAYERS)
+    inputs, spans = fam.prompt(model, 4, "one")
+    tcfg, steps = model.model.language_model.config, 8
+    window, n = tcfg.sliding_window, inputs["input_ids"].shape[1]
+    assert n > window
+    cfg = _config(("shallow", "middle", "deep"), _median_norm(fam, model, inputs, spans))
+    with visipruner.apply(model, cfg) as h:
+        model.generation_config.eos_token_id = None
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        kept = h._state.layer_positions  # original positions of the prompt tokens each layer holds
+        stats = h.last_stats
+    reaching_back = 0
+    for i, layer_type in enumerate(tcfg.layer_types):
+        if layer_type != "sliding_attention":
+            continue
+        assert out.past_key_values.layers[i].keys.shape[2] == window - 1
+        for q in range(n, n + steps - 1):  # each decode step's query sees the cache's last window - 1 entries
+            held = torch.cat([kept[i], torch.arange(n, q)])[-(window - 1):]
+            reaching_back += int(held[0]) <= q - window  # held, but out of the query's window
+    assert reaching_back > 0
+    schedule = Schedule(stats.fusion_layer, stats.critical_tokens, stats.exit_layer)
+    for t in range(steps):
+        ref = _ref(fam, model, fam.extend(inputs, out.sequences[:, n : n + t]), spans, cfg, schedule=schedule)
+        torch.testing.assert_close(out.logits[t][0], ref.logits[-1], atol=1e-5, rtol=0)
+        assert int(ref.logits[-1].argmax()) == int(out.sequences[0, n + t])
+
+
+def test_static_cache_is_refused_clearly():
+    fam = family("gemma3")
+    model = fam.build(0, "sdpa", 4)
+    inputs, _ = fam.prompt(model, 0, "one")
+    with visipruner.apply(model), pytest.raises(ValueError, match="dynamic KV cache"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_gemma3_encoder_is_refused():
+    model = family("gemma3").build(0, "sdpa", 1)
+    model.config.text_config.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        visipruner.apply(model)
+
+
 def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
+                "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                "Gemma3ForConditionalGeneration"):
         assert cls in names
     with pytest.raises(TypeError) as e:
         visipruner.apply(torch.nn.Linear(2, 2))
     assert "Linear" in str(e.value) and "Qwen2VLForConditionalGeneration" in str(e.value)
 
 
-def test_visionzip_names_the_family_it_does_not_support():
-    model = FAMILIES[1].build(0, "sdpa", 2)
-    with pytest.raises(ValueError, match="Qwen2-VL"):
+@pytest.mark.parametrize("name,family_name", [("qwen2_vl", "Qwen2-VL"), ("gemma3", "Gemma3")])
+def test_visionzip_names_the_family_it_does_not_support(name, family_name):
+    model = family(name).build(0, "sdpa", 2)
+    with pytest.raises(ValueError, match=family_name):
         visipruner.apply(model, visipruner.VisionZipConfig())

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -242,8 +243,12 @@ class PruningHandle:
                 f"pruning with batch size {input_ids.shape[0]} is not supported yet; run prompts one at a time "
                 "(batch size 1) or disable pruning"
             )
+        if any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ())):
+            # a static cache writes each token at its position's slot; a pruned layer holds fewer tokens
+            raise ValueError(f"pruning needs a dynamic KV cache (pruned layers cache fewer tokens); got "
+                             f"{type(cache).__name__}: generate without cache_implementation='static'")
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError("padding (zeros in attention_mask) is not supported with pruning; pass an unpadded prompt")
         original_length = int(input_ids.shape[1])
         original_visual = int(adapter.visual_mask(input_ids[0]).sum())

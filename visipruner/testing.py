@@ -210,3 +210,68 @@ def tiny_llava_with_processor(seed: int = 0, layers: int = 4):
                           vision_feature_select_strategy="default", chat_template=CHATML_TEMPLATE,
                           image_token="<image>", num_additional_image_tokens=1)
     return model, proc
+
+
+# -------------------------------------------------------------------------------- Gemma3 family
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 150, 151, 152
+
+
+def tiny_gemma3(
+    seed: int = 0,
+    *,
+    layers: int = 8,
+    sliding_window: int = 12,
+    sliding_window_pattern: int = 4,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A random Gemma3 (SigLIP tower, 16 tokens per image): every ``sliding_window_pattern``-th
+    layer full attention, the others sliding with a window of ``sliding_window`` tokens (smaller
+    than an image, so prompts and images outgrow it); local and global RoPE bases differ."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                max_position_embeddings=4096, sliding_window=sliding_window,
+                sliding_window_pattern=sliding_window_pattern,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                # Gemma-2 values; Gemma3's modeling code applies neither (the tests pin that down)
+                attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=4)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=GEMMA_IMAGE,
+                       boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    cfg.text_config._attn_implementation = attn_implementation
+    cfg.vision_config._attn_implementation = "sdpa"
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers starts the image projection at zero: every image token alike
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.03)
+    return model.to(dtype).eval()
+
+
+def gemma3_prompt(model, *, seed: int = 0, images: int = 1, prefix: int = 5, suffix: int = 8, between: int = 3):
+    """A Gemma3 prompt as its processor lays it out: text, then each image's tokens between
+    <start_of_image> and <end_of_image>, then text; ``token_type_ids`` 1 on the image tokens (the
+    model's bidirectional image blocks). Returns the model's keyword inputs and each image's
+    [start, end)."""
+    g = torch.Generator().manual_seed(seed)
+    per = model.config.mm_tokens_per_image
+
+    def text(k):
+        return torch.randint(4, 140, (k,), generator=g).tolist()
+
+    ids, spans = [2] + text(prefix - 1), []
+    for i in range(images):
+        ids.append(GEMMA_BOI)
+        spans.append((len(ids), len(ids) + per))
+        ids += [GEMMA_IMAGE] * per + [GEMMA_EOI]
+        ids += text(between if i < images - 1 else suffix)
+    input_ids = torch.tensor([ids])
+    size = model.config.vision_config.image_size
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+           "token_type_ids": (input_ids == GEMMA_IMAGE).long(),
+           "pixel_values": torch.randn(images, 3, size, size, generator=g)}
+    return out, spans
