@@ -27,14 +27,14 @@ def positive(flag: str, value: float | None) -> None:
 
 
 def read_questions(path: str, flag: str = "--data", limit: int | None = None):
-    """The question file at ``path`` (first ``limit`` questions), every image checked to open.
+    """The question file at ``path`` (first ``limit`` questions, a limit the caller checked), every
+    image checked to open.
 
     Raises :class:`InputError` for a missing file, a malformed line, an unreadable image or an
     empty result.
     """
     from .data.questions import load_questions
 
-    at_least("--limit", limit, 1)
     if not os.path.exists(path):
         raise InputError(f"{flag}: {path}: no such file")
     if not os.path.isfile(path):
