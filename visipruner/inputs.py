@@ -43,8 +43,8 @@ def read_questions(path: str, flag: str = "--data", limit: int | None = None):
         questions = load_questions(path, verify_images=True)
     except OSError as e:
         raise InputError(f"{flag}: {path}: cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{flag}: {path}: not UTF-8 text (byte {e.start}); expected JSONL") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{flag}: {path}: not UTF-8 text (expected JSONL)") from None
     except InputError as e:
         raise InputError(f"bad question file ({flag}): {e}") from None
     if not questions:
