@@ -77,6 +77,7 @@ CASES = [
     ("eval --data {d}/textimg.jsonl", "{d}/textimg.jsonl:1: key 'image': {d}/text.png cannot be read as an image"),
     ("eval --data {d}/noimg.jsonl", "{d}/noimg.jsonl:1: image file not found: {d}/gone.png"),
     ("eval --data {d}/blank.jsonl", "--data: {d}/blank.jsonl: no questions"),
+    ("eval --data {d}/img.png", "--data: {d}/img.png: not UTF-8 text"),
     # numbers out of range are refused, not ignored
     ("eval --data {d}/good.jsonl --limit 0", "--limit must be >= 1, got 0"),
     ("eval --data {d}/good.jsonl --batch-size 0", "--batch-size must be >= 1, got 0"),

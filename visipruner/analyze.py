@@ -18,7 +18,10 @@ images embedded) and ``suggested_config.json``. Measurements, per example:
 6. heatmaps over the image grid (last-token attention, ``||c_j||``) with the critical tokens;
 7. attribution: at the fusion layer, noise on / removal of the critical tokens vs keeping only
    them vs removing as many random other visual tokens;
-8. the stage boundaries these suggest, as a VisiPrunerConfig.
+8. the stage boundaries these suggest, as a VisiPrunerConfig;
+
+and a verdict per stage (APPEARS, DOES NOT APPEAR, INCONCLUSIVE) from 95% bootstrap intervals
+over examples against the tolerance (see ``verdicts``).
 
 Effects are measured on the answer's first token, teacher-forced at the last prompt position:
 ``log p`` of the unpruned model's greedy first token, and accuracy = the greedy first token

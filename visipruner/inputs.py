@@ -27,14 +27,14 @@ def positive(flag: str, value: float | None) -> None:
 
 
 def read_questions(path: str, flag: str = "--data", limit: int | None = None):
-    """The question file at ``path`` (first ``limit`` questions), every image checked to open.
+    """The question file at ``path`` (first ``limit`` questions, a limit the caller checked), every
+    image checked to open.
 
     Raises :class:`InputError` for a missing file, a malformed line, an unreadable image or an
     empty result.
     """
     from .data.questions import load_questions
 
-    at_least("--limit", limit, 1)
     if not os.path.exists(path):
         raise InputError(f"{flag}: {path}: no such file")
     if not os.path.isfile(path):
@@ -43,6 +43,8 @@ def read_questions(path: str, flag: str = "--data", limit: int | None = None):
         questions = load_questions(path, verify_images=True)
     except OSError as e:
         raise InputError(f"{flag}: {path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{flag}: {path}: not UTF-8 text (expected JSONL)") from None
     except InputError as e:
         raise InputError(f"bad question file ({flag}): {e}") from None
     if not questions:
