@@ -164,7 +164,7 @@ class PruningHandle:
         self.method = method
         self.adapter = adapter
         self.dims = F_.Dims.from_config(adapter.text_config)
-        self.vision_dims = F_.VisionDims.from_config(model.config)
+        self.vision_dims = adapter.vision_dims()  # None: the family's vision FLOPs are not modelled
         self.last_stats: PruneStats | None = None
         self._state: _PromptState | None = None
         self._hooks = []

@@ -82,6 +82,11 @@ class ModelAdapter:
             out += [Span(s, e, kind) for s, e in runs([t == tok for t in ids])]
         return sorted(out, key=lambda s: s.start)
 
+    def vision_dims(self):
+        """The vision encoder's shape for ``flops.vision_flops``; None where it is not modelled (then
+        ``PruneStats.vision_flops`` stays 0)."""
+        return None
+
     def install(self, handle) -> list:
         """Extra hooks a family needs while a handle is applied; returns their removable handles."""
         return []

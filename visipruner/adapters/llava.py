@@ -22,6 +22,15 @@ class LlavaAdapter(ModelAdapter):
     family = "LLaVA"
     supports_pre_lm_methods = True
 
+    def vision_dims(self):
+        from ..flops import VisionDims
+
+        # a CLIP tower and LLaVA's own two-layer projector (not, e.g., MobileVLM's pooling one)
+        if (type(self.model).__name__ != "LlavaForConditionalGeneration"
+                or type(self.multimodal.multi_modal_projector).__name__ != "LlavaMultiModalProjector"):
+            return None
+        return VisionDims.from_config(self.model.config)
+
 
 @register("LlavaForConditionalGeneration")
 def _llava(model) -> ModelAdapter:
