@@ -67,3 +67,24 @@ def test_qwen_folder_loads_its_model_class(tmp_path):
     model.save_pretrained(tmp_path / "q")
     cls, _ = model_class_for(tmp_path / "q")
     assert cls.__name__ == "Qwen2VLForConditionalGeneration"
+
+
+def test_a_folder_whose_processor_needs_torchvision_is_one_line(tmp_path, capsys):
+    """Qwen2-VL's processor has a video processor that needs torchvision: a clear line, exit 2."""
+    import importlib.util
+
+    from transformers import Qwen2VLImageProcessor
+
+    from visipruner.testing import tiny_tokenizer
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the processor builds")
+    d = tmp_path / "q"
+    tiny_qwen_vl(0, layers=2).save_pretrained(d)
+    tiny_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]).save_pretrained(d)
+    Qwen2VLImageProcessor(patch_size=4, merge_size=2).save_pretrained(d)
+    (d / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    data = _questions(tmp_path, 1)
+    assert main(["eval", "--model", str(d), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "torchvision" in err[-1] and "Traceback" not in "\n".join(err)

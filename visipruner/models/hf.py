@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..inputs import InputError
+
 
 def model_class_for(path: str | os.PathLike):
     """The transformers class a checkpoint folder loads as (its config's image-text-to-text class)."""
@@ -17,7 +19,7 @@ def model_class_for(path: str | os.PathLike):
 
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+        raise InputError(f"{path}: not a model folder (no config.json)")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     arch = (config.architectures or [None])[0]
     if arch in ADAPTERS:
@@ -29,7 +31,7 @@ def model_class_for(path: str | os.PathLike):
     except KeyError:
         cls = None
     if cls is None or cls.__name__ not in ADAPTERS:
-        raise ValueError(
+        raise InputError(
             f"{path}: model type {json.loads(cfg_file.read_text()).get('model_type')!r} "
             f"({arch or 'no architectures entry'}) is not supported; supported model classes: "
             f"{', '.join(supported_models())}"
@@ -51,11 +53,11 @@ def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32, a
                                 local_files_only=True)
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    except AttributeError as e:
-        if "VIDEO_PROCESSOR" not in str(e):
+    except (AttributeError, ImportError) as e:
+        if "VIDEO_PROCESSOR" not in str(e) and "orchvision" not in str(e):
             raise
         # transformers 5.x builds these families' processors with a video processor, which needs torchvision
-        raise RuntimeError(
+        raise InputError(
             f"{path}: the {cls.__name__} processor needs torchvision (for its video processor) in this transformers "
             "version; install the torchvision build that matches your torch. visipruner.apply works without it."
         ) from None
