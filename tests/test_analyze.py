@@ -233,3 +233,20 @@ def test_shallow_verdict_quotes_both_costs_with_their_intervals():
     texts, _ = verdicts(_summary(knockout=SHIPPED_KNOCKOUT, own=SHIPPED_OWN), visipruner.VisiPrunerConfig(shallow_layers=2))
     t = texts["shallow"]
     assert "layers 0..1: -0.105 [" in t and "VisiPruner's own shallow stage (layer-0 merge, then zeroing): +0.011 [" in t
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "gemma3"])
+def test_analyze_runs_on_other_families(name, tmp_path):
+    """The analysis reads visual tokens through the family's adapter (video tokens too) and runs
+    every measurement on families with M-RoPE, deepstack, bidirectional images and sliding windows."""
+    from families import family
+
+    fam = family(name)
+    model = fam.build(0, "sdpa", 6)
+    exs = [Example(inputs=fam.prompt(model, s, fam.layouts[-1])[0], gold_id=10 + s, id=f"ex{s}") for s in range(2)]
+    cfg = visipruner.VisiPrunerConfig(shallow_layers=2, layer_threshold=0.9999, tokens_threshold=0.05)
+    s = analyze(model, None, None, tmp_path, config=cfg, examples=exs, progress=False)
+    d = json.loads((tmp_path / "analysis.json").read_text())
+    assert len(d["examples"]) == 2 and len(d["summary"]["knockout"]) == 6
+    assert set(s["outcomes"]) >= {"shallow", "middle", "deep"}
+    assert (tmp_path / "report.html").exists()

@@ -137,9 +137,10 @@ def noise_rows(model, layer: int, positions: list[int], seed: int = 0):
         h.remove()
 
 
-def text_queries(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text queries after the first visual token, visual positions), bool masks of the prompt."""
-    is_vis = input_ids[0] == image_token_id
+def text_queries(input_ids: torch.Tensor, visual_token_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text queries after the first visual token, visual positions), bool masks of the prompt.
+    ``visual_token_ids``: one id or several (image and video tokens)."""
+    is_vis = torch.isin(input_ids[0], torch.as_tensor(visual_token_ids, device=input_ids.device))
     idx = is_vis.nonzero().squeeze(-1)
     after = torch.arange(is_vis.numel(), device=is_vis.device) > int(idx[0])
     return (~is_vis) & after, is_vis
@@ -271,7 +272,7 @@ def analyze_example(model, ex: Example, cfg: VisiPrunerConfig, window: int, *, s
     K = cfg.shallow_layers
     inputs = ex.inputs
     ids = inputs["input_ids"]
-    tq, is_vis = text_queries(ids, adapter.image_token_id)
+    tq, is_vis = text_queries(ids, list(adapter.visual_token_ids.values()))
     vis_pos = is_vis.nonzero().squeeze(-1)
     m = int(vis_pos.numel())
     rng = np.random.default_rng(seed)
@@ -1080,8 +1081,8 @@ def analyze(model, processor, questions, out_dir, *, config: VisiPrunerConfig | 
         ids = e.inputs["input_ids"]
         if ids.shape[0] != 1:
             raise ValueError(f"example {e.id!r}: batch size {ids.shape[0]}; analyze runs prompts one at a time")
-        if not bool((ids == adapter.image_token_id).any()):
-            raise ValueError(f"example {e.id!r} has no image tokens")
+        if not bool(adapter.visual_mask(ids).any()):
+            raise ValueError(f"example {e.id!r} has no visual tokens")
     if processor is not None:
         tok = processor.tokenizer
 
