@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from visipruner.testing import IMAGE_TOKEN_ID, qwen_vl_prompt, random_prompt, tiny_llava, tiny_qwen_vl, tokens_per_image
+from visipruner.testing import (IMAGE_TOKEN_ID, internvl_prompt, qwen_vl_prompt, random_prompt, tiny_internvl, tiny_llava,
+                                tiny_qwen_vl, tokens_per_image)
 
 
 @dataclass
@@ -63,6 +64,10 @@ def _qwen_prompt(model, seed, layout):
     return qwen_vl_prompt(model, seed=seed, images=((4, 4),), videos=((3, 4, 8),))
 
 
+def _internvl_prompt(model, seed, layout):
+    return internvl_prompt(model, seed=seed, tiles=(2,) if layout == "one" else (1, 2))
+
+
 FAMILIES = [
     Family("llava", lambda seed, attn, layers: tiny_llava(seed, attn_implementation=attn, layers=layers), _llava_prompt),
     Family("qwen2_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2", attn_implementation=attn, layers=layers),
@@ -71,6 +76,11 @@ FAMILIES = [
     Family("qwen2_5_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2.5", attn_implementation=attn, layers=layers),
            _qwen_prompt, layouts=("one", "video"),
            extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
+    # InternVL: Qwen3 language model (q/k norms), tiles of one image in one span; and a Llama one
+    Family("internvl", lambda seed, attn, layers: tiny_internvl(seed, lm="qwen3", attn_implementation=attn, layers=layers),
+           _internvl_prompt),
+    Family("internvl_llama", lambda seed, attn, layers: tiny_internvl(seed, lm="llama", attn_implementation=attn,
+                                                                      layers=layers), _internvl_prompt, layouts=("one",)),
 ]
 
 

@@ -145,3 +145,73 @@ def qwen_vl_prompt(model, *, seed: int = 0, images=((8, 8),), videos=(), prefix:
     mm_types = (input_ids == QWEN_IMAGE).long() + 2 * (input_ids == QWEN_VIDEO).long()
     out.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm_types)
     return out, spans
+
+
+# ------------------------------------------------------------------ InternVL, LLaVA-NeXT/OneVision, Idefics3
+# Token ids of the other families' tiny models: ordinary text stays below 140, special ids above.
+MM_IMAGE, MM_VIDEO, MM_OPEN, MM_CLOSE = 150, 151, 152, 153
+
+
+def tiny_text_config(kind: str = "llama", *, layers: int = 8, vocab: int = 160) -> dict:
+    """A tiny Llama, Qwen2 or Qwen3 (q/k norms) language model config as a dict (hidden 64)."""
+    if kind not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"kind must be 'llama', 'qwen2' or 'qwen3', got {kind!r}")
+    cfg = dict(model_type=kind, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+               eos_token_id=2, pad_token_id=0)
+    if kind == "qwen3":
+        cfg["head_dim"] = 16
+    return cfg
+
+
+def _finish(model, attn_implementation: str, dtype: torch.dtype):
+    model.config.get_text_config()._attn_implementation = attn_implementation
+    model.config.vision_config._attn_implementation = "sdpa"
+    return model.to(dtype).eval()
+
+
+def visual_prompt(seed: int, items, *, prefix: int = 5, suffix: int = 10, between: int = 3):
+    """input_ids (1, n) of text, then each item (a list of (token id, count) runs: visual tokens and
+    the wrappers around them), then text. Returns the ids and the [start, end) of each run whose
+    token id is in MM_IMAGE / MM_VIDEO, per item (a list of lists)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(k):
+        return torch.randint(4, 140, (k,), generator=g).tolist()
+
+    ids, runs = [1] + text(prefix - 1), []
+    for i, item in enumerate(items):
+        mine = []
+        for tok, count in item:
+            if tok in (MM_IMAGE, MM_VIDEO):
+                mine.append((len(ids), len(ids) + count))
+            ids += [tok] * count
+        runs.append(mine)
+        ids += text(between if i < len(items) - 1 else suffix)
+    input_ids = torch.tensor([ids])
+    return input_ids, runs
+
+
+def tiny_internvl(seed: int = 0, *, lm: str = "qwen3", layers: int = 8, image_size: int = 64,
+                  attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """A random InternVL (HF format): patch 8, pixel shuffle 0.5, (image_size/16)^2 tokens per tile;
+    language model ``lm`` ('llama', 'qwen2', 'qwen3')."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  image_size=image_size, patch_size=8)
+    cfg = InternVLConfig(vision_config=vision, text_config=tiny_text_config(lm, layers=layers),
+                         image_token_id=MM_IMAGE, image_seq_length=(image_size // 16) ** 2)
+    return _finish(InternVLForConditionalGeneration(cfg), attn_implementation, dtype)
+
+
+def internvl_prompt(model, *, seed: int = 0, tiles=(2,)):
+    """An InternVL prompt: each image is ``<img>`` + its tiles' tokens (one run) + ``</img>``.
+    Returns the inputs and the [start, end) of each image."""
+    per = model.config.image_seq_length
+    ids, runs = visual_prompt(seed, [[(MM_OPEN, 1), (MM_IMAGE, t * per), (MM_CLOSE, 1)] for t in tiles])
+    size = model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.randn(sum(tiles), 3, *size, generator=g)
+    return {"input_ids": ids, "pixel_values": pixels, "attention_mask": torch.ones_like(ids)}, [r for rr in runs for r in rr]
