@@ -4,6 +4,7 @@ reference with the family's own masks and positions, cached generation == recomp
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_fastv_matches_reference(fam, layout):
     def rule(layer, probs, ids, hidden):
         if layer != 2:
             return None
-        k = int(round(0.5 * len(ids)))
+        k = math.ceil(0.5 * len(ids))  # FastV keeps ceil(R * present)
         return ids[probs.float().mean(0).argsort(descending=True, stable=True)[:k]]
 
     ref = _ref(fam, model, inputs, spans, VisiPrunerConfig(stages=()), drop_rule=rule)
@@ -152,7 +153,9 @@ def test_cached_generation_equals_recomputation(fam, layout):
 def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                "Qwen2_5_VLForConditionalGeneration"):
+                "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration",
+                "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
         assert cls in names
     with pytest.raises(TypeError) as e:
         visipruner.apply(torch.nn.Linear(2, 2))
