@@ -166,3 +166,15 @@ def test_visionzip_names_the_family_it_does_not_support():
     model = FAMILIES[1].build(0, "sdpa", 2)
     with pytest.raises(ValueError, match="Qwen2-VL"):
         visipruner.apply(model, visipruner.VisionZipConfig())
+
+
+def test_onevision_video_runs_split_into_frames():
+    from visipruner.adapters.llava_next import video_frames
+
+    # two videos of 2 frames (4 tokens each) back to back, each closed by its newline token
+    spans = [(s.start, s.end) for s in video_frames((10, 28), 4, 2)]
+    assert spans == [(10, 14), (14, 19), (19, 23), (23, 28)]
+    assert [(s.start, s.end) for s in video_frames((0, 13), 4, None)] == [(0, 4), (4, 8), (8, 13)]
+    for bad in ((0, 12), (0, 1)):
+        with pytest.raises(ValueError, match="video tokens"):
+            video_frames(bad, 4, None)
