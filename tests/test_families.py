@@ -178,3 +178,14 @@ def test_onevision_video_runs_split_into_frames():
     for bad in ((0, 12), (0, 1)):
         with pytest.raises(ValueError, match="video tokens"):
             video_frames(bad, 4, None)
+
+
+@pytest.mark.parametrize("name,family_name", [("internvl", "InternVL"), ("llava_next", "LLaVA-NeXT"),
+                                              ("llava_onevision", "LLaVA-OneVision"), ("idefics3", "Idefics3"),
+                                              ("smolvlm", "SmolVLM")])
+def test_visionzip_refuses_other_families_by_name(name, family_name):
+    from families import family
+
+    model = family(name).build(0, "sdpa", 2)
+    with pytest.raises(ValueError, match=family_name):
+        visipruner.apply(model, visipruner.VisionZipConfig())
