@@ -189,3 +189,29 @@ def test_visionzip_refuses_other_families_by_name(name, family_name):
     model = family(name).build(0, "sdpa", 2)
     with pytest.raises(ValueError, match=family_name):
         visipruner.apply(model, visipruner.VisionZipConfig())
+
+
+@pytest.mark.parametrize("onevision", [False, True], ids=["next", "onevision"])
+def test_llava_next_images_back_to_back_split_by_their_token_counts(onevision):
+    """Each image's token count from image_sizes equals the model's own packed features (tiles,
+    unpadding, newline tokens, OneVision's anyres_max scaling), so images with no text between them
+    are still one span each."""
+    from visipruner.adapters import get_adapter
+    from visipruner.testing import MM_IMAGE, tiny_llava_next
+
+    model = tiny_llava_next(0, onevision=onevision, layers=1, pinpoints=((32, 64), (64, 32), (64, 192)))
+    adapter = get_adapter(model)
+    sizes = [(30, 64), (64, 20), (50, 190), (64, 192), (7, 100)]
+    for multi in ([False, True] if onevision else [False]):
+        kw = {"image_sizes": torch.tensor(sizes)}
+        if multi:  # several images in a OneVision prompt: base tiles only
+            kw["batch_num_images"] = torch.tensor([len(sizes)])
+        pixels = torch.randn(len(sizes), 13, 3, 32, 32)
+        counts = [len(f) for f in model.model.get_image_features(pixels, **kw).pooler_output]
+        assert len(set(counts)) > 2 or multi
+        ids = torch.tensor([5] + [MM_IMAGE] * sum(counts) + [6])
+        got = [(s.start, s.end) for s in adapter.spans(ids, kw)]
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        assert got == [(1 + e - c, 1 + e) for c, e in zip(counts, ends)]
+        with pytest.raises(ValueError, match="image_sizes"):
+            adapter.spans(ids[:-2], kw)

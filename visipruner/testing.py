@@ -218,9 +218,10 @@ def internvl_prompt(model, *, seed: int = 0, tiles=(2,)):
 
 
 def tiny_llava_next(seed: int = 0, *, onevision: bool = False, layers: int = 8, lm: str = "qwen2",
-                    attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+                    pinpoints=((32, 64), (64, 32), (64, 64)), attn_implementation: str = "sdpa",
+                    dtype: torch.dtype = torch.float32):
     """A random LLaVA-NeXT (or LLaVA-OneVision with ``onevision=True``): CLIP tiles of 32 px, patch 8
-    (16 tokens per tile, OneVision video frames pooled to 2x2), any-resolution grids up to 2 x 2 tiles."""
+    (16 tokens per tile, OneVision video frames pooled to 2x2), any-resolution grids of ``pinpoints``."""
     from transformers import CLIPVisionConfig
 
     if onevision:
@@ -232,7 +233,7 @@ def tiny_llava_next(seed: int = 0, *, onevision: bool = False, layers: int = 8, 
                               image_size=32, patch_size=8)
     ids = dict(image_token_index=MM_IMAGE, video_token_index=MM_VIDEO) if onevision else dict(image_token_index=MM_IMAGE)
     cfg = C(vision_config=vision, text_config=tiny_text_config(lm, layers=layers), vision_feature_layer=-1,
-            vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+            vision_feature_select_strategy="default", image_grid_pinpoints=[list(p) for p in pinpoints],
             image_seq_length=16, **ids)
     return _finish(M(cfg), attn_implementation, dtype)
 

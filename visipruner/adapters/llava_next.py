@@ -1,8 +1,10 @@
 """LLaVA-NeXT and LLaVA-OneVision (any-resolution tiles, OneVision video).
 
-An image is one run of image tokens: the base tile, then the unpadded grid of the other tiles with
-a newline token closing each row (OneVision: a prompt of several images holds base tiles only, each
-followed by one newline token). All of those are image tokens, so each run is one image span.
+An image is a run of image tokens: the base tile, then the unpadded grid of the other tiles with a
+newline token closing each row (OneVision: a prompt of several images holds base tiles only, each
+followed by one newline token). All of those are image tokens of one image span. Images back to
+back (no text between) are told apart by their token counts, worked out from ``image_sizes`` with
+transformers' own grid and unpadding functions.
 
 A OneVision video is one run of video tokens: each frame's features pooled to a
 ceil(p/2) x ceil(p/2) grid (p: patches per side of a tile), frame after frame, and one newline token
@@ -15,11 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from . import register
 from .base import ModelAdapter, Span, frame_spans, runs
 from .llava import check_text_model
-
 
 class LlavaNextAdapter(ModelAdapter):
     family = "LLaVA-NeXT"
@@ -30,9 +32,47 @@ class LlavaNextAdapter(ModelAdapter):
         v = self.model.config.vision_config
         return math.ceil((v.image_size // v.patch_size) / 2) ** 2
 
+    def image_tokens(self, size, tiled: bool = True) -> int:
+        """Tokens of an image of original ``size`` (h, w): the base tile, and (``tiled``) the unpadded
+        grid of tiles with a newline token per row (OneVision: scaled down past ``anyres_max_N``);
+        untiled, the base tile and one newline token. As the model's ``pack_image_features``."""
+        cfg, v = self.model.config, self.model.config.vision_config
+        p = v.image_size // v.patch_size
+        if not tiled:
+            return p * p + 1
+        rows, cols = get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, v.image_size)
+        h, w = unpad_image(torch.empty(0, rows * p, cols * p), list(size)).shape[1:]
+        aspect = getattr(cfg, "vision_aspect_ratio", None)
+        if aspect is not None:  # OneVision
+            ratio = math.sqrt(h * w / (int(aspect.strip("anyres_max_")) * p * p))
+            if ratio > 1.1:
+                h, w = int(h // ratio), int(w // ratio)
+        return p * p + h * (w + 1)
+
+    def image_spans(self, image_runs: list[tuple[int, int]], call_kwargs: dict) -> list[Span]:
+        """Each image's span; a run holding several images is split by their token counts."""
+        sizes = call_kwargs.get("image_sizes")
+        if sizes is None:
+            return [Span(s, e, "image") for s, e in image_runs]
+        sizes = torch.as_tensor(sizes).tolist()
+        per_prompt = call_kwargs.get("batch_num_images")
+        tiled = per_prompt is None or int(torch.as_tensor(per_prompt).reshape(-1)[0]) == 1
+        counts = [self.image_tokens(size, tiled) for size in sizes]
+        out = []
+        for s, e in image_runs:
+            while s < e:
+                if not counts or s + counts[0] > e:
+                    raise ValueError(f"image_sizes {sizes} do not match the prompt's image tokens "
+                                     f"({sum(b - a for a, b in image_runs)} tokens in {len(image_runs)} runs)")
+                out.append(Span(s, s + counts[0], "image"))
+                s += counts.pop(0)
+        if counts:
+            raise ValueError(f"image_sizes {sizes} describe more images than the prompt's image tokens hold")
+        return out
+
     def spans(self, input_ids: torch.Tensor, call_kwargs: dict) -> list[Span]:
         ids = input_ids.tolist()
-        out = [Span(s, e, "image") for s, e in runs([t == self.visual_token_ids["image"] for t in ids])]
+        out = self.image_spans(runs([t == self.visual_token_ids["image"] for t in ids]), call_kwargs)
         if "video" in self.visual_token_ids:
             videos = call_kwargs.get("pixel_values_videos")
             frames = None if videos is None else int(videos.shape[1])
