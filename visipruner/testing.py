@@ -1,4 +1,5 @@
-"""Tiny random LLaVA models built in-process, for tests and benchmarks (no downloads)."""
+"""Tiny random models of the supported families (LLaVA, Qwen-VL, InternVL, LLaVA-NeXT/OneVision,
+Idefics3/SmolVLM) built in-process, with prompt makers, for tests and benchmarks (no downloads)."""
 
 from __future__ import annotations
 
