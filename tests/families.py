@@ -18,10 +18,16 @@ import torch
 from visipruner.testing import (
     IMAGE_TOKEN_ID,
     gemma3_prompt,
+    idefics3_prompt,
+    internvl_prompt,
+    llava_next_prompt,
     qwen_vl_prompt,
     random_prompt,
     tiny_gemma3,
+    tiny_idefics3,
+    tiny_internvl,
     tiny_llava,
+    tiny_llava_next,
     tiny_qwen_vl,
     tokens_per_image,
 )
@@ -81,6 +87,26 @@ def _gemma3_prompt(model, seed, layout):
     return gemma3_prompt(model, seed=seed, images=2 if layout == "two" else 1)
 
 
+def _internvl_prompt(model, seed, layout):
+    return internvl_prompt(model, seed=seed, tiles=(2,) if layout == "one" else (1, 2))
+
+
+def _llava_next_prompt(model, seed, layout):
+    if layout == "one":
+        return llava_next_prompt(model, seed=seed, image_sizes=((30, 64),))
+    if layout == "two":
+        return llava_next_prompt(model, seed=seed, image_sizes=((30, 64), (40, 20)))
+    return llava_next_prompt(model, seed=seed, image_sizes=((40, 20),), video_frames=3)
+
+
+def _idefics3_prompt(model, seed, layout):
+    if layout == "one":  # a 1 x 2 grid of sub-images and the global image: three spans
+        return idefics3_prompt(model, seed=seed, grids=((1, 2),))
+    return idefics3_prompt(model, seed=seed, grids=((1, 1), (1, 1)), pad_last=16)
+
+
+LLAVA_NEXT_KEYS = ("image_sizes", "batch_num_images", "pixel_values_videos")
+
 FAMILIES = [
     Family("llava", lambda seed, attn, layers: tiny_llava(seed, attn_implementation=attn, layers=layers), _llava_prompt),
     Family("qwen2_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2", attn_implementation=attn, layers=layers),
@@ -94,6 +120,24 @@ FAMILIES = [
            extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
     Family("gemma3", lambda seed, attn, layers: tiny_gemma3(seed, attn_implementation=attn, layers=layers),
            _gemma3_prompt, layouts=("one", "two", "long"), extra_keys=("token_type_ids",), sliding=True),
+    # InternVL: Qwen3 language model (q/k norms), tiles of one image in one span; and a Llama one
+    Family("internvl", lambda seed, attn, layers: tiny_internvl(seed, lm="qwen3", attn_implementation=attn, layers=layers),
+           _internvl_prompt),
+    Family("internvl_llama", lambda seed, attn, layers: tiny_internvl(seed, lm="llama", attn_implementation=attn,
+                                                                      layers=layers), _internvl_prompt, layouts=("one",)),
+    # LLaVA-NeXT: any-resolution tiles and newline tokens, one span per image (Qwen2 language model)
+    Family("llava_next", lambda seed, attn, layers: tiny_llava_next(seed, attn_implementation=attn, layers=layers),
+           _llava_next_prompt, extra_keys=LLAVA_NEXT_KEYS),
+    # LLaVA-OneVision: the same images; a video's frames one span each (Llama language model)
+    Family("llava_onevision", lambda seed, attn, layers: tiny_llava_next(seed, onevision=True, lm="llama",
+                                                                         attn_implementation=attn, layers=layers),
+           _llava_next_prompt, layouts=("one", "two", "video"), extra_keys=LLAVA_NEXT_KEYS),
+    # Idefics3 / SmolVLM: language model at model.model.text_model, each sub-image a span
+    Family("idefics3", lambda seed, attn, layers: tiny_idefics3(seed, attn_implementation=attn, layers=layers),
+           _idefics3_prompt, extra_keys=("pixel_attention_mask",)),
+    Family("smolvlm", lambda seed, attn, layers: tiny_idefics3(seed, smolvlm=True, attn_implementation=attn,
+                                                               layers=layers),
+           _idefics3_prompt, layouts=("one",), extra_keys=("pixel_attention_mask",)),
 ]
 
 

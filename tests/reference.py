@@ -36,12 +36,19 @@ class _Captured(Exception):
     pass
 
 
+def text_model(model):
+    """The family's language model (decoder stack): ``model.model.language_model``, or
+    ``model.model.text_model`` (Idefics3, SmolVLM)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
 def language_model_inputs(model, input_ids, pixel_values, **extra):
     """What the family's own multimodal code hands its language model for this prompt: the input
     embeddings (visual features merged in), the rotary position ids (M-RoPE for Qwen-VL) and any
     per-layer visual additions (Qwen3-VL's deepstack). Captured at the language model's door; the
     language model itself is not run."""
-    lm = model.model.language_model
+    lm = text_model(model)
     got = {}
 
     def grab(module, args, kwargs):
@@ -124,7 +131,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     ``spans``: [start, end) of each image / video frame (the shallow stage's merge targets);
     default each maximal run of visual tokens.
     """
-    lm = model.model.language_model
+    lm = text_model(model)
     tcfg = lm.config
     H, Hkv = tcfg.num_attention_heads, tcfg.num_key_value_heads
     hd = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // H

@@ -4,6 +4,7 @@ reference with the family's own masks and positions, cached generation == recomp
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_fastv_matches_reference(fam, layout):
     def rule(layer, probs, ids, hidden):
         if layer != 2:
             return None
-        k = int(round(0.5 * len(ids)))
+        k = math.ceil(0.5 * len(ids))  # FastV keeps ceil(R * present)
         return ids[probs.float().mean(0).argsort(descending=True, stable=True)[:k]]
 
     ref = _ref(fam, model, inputs, spans, VisiPrunerConfig(stages=()), drop_rule=rule)
@@ -224,7 +225,9 @@ def test_supported_models_and_the_error_that_lists_them():
     names = visipruner.supported_models()
     for cls in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                 "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-                "Gemma3ForConditionalGeneration"):
+                "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
+                "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
         assert cls in names
     with pytest.raises(TypeError) as e:
         visipruner.apply(torch.nn.Linear(2, 2))
@@ -236,3 +239,52 @@ def test_visionzip_names_the_family_it_does_not_support(name, family_name):
     model = family(name).build(0, "sdpa", 2)
     with pytest.raises(ValueError, match=family_name):
         visipruner.apply(model, visipruner.VisionZipConfig())
+
+
+def test_onevision_video_runs_split_into_frames():
+    from visipruner.adapters.llava_next import video_frames
+
+    # two videos of 2 frames (4 tokens each) back to back, each closed by its newline token
+    spans = [(s.start, s.end) for s in video_frames((10, 28), 4, 2)]
+    assert spans == [(10, 14), (14, 19), (19, 23), (23, 28)]
+    assert [(s.start, s.end) for s in video_frames((0, 13), 4, None)] == [(0, 4), (4, 8), (8, 13)]
+    for bad in ((0, 12), (0, 1)):
+        with pytest.raises(ValueError, match="video tokens"):
+            video_frames(bad, 4, None)
+
+
+@pytest.mark.parametrize("name,family_name", [("internvl", "InternVL"), ("llava_next", "LLaVA-NeXT"),
+                                              ("llava_onevision", "LLaVA-OneVision"), ("idefics3", "Idefics3"),
+                                              ("smolvlm", "SmolVLM")])
+def test_visionzip_refuses_other_families_by_name(name, family_name):
+    from families import family
+
+    model = family(name).build(0, "sdpa", 2)
+    with pytest.raises(ValueError, match=family_name):
+        visipruner.apply(model, visipruner.VisionZipConfig())
+
+
+@pytest.mark.parametrize("onevision", [False, True], ids=["next", "onevision"])
+def test_llava_next_images_back_to_back_split_by_their_token_counts(onevision):
+    """Each image's token count from image_sizes equals the model's own packed features (tiles,
+    unpadding, newline tokens, OneVision's anyres_max scaling), so images with no text between them
+    are still one span each."""
+    from visipruner.adapters import get_adapter
+    from visipruner.testing import MM_IMAGE, tiny_llava_next
+
+    model = tiny_llava_next(0, onevision=onevision, layers=1, pinpoints=((32, 64), (64, 32), (64, 192)))
+    adapter = get_adapter(model)
+    sizes = [(30, 64), (64, 20), (50, 190), (64, 192), (7, 100)]
+    for multi in ([False, True] if onevision else [False]):
+        kw = {"image_sizes": torch.tensor(sizes)}
+        if multi:  # several images in a OneVision prompt: base tiles only
+            kw["batch_num_images"] = torch.tensor([len(sizes)])
+        pixels = torch.randn(len(sizes), 13, 3, 32, 32)
+        counts = [len(f) for f in model.model.get_image_features(pixels, **kw).pooler_output]
+        assert len(set(counts)) > 2 or multi
+        ids = torch.tensor([5] + [MM_IMAGE] * sum(counts) + [6])
+        got = [(s.start, s.end) for s in adapter.spans(ids, kw)]
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        assert got == [(1 + e - c, 1 + e) for c, e in zip(counts, ends)]
+        with pytest.raises(ValueError, match="image_sizes"):
+            adapter.spans(ids[:-2], kw)

@@ -1,4 +1,5 @@
-"""Tiny random LLaVA models built in-process, for tests and benchmarks (no downloads)."""
+"""Tiny random models of the supported families (LLaVA, Qwen-VL, InternVL, LLaVA-NeXT/OneVision,
+Idefics3/SmolVLM) built in-process, with prompt makers, for tests and benchmarks (no downloads)."""
 
 from __future__ import annotations
 
@@ -275,3 +276,173 @@ def gemma3_prompt(model, *, seed: int = 0, images: int = 1, prefix: int = 5, suf
            "token_type_ids": (input_ids == GEMMA_IMAGE).long(),
            "pixel_values": torch.randn(images, 3, size, size, generator=g)}
     return out, spans
+
+
+# ------------------------------------------------------------------ InternVL, LLaVA-NeXT/OneVision, Idefics3
+# Token ids of the other families' tiny models: ordinary text stays below 140, special ids above.
+MM_IMAGE, MM_VIDEO, MM_OPEN, MM_CLOSE = 150, 151, 152, 153
+
+
+def tiny_text_config(kind: str = "llama", *, layers: int = 8, vocab: int = 160) -> dict:
+    """A tiny Llama, Qwen2 or Qwen3 (q/k norms) language model config as a dict (hidden 64)."""
+    if kind not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"kind must be 'llama', 'qwen2' or 'qwen3', got {kind!r}")
+    cfg = dict(model_type=kind, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+               eos_token_id=2, pad_token_id=0)
+    if kind == "qwen3":
+        cfg["head_dim"] = 16
+    return cfg
+
+
+def _finish(model, attn_implementation: str, dtype: torch.dtype):
+    model.config.get_text_config()._attn_implementation = attn_implementation
+    model.config.vision_config._attn_implementation = "sdpa"
+    return model.to(dtype).eval()
+
+
+def visual_prompt(seed: int, items, *, prefix: int = 5, suffix: int = 10, between: int = 3):
+    """input_ids (1, n) of text, then each item (a list of (token id, count) runs: visual tokens and
+    the wrappers around them), then text. Returns the ids and the [start, end) of each run whose
+    token id is in MM_IMAGE / MM_VIDEO, per item (a list of lists)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(k):
+        return torch.randint(4, 140, (k,), generator=g).tolist()
+
+    ids, runs = [1] + text(prefix - 1), []
+    for i, item in enumerate(items):
+        mine = []
+        for tok, count in item:
+            if tok in (MM_IMAGE, MM_VIDEO):
+                mine.append((len(ids), len(ids) + count))
+            ids += [tok] * count
+        runs.append(mine)
+        ids += text(between if i < len(items) - 1 else suffix)
+    input_ids = torch.tensor([ids])
+    return input_ids, runs
+
+
+def tiny_internvl(seed: int = 0, *, lm: str = "qwen3", layers: int = 8, image_size: int = 64,
+                  attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """A random InternVL (HF format): patch 8, pixel shuffle 0.5, (image_size/16)^2 tokens per tile;
+    language model ``lm`` ('llama', 'qwen2', 'qwen3')."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  image_size=image_size, patch_size=8)
+    cfg = InternVLConfig(vision_config=vision, text_config=tiny_text_config(lm, layers=layers),
+                         image_token_id=MM_IMAGE, image_seq_length=(image_size // 16) ** 2)
+    return _finish(InternVLForConditionalGeneration(cfg), attn_implementation, dtype)
+
+
+def internvl_prompt(model, *, seed: int = 0, tiles=(2,)):
+    """An InternVL prompt: each image is ``<img>`` + its tiles' tokens (one run) + ``</img>``.
+    Returns the inputs and the [start, end) of each image."""
+    per = model.config.image_seq_length
+    ids, runs = visual_prompt(seed, [[(MM_OPEN, 1), (MM_IMAGE, t * per), (MM_CLOSE, 1)] for t in tiles])
+    size = model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.randn(sum(tiles), 3, *size, generator=g)
+    return {"input_ids": ids, "pixel_values": pixels, "attention_mask": torch.ones_like(ids)}, [r for rr in runs for r in rr]
+
+
+def tiny_llava_next(seed: int = 0, *, onevision: bool = False, layers: int = 8, lm: str = "qwen2",
+                    pinpoints=((32, 64), (64, 32), (64, 64)), attn_implementation: str = "sdpa",
+                    dtype: torch.dtype = torch.float32):
+    """A random LLaVA-NeXT (or LLaVA-OneVision with ``onevision=True``): CLIP tiles of 32 px, patch 8
+    (16 tokens per tile, OneVision video frames pooled to 2x2), any-resolution grids of ``pinpoints``."""
+    from transformers import CLIPVisionConfig
+
+    if onevision:
+        from transformers import LlavaOnevisionConfig as C, LlavaOnevisionForConditionalGeneration as M
+    else:
+        from transformers import LlavaNextConfig as C, LlavaNextForConditionalGeneration as M
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    ids = dict(image_token_index=MM_IMAGE, video_token_index=MM_VIDEO) if onevision else dict(image_token_index=MM_IMAGE)
+    cfg = C(vision_config=vision, text_config=tiny_text_config(lm, layers=layers), vision_feature_layer=-1,
+            vision_feature_select_strategy="default", image_grid_pinpoints=[list(p) for p in pinpoints],
+            image_seq_length=16, **ids)
+    return _finish(M(cfg), attn_implementation, dtype)
+
+
+def llava_next_prompt(model, *, seed: int = 0, image_sizes=((30, 64),), video_frames: int = 0):
+    """A LLaVA-NeXT / OneVision prompt: each image (original size (h, w)) is one run of image tokens
+    (base tile, the unpadded any-resolution tiles and their newline tokens, counted by the model's own
+    feature code); then a video of ``video_frames`` frames (OneVision): one run of frames x pooled
+    tokens + a newline token. Several images in one OneVision prompt are base tiles only
+    (``batch_num_images``), as its processor does. Returns the inputs and the spans: each image, and
+    each video frame (the video's trailing newline token goes with its last frame)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed + 1)
+    cfg, tile = model.config, model.config.vision_config.image_size
+    out = {}
+    if image_sizes:
+        sizes = torch.tensor([list(s) for s in image_sizes])
+        tiles = max(image_size_to_num_patches(s, cfg.image_grid_pinpoints, tile) for s in sizes)
+        out.update(pixel_values=torch.randn(len(sizes), tiles, 3, tile, tile, generator=g), image_sizes=sizes)
+        if cfg.model_type == "llava_onevision":
+            out["batch_num_images"] = torch.tensor([len(sizes)])
+        kw = {k: out[k] for k in ("image_sizes", "batch_num_images") if k in out}
+        with torch.no_grad():
+            feats = model.model.get_image_features(out["pixel_values"], **kw).pooler_output
+        items = [[(MM_OPEN, 1), (MM_IMAGE, len(f)), (MM_CLOSE, 1)] for f in feats]
+    else:
+        items = []
+    per_frame = ((tile // model.config.vision_config.patch_size + 1) // 2) ** 2
+    if video_frames:
+        out["pixel_values_videos"] = torch.randn(1, video_frames, 3, tile, tile, generator=g)
+        items.append([(MM_OPEN, 1), (MM_VIDEO, video_frames * per_frame + 1), (MM_CLOSE, 1)])
+    ids, runs = visual_prompt(seed, items)
+    spans = [r for rr in runs[: len(runs) - bool(video_frames)] for r in rr]
+    if video_frames:
+        (s, e), = runs[-1]
+        spans += [(a, a + per_frame) for a in range(s, e - per_frame - 1, per_frame)] + [(e - per_frame - 1, e)]
+    out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out, spans
+
+
+def tiny_idefics3(seed: int = 0, *, smolvlm: bool = False, layers: int = 8, attn_implementation: str = "sdpa",
+                  dtype: torch.dtype = torch.float32):
+    """A random Idefics3 (or SmolVLM with ``smolvlm=True``): Llama language model at
+    ``model.model.text_model``, sub-images of 64 px, patch 8, pixel shuffle 2: 16 tokens each."""
+    if smolvlm:
+        from transformers import SmolVLMConfig as C, SmolVLMForConditionalGeneration as M
+    else:
+        from transformers import Idefics3Config as C, Idefics3ForConditionalGeneration as M
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                  patch_size=8)
+    cfg = C(vision_config=vision, text_config=tiny_text_config("llama", layers=layers), image_token_id=MM_IMAGE,
+            scale_factor=2)
+    return _finish(M(cfg), attn_implementation, dtype)
+
+
+def idefics3_prompt(model, *, seed: int = 0, grids=((1, 2),), pad_last: int = 0):
+    """An Idefics3 / SmolVLM prompt laid out as its processor does: an image split into a rows x cols
+    grid is ``<fake><row_r_col_c>`` + a sub-image's image tokens for each tile, then
+    ``<fake><global-img>`` + the whole image's tokens + ``<fake>``; an unsplit image ((1, 1)) is the
+    global part alone. ``pad_last`` pixels of the last sub-image are padding (zero pixels, masked in
+    ``pixel_attention_mask``). Returns the inputs and the [start, end) of each sub-image's run."""
+    v = model.config.vision_config
+    per = (v.image_size // v.patch_size) ** 2 // model.config.scale_factor ** 2
+    fake, tag = MM_OPEN, MM_CLOSE  # <fake_token_around_image>; one id for the row/col and global tags
+    items = []
+    for rows, cols in grids:
+        item = [] if (rows, cols) == (1, 1) else [(fake, 1), (tag, 1), (MM_IMAGE, per)] * (rows * cols)
+        items.append(item + [(fake, 1), (tag, 1), (MM_IMAGE, per), (fake, 1)])
+    ids, runs = visual_prompt(seed, items)
+    n = sum(1 if g == (1, 1) else g[0] * g[1] + 1 for g in grids)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.randn(1, n, 3, v.image_size, v.image_size, generator=gen)
+    mask = torch.ones(1, n, v.image_size, v.image_size, dtype=torch.bool)
+    if pad_last:
+        mask[0, -1, :, v.image_size - pad_last:] = False
+        pixels[0, -1, :, :, v.image_size - pad_last:] = 0.0
+    inputs = {"input_ids": ids, "pixel_values": pixels, "pixel_attention_mask": mask,
+              "attention_mask": torch.ones_like(ids)}
+    return inputs, [r for rr in runs for r in rr]

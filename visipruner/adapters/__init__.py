@@ -35,7 +35,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter
 
 
-from . import gemma3, llava, qwen3_vl, qwen_vl  # noqa: E402,F401  (registration)
+from . import gemma3, idefics3, internvl, llava, llava_next, qwen3_vl, qwen_vl  # noqa: E402,F401  (registration)
 
 __all__ = ["ADAPTERS", "ModelAdapter", "SUPPORTED_ATTENTION", "Span", "frame_spans", "get_adapter", "register",
            "runs", "supported_models"]
