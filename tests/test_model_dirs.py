@@ -88,3 +88,37 @@ def test_a_folder_whose_processor_needs_torchvision_is_one_line(tmp_path, capsys
     assert main(["eval", "--model", str(d), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and "torchvision" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_llava_next_folder_builds_prompts_with_its_processor(tmp_path):
+    """A LLaVA-NeXT folder (any-resolution processor assembled in-process): the processor's image
+    expansion matches the model's features, and pruning finds one image span per image."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    import visipruner
+    from visipruner.data.questions import load_questions
+    from visipruner.evaluate import prepare_batch
+    from visipruner.testing import CHATML_TEMPLATE, tiny_llava_next, tiny_tokenizer
+
+    tok = tiny_tokenizer(["<image>"])
+    model = tiny_llava_next(0, layers=4)
+    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 image_grid_pinpoints=model.config.image_grid_pinpoints)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                              chat_template=CHATML_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    loaded, lproc = load_model_dir(tmp_path / "m")
+    assert type(loaded).__name__ == "LlavaNextForConditionalGeneration"
+    qs = load_questions(str(_questions(tmp_path, 2)))
+    batch = prepare_batch(lproc, qs[:1])
+    n_img = int((batch["input_ids"] == loaded.config.image_token_id).sum())
+    assert n_img > 16  # base tile + any-resolution tiles + newline tokens
+    with torch.no_grad():
+        dense = loaded(**batch).logits  # features and placeholders agree, or transformers raises
+        with visipruner.apply(loaded, visipruner.FastVConfig(layer=1, keep_ratio=0.5)) as h:
+            loaded(**batch)
+    assert dense.shape[1] == batch["input_ids"].shape[1]
+    assert h.last_stats.num_images == 1 and h.last_stats.num_visual_tokens == n_img
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "q.jsonl"), "--no-progress"]) == 0
