@@ -122,3 +122,71 @@ def test_llava_next_folder_builds_prompts_with_its_processor(tmp_path):
     assert dense.shape[1] == batch["input_ids"].shape[1]
     assert h.last_stats.num_images == 1 and h.last_stats.num_visual_tokens == n_img
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "q.jsonl"), "--no-progress"]) == 0
+
+
+def test_gemma3_prompts_with_its_processor(tmp_path):
+    """Gemma3's own processor (assembled in-process): <start_of_image> expands to the image's tokens
+    and token_type_ids mark them; the eval path answers, and pruning sees one image."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    import visipruner
+    from visipruner.data.questions import load_questions
+    from visipruner.evaluate import evaluate, prepare_batch
+    from visipruner.testing import tiny_gemma3, tiny_tokenizer
+
+    tok = tiny_tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    for name, t in (("boi", "<start_of_image>"), ("eoi", "<end_of_image>"), ("image", "<image_soft_token>")):
+        setattr(tok, f"{name}_token", t)
+        setattr(tok, f"{name}_token_id", tok.convert_tokens_to_ids(t))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                           chat_template=template, image_seq_length=16)
+    model = tiny_gemma3(0, layers=4)
+    model.config.image_token_id = tok.image_token_id
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    qs = load_questions(str(_questions(tmp_path, 2)))
+    batch = prepare_batch(proc, qs[:1])
+    is_img = batch["input_ids"] == tok.image_token_id
+    assert int(is_img.sum()) == 16 and torch.equal(batch["token_type_ids"].bool(), is_img)
+    cfg = visipruner.VisiPrunerConfig(shallow_layers=1, layer_threshold=1.0, tokens_threshold=0.0, exit_threshold=0.0)
+    with torch.no_grad(), visipruner.apply(model, cfg) as h:
+        model(**batch)
+    assert h.last_stats.num_images == 1 and h.last_stats.fusion_layer == 2
+    res = evaluate(model, proc, qs, batch_size=1, max_new_tokens=2, progress=False)
+    assert res["overall"]["n"] == 2
+
+
+def test_idefics3_prompts_with_its_processor(tmp_path):
+    """Idefics3's own processor (assembled in-process) splits an image into sub-images plus the global
+    one: pruning sees one span per sub-image, and the eval path answers."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    import visipruner
+    from visipruner.data.questions import load_questions
+    from visipruner.evaluate import evaluate, prepare_batch
+    from visipruner.testing import tiny_idefics3, tiny_tokenizer
+
+    grid_tokens = [f"<row_{i}_col_{j}>" for i in range(1, 5) for j in range(1, 5)]
+    tok = tiny_tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *grid_tokens])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ip = Idefics3ImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=16, chat_template=template)
+    model = tiny_idefics3(0, layers=4)
+    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    img = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 90, 3)) * 255).astype("uint8")).save(img)
+    (tmp_path / "w.jsonl").write_text(json.dumps({"image": str(img), "question": "what color ?", "answer": "red"}) + "\n")
+    qs = load_questions(str(tmp_path / "w.jsonl"))
+    batch = prepare_batch(proc, qs)
+    n_img = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert n_img == 3 * 16  # a 1 x 2 grid of sub-images and the global image
+    with torch.no_grad(), visipruner.apply(model, visipruner.FastVConfig(layer=1, keep_ratio=0.5)) as h:
+        model(**batch)
+    assert h.last_stats.num_images == 3 and h.last_stats.visual_tokens_per_layer[-1] == n_img // 2
+    res = evaluate(model, proc, qs, batch_size=1, max_new_tokens=2, progress=False)
+    assert res["overall"]["n"] == 1
