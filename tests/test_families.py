@@ -13,7 +13,7 @@ import visipruner
 from visipruner import FastVConfig, Schedule, VisiPrunerConfig
 
 from families import FAMILIES, family
-from reference import bidirectional_blocks, reference_forward, visibility
+from reference import bidirectional_blocks, reference_forward, text_model, visibility
 
 torch.set_grad_enabled(False)
 
@@ -113,7 +113,7 @@ def test_reference_visibility_is_the_models_own_mask(fam, layout):
     ones the family's own code hands each layer (eager: always a full additive matrix)."""
     model = fam.build(0, "eager", 4)
     inputs, _ = fam.prompt(model, 0, layout)
-    lm, masks = model.model.language_model, {}
+    lm, masks = text_model(model), {}
     hooks = [layer.register_forward_pre_hook(lambda mod, args, kw, i=i: masks.__setitem__(i, kw["attention_mask"]),
                                              with_kwargs=True) for i, layer in enumerate(lm.layers)]
     try:
