@@ -7,7 +7,10 @@ For the unpruned model and each method at its published default and at budgets m
 VisiPruner's (average visual tokens per layer), it reports accuracy, agreement with the unpruned
 answers, average visual tokens per layer, prefill FLOPs (ours and FastV's formula) relative to
 unpruned, prefill latency relative to unpruned (medians of warmed-up repeats, interleaved with
-the unpruned model in the same run), decode time per token, and the prompt's KV-cache size.
+the unpruned model in the same run), decode time per token and its ratio to unpruned (also
+interleaved, on every timed prompt), and the prompt's KV-cache size. Timing ratios carry 90%
+bootstrap intervals over the timed prompts; the unpruned row times the unpruned model against
+itself, which gives the noise floor, and settings whose pruned decode is slower are named.
 Every prompt runs at batch size 1 (pruning is per prompt).
 """
 
