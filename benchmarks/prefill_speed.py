@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -194,7 +195,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python benchmarks/prefill_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "args": vars(args), "torch": torch.__version__, "results": results}, f, indent=2)
+                       "args": vars(args), "torch": torch.__version__, "load_average_at_end": os.getloadavg(),
+                       "results": results}, f, indent=2)
         print(f"wrote {args.json}")
 
 

@@ -7,8 +7,8 @@
 #   bash scripts/reproduce.sh --steps bench,check_cost
 #   bash scripts/reproduce.sh --python /path/to/python   # default: .venv/bin/python (scripts/setup.sh)
 #
-# Steps, in order: data eval_test eval_dev eval_easyvqa calibrate front bench bench_half check_cost
-# prefill_speed analysis. Inputs go to runs/ (git-ignored); each step's log to runs/reproduce/.
+# Steps, in order: data eval_test eval_dev eval_easyvqa calibrate front bench bench_half bench_timing
+# check_cost prefill_speed analysis. Inputs go to runs/ (git-ignored); each step's log to runs/reproduce/.
 # docs/results/MANIFEST.tsv gets one line per file written: file, step, command, commit, finish
 # time (UTC) and seconds. `calibrate` writes runs/calibrated_config.json; it does not replace the
 # shipped config (visipruner/models/organism/visipruner_config.json), which the bench uses.
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=.venv/bin/python
-STEPS=(data eval_test eval_dev eval_easyvqa calibrate front bench bench_half check_cost prefill_speed analysis)
+STEPS=(data eval_test eval_dev eval_easyvqa calibrate front bench bench_half bench_timing check_cost prefill_speed analysis)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) STEPS=(data eval_test bench check_cost prefill_speed) ;;
@@ -93,6 +93,10 @@ for step in "${STEPS[@]}"; do
       run bench_half "$R/bench_half.json $R/bench_half.png $R/bench_half.txt" to_text "$R/bench_half.txt" \
         "${CLI[@]}" bench --quick --visipruner-config "$R/cfg_front050.json" \
         --methods visipruner,fastv,pdrop,dart,sparsevlm --json "$R/bench_half.json" ;;
+    bench_timing)
+      run bench_timing "$R/bench_timing_check.json $R/bench_timing_check.png $R/bench_timing_check.txt" \
+        to_text "$R/bench_timing_check.txt" "${CLI[@]}" bench --quick --methods visipruner,pdrop --limit 8 \
+        --threads 1 --json "$R/bench_timing_check.json" ;;
     check_cost)
       run check_cost "$R/check_cost.json" "$PY" benchmarks/check_cost.py --json "$R/check_cost.json" ;;
     prefill_speed)
