@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         "checks only (never fuses)": dataclasses.replace(shipped, stages=("middle",), layer_threshold=-1.0),
     }
     with tempfile.TemporaryDirectory() as d:
-        qs = load_questions(scenes.write_split(d, "test", n=a.prompts, seed=0, start=7000))
+        qs = load_questions(scenes.write_split(d, "dev", n=a.prompts, seed=0, start=7000))
         prompts = []
         for q in qs:
             inp = _inputs(processor, q, model)

@@ -1,14 +1,26 @@
 """Prefill (and decode) time, pruned vs unpruned, measured in one run on a mid-size random LLaVA.
 
 The model is LLaVA-1.5-shaped where it matters for cost: 576 visual tokens per image, a text
-prompt around them, a Llama decoder of a few hundred MB. Weights are random, so the pruning
-schedule is forced (fusion layer, critical tokens, exit layer) rather than measured; the
-forced schedule mirrors the 32-layer paper setting scaled to this depth.
+prompt around them, a Llama decoder of a few hundred MB. Weights are random, so in the first
+three settings the pruning schedule is forced (fusion layer, critical tokens, exit layer)
+rather than measured; the forced schedule mirrors the 32-layer paper setting scaled to this
+depth. A forced schedule skips VisiPruner's per-layer influence check, so those rows are the
+cost of pruning alone. The ``measured`` rows run the check and take their own decisions:
+
+``check every layer, never fuse``  layer threshold -1 (fusion never fires): the check's cost
+                                   at every layer after K, with no pruning to pay for it.
+``shipped thresholds, measured``   the embedded model's shipped config
+                                   (``visipruner/models/organism/visipruner_config.json``).
+``paper thresholds, measured``     the paper's defaults (0.995 / 0.2 / 0.999, all three stages).
+
+On random weights these decisions say nothing about accuracy; the rows show what the check
+costs next to whatever it decided (fusion and exit layer, critical tokens and the number of
+layers checked are recorded per row).
 
 Reported per setting: FLOPs-predicted speedup (dense / executed FLOPs of the language model),
 realised speedup (median unpruned time / median pruned time, interleaved repeats), and their
-ratio. Image features are computed once and passed in, so the vision encoder (counted
-separately) is in neither time.
+ratio. Image features are computed once and passed in, so the vision encoder is in neither
+time.
 
     python benchmarks/prefill_speed.py               # default: 16 layers, hidden 1024
     python benchmarks/prefill_speed.py --json out.json
@@ -18,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -45,6 +59,16 @@ def build(args):
     return model, ids, feats
 
 
+def shipped_config() -> VisiPrunerConfig:
+    """The embedded model's shipped, calibrated VisiPruner config."""
+    from pathlib import Path
+
+    from visipruner.methods import config_from_json
+
+    path = Path(visipruner.__file__).parent / "models" / "organism" / "visipruner_config.json"
+    return config_from_json(path.read_text())
+
+
 def timed(fn, repeats):
     out = []
     for _ in range(repeats):
@@ -69,6 +93,8 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=str, default=None, help="write every raw number here")
+    p.add_argument("--settings", nargs="+", default=None, metavar="NAME",
+                   help="run only these settings (names as printed, quoted)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,8 +110,15 @@ def main(argv=None):
         "shallow only": (VisiPrunerConfig(stages=("shallow",), shallow_layers=K), None),
         "fusion + exit": (VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=K), Schedule(fusion, critical, exit_)),
         "all three stages": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, critical, exit_)),
-        "all three, measured": (VisiPrunerConfig(shallow_layers=K, layer_threshold=-1.0), None),
+        "check every layer, never fuse": (VisiPrunerConfig(shallow_layers=K, layer_threshold=-1.0), None),
+        "shipped thresholds, measured": (shipped_config(), None),
+        "paper thresholds, measured": (VisiPrunerConfig(shallow_layers=K), None),
     }
+    if args.settings:
+        unknown = sorted(set(args.settings) - set(settings))
+        if unknown:
+            p.error(f"--settings: unknown {unknown}; choose from {list(settings)}")
+        settings = {k: v for k, v in settings.items() if k in args.settings}
     n_params = sum(p.numel() for p in model.model.language_model.parameters())
     print(f"language model: {L} layers, hidden {args.hidden}, {n_params / 1e6:.0f}M params "
           f"({n_params * 4 / 2**20:.0f} MiB fp32); prompt {ids.shape[1]} tokens (576 visual); "
@@ -124,6 +157,8 @@ def main(argv=None):
                                                     "critical_tokens": len(sched.critical_tokens),
                                                     "exit_layer": sched.exit_layer},
             "fusion_layer": stats.fusion_layer, "exit_layer": stats.exit_layer,
+            "critical_tokens": len(stats.critical_tokens),
+            "layers_checked": len(stats.method.get("min_cos_per_layer", {})),
             "avg_visual_tokens": stats.avg_visual_tokens,
             "prefill_flops": stats.prefill_flops, "dense_prefill_flops": stats.dense_prefill_flops,
             "prefill_ms_unpruned": [t * 1e3 for t in dense_t], "prefill_ms_pruned": [t * 1e3 for t in pruned_t],
@@ -145,10 +180,11 @@ def main(argv=None):
             })
         results.append(rec)
 
-    print(f"\n{'setting':<22}{'vis tok/layer':>14}{'FLOPs ratio':>12}{'predicted':>11}{'realised':>10}{'real/pred':>11}"
+    print(f"\n{'setting':<30}{'fusion':>7}{'exit':>6}{'checked':>8}{'vis tok/layer':>14}{'FLOPs ratio':>12}{'predicted':>11}{'realised':>10}{'real/pred':>11}"
           f"{'dense ms':>10}{'pruned ms':>10}")
     for r in results:
-        print(f"{r['setting']:<22}{r['avg_visual_tokens']:>14.1f}{r['prefill_flops'] / r['dense_prefill_flops']:>12.3f}"
+        print(f"{r['setting']:<30}{str(r['fusion_layer']):>7}{str(r['exit_layer']):>6}{r['layers_checked']:>8}"
+              f"{r['avg_visual_tokens']:>14.1f}{r['prefill_flops'] / r['dense_prefill_flops']:>12.3f}"
               f"{r['predicted_speedup']:>10.2f}x{r['realised_speedup']:>9.2f}x{r['realised_over_predicted']:>11.3f}"
               f"{statistics.median(r['prefill_ms_unpruned']):>10.1f}{statistics.median(r['prefill_ms_pruned']):>10.1f}")
     for r in results:
@@ -158,7 +194,9 @@ def main(argv=None):
                   f"KV cache {r['kv_cache_tokens_ratio']:.3f} of unpruned")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"command": "python benchmarks/prefill_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                       "args": vars(args), "torch": torch.__version__, "load_average_at_end": os.getloadavg(),
+                       "results": results}, f, indent=2)
         print(f"wrote {args.json}")
 
 

@@ -3,7 +3,9 @@
     python scripts/calibration_data.py --out runs/calib
 
 calib.jsonl: 160 generated scenes (validation split) + 40 easy-vqa *train* questions.
-heldout.jsonl: 100 generated scenes (test split, never seen by calibration) + 40 easy-vqa test.
+heldout.jsonl: 100 generated scenes (dev split: never seen by the calibration search, but scored
+during training, so a development set) + 40 easy-vqa test.  Nothing here reads the scene
+test split, which is kept for reported accuracy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ def _absolute(path: str) -> list[dict]:
             for q in load_questions(path)]
 
 
+def every_nth(rows: list, n: int) -> list:
+    """``n`` rows spread evenly over ``rows`` (every len/n-th, from the first)."""
+    step = max(1, len(rows) // max(1, n))
+    return rows[::step][:n]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/calib")
@@ -33,13 +41,12 @@ def main() -> None:
     sets = {
         "calib": (scenes.write_split(os.path.join(a.out, "scenes"), "validation", n=a.scenes_calib, seed=0),
                   easyvqa.write_jsonl(os.path.join(a.out, "easyvqa"), "train"), a.easy_calib),
-        "heldout": (scenes.write_split(os.path.join(a.out, "scenes"), "test", n=a.scenes_heldout, seed=0),
+        "heldout": (scenes.write_split(os.path.join(a.out, "scenes"), "dev", n=a.scenes_heldout, seed=0),
                     easyvqa.write_jsonl(os.path.join(a.out, "easyvqa"), "test"), a.easy_heldout),
     }
     for name, (scene_path, easy_path, n_easy) in sets.items():
         easy = _absolute(easy_path)
-        step = max(1, len(easy) // max(1, n_easy))
-        rows = _absolute(scene_path) + [dict(r, family="easyvqa_" + r["family"]) for r in easy[::step][:n_easy]]
+        rows = _absolute(scene_path) + [dict(r, family="easyvqa_" + r["family"]) for r in every_nth(easy, n_easy)]
         path = os.path.join(a.out, f"{name}.jsonl")
         with open(path, "w") as f:
             for r in rows:

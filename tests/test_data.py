@@ -34,12 +34,42 @@ def test_generator_deterministic_by_seed():
 
 
 def test_splits_differ():
-    tr = scenes.make_questions(0, "train", 12)
-    te = scenes.make_questions(0, "test", 12)
-    va = scenes.make_questions(0, "validation", 12)
-    assert len({_digest(tr), _digest(te), _digest(va)}) == 3
+    digests = {s: _digest(scenes.make_questions(0, s, 12)) for s in ("train", "validation", "dev", "test")}
+    assert len(set(digests.values())) == 4
     with pytest.raises(ValueError):
-        scenes.make_question(0, "dev", 0)
+        scenes.make_question(0, "holdout", 0)
+
+
+def _scene_key(scene):
+    return repr(scene)  # every field: objects (shape, colour, size, cell, offsets), word, background
+
+
+def test_test_split_shares_no_scene_with_what_training_and_calibration_read():
+    """The reported test split (its first 1200 questions) against: training's question and scene
+    streams (the indices train.py draws from, first 3000 of each), calibration's validation
+    questions, and the dev split (what training scored, calibration's held-out set, the smoke test
+    and check_cost blocks)."""
+    test = {_scene_key(q.scene) for q in scenes.make_questions(0, "test", 1200)}
+    assert len(test) == 1200
+    seen = set()
+    seen |= {_scene_key(q.scene) for q in scenes.make_questions(0, "train", 3000, start=10_000_000)}
+    seen |= {_scene_key(scenes.random_scene(0, "train", i)) for i in range(3000)}
+    seen |= {_scene_key(scenes.random_scene(0, "train", 20_000_000 + i)) for i in range(1000)}
+    seen |= {_scene_key(q.scene) for q in scenes.make_questions(0, "validation", 600)}
+    seen |= {_scene_key(q.scene) for q in scenes.make_questions(0, "dev", 600)}
+    seen |= {_scene_key(q.scene) for q in scenes.make_questions(0, "dev", 30, start=6000)}
+    seen |= {_scene_key(q.scene) for q in scenes.make_questions(0, "dev", 64, start=7000)}
+    seen |= {_scene_key(scenes.random_scene(0, "dev", i)) for i in range(64)}  # the vision probe
+    assert len(seen) > 8000  # the streams are themselves varied, so an empty overlap means something
+    assert not test & seen
+
+
+def test_dev_split_is_the_former_test_stream():
+    # published development figures (calibration's held-out set, the smoke test, training's
+    # scores) were made on stream 2 under the name "test"; "dev" must reproduce them exactly
+    q = scenes.make_question(0, "dev", 0)
+    assert scenes.SPLITS["dev"] == 2 and scenes.SPLITS["test"] == 3
+    assert (q.family, q.question, q.answer) == ("color", "What color is the square?", "red")  # as in eval_scenes_dev600.json
 
 
 def test_families_and_answers_balanced():

@@ -1,13 +1,16 @@
 """`visipruner bench`: every method on the same model and data, accuracy next to FLOPs and time.
 
-    visipruner bench --quick --json bench.json        # embedded model, held-out subset
+    visipruner bench --quick --json bench.json        # embedded model, subset of its test set
     visipruner bench --model DIR --data FILE.jsonl     # any supported Llava and question file
 
 For the unpruned model and each method at its published default and at budgets matched to
 VisiPruner's (average visual tokens per layer), it reports accuracy, agreement with the unpruned
 answers, average visual tokens per layer, prefill FLOPs (ours and FastV's formula) relative to
 unpruned, prefill latency relative to unpruned (medians of warmed-up repeats, interleaved with
-the unpruned model in the same run), decode time per token, and the prompt's KV-cache size.
+the unpruned model in the same run), decode time per token and its ratio to unpruned (also
+interleaved, on every timed prompt), and the prompt's KV-cache size. Timing ratios carry 90%
+bootstrap intervals over the timed prompts; the unpruned row times the unpruned model against
+itself, which gives the noise floor, and settings whose pruned decode is slower are named.
 Every prompt runs at batch size 1 (pruning is per prompt).
 """
 
@@ -176,32 +179,63 @@ def answer_all(model, processor, questions, config, max_new_tokens, progress_des
     return out
 
 
+BOOTSTRAP_DRAWS = 2000
+INTERVAL = (5.0, 95.0)  # percentiles: a 90% interval
+
+
+@dataclass
+class LayerTimeFit:
+    """Seconds per decoder layer as ``a + b n + c n^2`` and refits on resampled repeats.
+
+    ``draws[i]`` is the fit to one bootstrap resample of the timed repeats at each length: the
+    spread of the draws is the fit's uncertainty from timing noise.
+    """
+
+    coef: tuple[float, float, float]
+    draws: np.ndarray  # (BOOTSTRAP_DRAWS, 3)
+
+
+def _bootstrap_rng() -> np.random.Generator:
+    return np.random.default_rng(0)  # fixed: the same timings give the same interval
+
+
+def _interval(values) -> list[float]:
+    lo, hi = np.percentile(np.asarray(values, dtype=float), INTERVAL)
+    return [float(lo), float(hi)]
+
+
 @torch.no_grad()
-def fit_layer_time(model, length: int, repeats: int = 3) -> tuple[float, float, float]:
+def fit_layer_time(model, length: int, repeats: int = 3) -> LayerTimeFit:
     """Seconds per decoder layer as ``a + b n + c n^2``, fitted on unpruned language-model runs.
 
-    Timed at five lengths from 10% to 100% of ``length`` (inputs_embeds, no cache). The intercept is
-    what FLOPs do not see: reading every layer's weights and the per-layer framework overhead,
-    which no token pruning removes; it predicts how far a FLOPs ratio can turn into time.
+    Timed at five lengths from 10% to 100% of ``length`` (inputs_embeds, no cache; lengths
+    interleaved within each repeat). The intercept is what FLOPs do not see: reading every
+    layer's weights and the per-layer framework overhead, which no token pruning removes; it
+    predicts how far a FLOPs ratio can turn into time.
     """
     lm = model.model.language_model
     L = model.config.text_config.num_hidden_layers
     d = model.config.text_config.hidden_size
     p = next(lm.parameters())
     ns = sorted({max(2, round(f * length)) for f in (0.1, 0.3, 0.5, 0.75, 1.0)})
-    rows, ts = [], []
+    xs = {n: torch.randn(1, n, d, dtype=p.dtype, device=p.device) for n in ns}
     for n in ns:
-        x = torch.randn(1, n, d, dtype=p.dtype, device=p.device)
-        lm(inputs_embeds=x, use_cache=False)  # warm-up
-        t = []
-        for _ in range(repeats):
+        lm(inputs_embeds=xs[n], use_cache=False)  # warm-up
+    times = {n: [] for n in ns}
+    for _ in range(max(2, repeats)):
+        for n in ns:
             t0 = time.perf_counter()
-            lm(inputs_embeds=x, use_cache=False)
-            t.append(time.perf_counter() - t0)
-        rows.append([1.0, n, n * n])
-        ts.append(statistics.median(t) / L)
-    coef = np.linalg.lstsq(np.array(rows), np.array(ts), rcond=None)[0]
-    return tuple(float(c) for c in coef)
+            lm(inputs_embeds=xs[n], use_cache=False)
+            times[n].append((time.perf_counter() - t0) / L)
+    X = np.array([[1.0, n, n * n] for n in ns])
+
+    def fit(per_length):
+        return np.linalg.lstsq(X, np.array([statistics.median(t) for t in per_length]), rcond=None)[0]
+
+    coef = fit([times[n] for n in ns])
+    rng = _bootstrap_rng()
+    draws = np.array([fit([rng.choice(times[n], size=len(times[n])) for n in ns]) for _ in range(BOOTSTRAP_DRAWS)])
+    return LayerTimeFit(tuple(float(c) for c in coef), draws)
 
 
 def _modelled_seconds(coef, tokens_per_layer) -> float:
@@ -209,15 +243,27 @@ def _modelled_seconds(coef, tokens_per_layer) -> float:
     return sum(a + b * n + c * n * n for n in tokens_per_layer)
 
 
+def _ratio_interval(num, den) -> list[float]:
+    """90% bootstrap interval of ``sum(num) / sum(den)`` over prompts (resampled in pairs)."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    idx = _bootstrap_rng().integers(0, len(num), size=(BOOTSTRAP_DRAWS, len(num)))
+    return _interval(num[idx].sum(1) / den[idx].sum(1))
+
+
 @torch.no_grad()
 def time_prefill_and_decode(model, processor, questions, config, repeats: int, decode_steps: int,
-                            layer_time=None) -> dict:
-    """Median prefill time per prompt, pruned and unpruned interleaved; decode ms per token.
+                            layer_time: LayerTimeFit | None = None) -> dict:
+    """Prefill and decode time per prompt, pruned and unpruned interleaved in the same run.
 
-    Image features are computed once and passed in, so the vision encoder is in neither time,
-    except for methods acting on the vision encoder's output (VisionZip): there both sides run
-    from pixels. The FLOPs ratio reported with the times is that of the timed prompts; with
-    ``layer_time`` (``fit_layer_time``) the latency a per-layer time model predicts is added.
+    Prefill: medians of ``repeats`` warmed-up runs per prompt. Decode: per prompt, the prompt is
+    prefilled (untimed) and ``decode_steps`` single-token steps are timed against its cache,
+    pruned and unpruned alternating, ``repeats`` times; ms per token is the median. Every timed
+    prompt is used for both. Ratios are sums over prompts; their 90% intervals are bootstrap
+    resamples of the prompts (``*_ci``). Image features are computed once and passed in, so the
+    vision encoder is in neither time, except for methods acting on the vision encoder's output
+    (VisionZip): there both sides run from pixels. The FLOPs ratio reported with the times is
+    that of the timed prompts; with ``layer_time`` (``fit_layer_time``) the latency a per-layer
+    time model predicts is added, with an interval that resamples both the prompts and the fit.
     """
     from_pixels = isinstance(config, VisionZipConfig)
     prompts = []
@@ -247,7 +293,23 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
         seen["stats"] = h.last_stats
         return t
 
-    dense, pruned, flops, flops_dense, model_p, model_d = [], [], [], [], [], []
+    def decode_once(inp, feats, cfg):
+        """ms per token of ``decode_steps`` greedy steps after an untimed prefill."""
+        handle = apply(model, cfg) if cfg is not None else None
+        try:
+            out = prefill(inp, feats, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(decode_steps):
+                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            return (time.perf_counter() - t) / decode_steps * 1e3
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    dense, pruned, model_p, model_d, tpls, n0s = [], [], [], [], [], []
+    flops, flops_dense = [], []
     L = model.config.text_config.num_hidden_layers
     for inp, feats in prompts:
         once(inp, feats, None), once(inp, feats, config)  # warm-up
@@ -262,42 +324,64 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
         if st is not None and st.pruning_applied:
             flops.append(st.prefill_flops)
             flops_dense.append(st.dense_prefill_flops)
-            tpl = st.tokens_per_layer
+            tpl = list(st.tokens_per_layer)
             n0 = st.prompt_length
         else:
             tpl = [n0] * L
+        tpls.append(tpl)
+        n0s.append(n0)
         if layer_time is not None:
-            model_p.append(_modelled_seconds(layer_time, tpl))
-            model_d.append(_modelled_seconds(layer_time, [n0] * L))
+            model_p.append(_modelled_seconds(layer_time.coef, tpl))
+            model_d.append(_modelled_seconds(layer_time.coef, [n0] * L))
     out = {
         "prefill_ms_unpruned": sum(dense) / len(dense) * 1e3,
         "prefill_ms": sum(pruned) / len(pruned) * 1e3,
         "prefill_latency_ratio": sum(pruned) / sum(dense),
+        "prefill_latency_ratio_ci": _ratio_interval(pruned, dense),
         "timed_prefill_flops_ratio": sum(flops) / sum(flops_dense) if flops else 1.0,
+        "timed_prompts": len(prompts),
     }
+    if len(flops) == len(prompts):  # realised / FLOPs-predicted speed-up = FLOPs ratio / latency ratio
+        fp, fd, pr, de = (np.asarray(v, float) for v in (flops, flops_dense, pruned, dense))
+        idx = _bootstrap_rng().integers(0, len(pr), size=(BOOTSTRAP_DRAWS, len(pr)))
+        out["realised_over_predicted_ci"] = _interval((fp[idx].sum(1) / fd[idx].sum(1)) / (pr[idx].sum(1) / de[idx].sum(1)))
     if layer_time is not None and not from_pixels:
         out["modelled_latency_ratio"] = sum(model_p) / sum(model_d)
+        out["realised_over_modelled_ci"] = _realised_over_modelled_interval(layer_time, tpls, n0s, L, pruned, dense)
 
-    def decode_ms(cfg):
-        times = []
-        handle = apply(model, cfg) if cfg is not None else None
-        try:
-            for inp, feats in prompts[: max(1, len(prompts) // 2)]:
-                out = prefill(inp, feats, use_cache=True)
-                cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                t = time.perf_counter()
-                for _ in range(decode_steps):
-                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-                    tok = out.logits[:, -1:].argmax(-1)
-                times.append((time.perf_counter() - t) / decode_steps * 1e3)
-        finally:
-            if handle is not None:
-                handle.remove()
-        return statistics.median(times)
-
-    out["decode_ms_per_token"] = decode_ms(config)
-    out["decode_ms_per_token_unpruned"] = decode_ms(None) if config is not None else None
+    # decode: pruned and unpruned alternate on every prompt, so drift hits both alike
+    if config is not None:
+        decode_once(*prompts[0], None), decode_once(*prompts[0], config)  # warm-up
+    dec_d, dec_p = [], []
+    for inp, feats in prompts:
+        d, p = [], []
+        for _ in range(repeats):  # unpruned setting: unpruned against itself (the noise floor)
+            d.append(decode_once(inp, feats, None))
+            p.append(decode_once(inp, feats, config))
+        dec_d.append(statistics.median(d))
+        dec_p.append(statistics.median(p))
+    out["decode_ms_per_token"] = sum(dec_p) / len(dec_p)
+    out["decode_ms_per_token_unpruned"] = sum(dec_d) / len(dec_d)
+    out["decode_ms_per_token_per_prompt"] = dec_p
+    out["decode_ms_per_token_unpruned_per_prompt"] = dec_d
+    out["decode_latency_ratio"] = sum(dec_p) / sum(dec_d)
+    out["decode_latency_ratio_ci"] = _ratio_interval(dec_p, dec_d)
+    # slower: the whole interval lies above 1 (pruned decode takes longer than unpruned)
+    out["decode_slower"] = config is not None and out["decode_latency_ratio_ci"][0] > 1.0
     return out
+
+
+def _realised_over_modelled_interval(fit: LayerTimeFit, tpls, n0s, L, pruned, dense) -> list[float]:
+    """90% interval of modelled/measured latency ratio: prompts resampled, and a fit draw each time."""
+    rng = _bootstrap_rng()
+    pruned, dense = np.asarray(pruned, float), np.asarray(dense, float)
+    vals = []
+    for coef in fit.draws:
+        idx = rng.integers(0, len(tpls), size=len(tpls))
+        mp = sum(_modelled_seconds(coef, tpls[i]) for i in idx)
+        md = sum(_modelled_seconds(coef, [n0s[i]] * L) for i in idx)
+        vals.append((mp / md) / (pruned[idx].sum() / dense[idx].sum()))
+    return _interval(vals)
 
 
 def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> dict:
@@ -349,7 +433,8 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
     layer_time = fit_layer_time(model, length, repeats)
     base_timing = time_prefill_and_decode(model, processor, timing_q, None, repeats, decode_steps)
     rows.append(summarise(unpruned, None, {**base_timing, "prefill_latency_ratio": 1.0,
-                                           "layer_time_fit_s": list(layer_time)}))
+                                           "layer_time_fit_s": list(layer_time.coef),
+                                           "layer_time_fit_ci_s": [_interval(c) for c in layer_time.draws.T]}))
     defaults = default_configs(visipruner_cfg)
     settings = [Setting(m, "default", defaults[m]) for m in methods if m in defaults]
     bar = tqdm(total=len(settings) * (2 if matched else 1), desc="methods", file=sys.stderr)
@@ -373,18 +458,53 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
 
 
 # ---------------------------------------------------------------------------------- output
+def _pm(value, ci) -> str:
+    """``value±h``: h is the larger distance from the value to its 90% interval's ends."""
+    if value is None:
+        return "-"
+    if not ci:
+        return f"{value:.3f}"
+    return f"{value:.3f}±{max(value - ci[0], ci[1] - value):.3f}"
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'method':<12}{'setting':<9}{'acc':>7}{'agree':>7}{'vis/layer':>10}{'FLOPs':>7}{'FastV':>7}"
-            f"{'latency':>9}{'real/pred':>10}{'real/model':>11}{'dec ms/tok':>11}{'KV MiB':>8}")
+            f"{'latency':>14}{'real/pred':>14}{'real/model':>14}{'dec ms/tok':>11}{'dec ratio':>14}{'KV MiB':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        rp = r.get("realised_over_predicted_speedup")
+        unpruned = r["method"] == "unpruned"
+        lat = _pm(r["prefill_latency_ratio"], None if unpruned else r.get("prefill_latency_ratio_ci"))
+        dec = _pm(r.get("decode_latency_ratio"), r.get("decode_latency_ratio_ci")) if not unpruned else "1"
+        if r.get("decode_slower"):
+            dec += "!"
         print(f"{r['method']:<12}{r['setting']:<9}{r['accuracy']:>7.3f}{r['agreement']:>7.3f}"
               f"{r['avg_visual_tokens']:>10.1f}{r['prefill_flops_ratio']:>7.3f}{r['prefill_flops_ratio_fastv']:>7.3f}"
-              f"{r['prefill_latency_ratio']:>9.3f}{(f'{rp:.3f}' if rp else '-'):>10}"
-              f"{(f'{rm:.3f}' if (rm := r.get('realised_over_modelled_speedup')) else '-'):>11}"
-              f"{r['decode_ms_per_token']:>11.2f}{r['kv_cache_bytes'] / 2**20:>8.2f}")
+              f"{lat:>14}{_pm(r.get('realised_over_predicted_speedup'), r.get('realised_over_predicted_ci')):>14}"
+              f"{_pm(r.get('realised_over_modelled_speedup'), r.get('realised_over_modelled_ci')):>14}"
+              f"{r['decode_ms_per_token']:>11.2f}{dec:>14}{r['kv_cache_bytes'] / 2**20:>8.2f}")
+    for line in timing_notes(rows):
+        print(line)
+
+
+def timing_notes(rows: list[dict]) -> list[str]:
+    """What the table's timing columns rest on: noise floor, baseline stability, slower decode."""
+    notes = ["±: half-width of a 90% bootstrap interval over the timed prompts (real/model: the "
+             "per-layer time fit resampled too)"]
+    un = next((r for r in rows if r["method"] == "unpruned"), None)
+    if un is not None and "decode_latency_ratio_ci" in un:
+        notes.append(f"noise floor (unpruned against itself, same run): prefill "
+                     f"{_pm(un['prefill_ms'] / un['prefill_ms_unpruned'], un['prefill_latency_ratio_ci'])}, "
+                     f"decode {_pm(un['decode_latency_ratio'], un['decode_latency_ratio_ci'])}")
+    base = [r["decode_ms_per_token_unpruned"] for r in rows if r.get("decode_ms_per_token_unpruned")]
+    if len(base) > 1:
+        med = statistics.median(base)
+        notes.append(f"unpruned decode baseline over the {len(base)} settings: median {med:.2f} ms/token, "
+                     f"range {min(base):.2f}-{max(base):.2f} ({(max(base) - min(base)) / med:.0%} of the median)")
+    slower = [f"{r['method']}/{r['setting']} ({r['decode_latency_ratio']:.3f})" for r in rows if r.get("decode_slower")]
+    notes.append("pruned decode slower than unpruned (interval above 1, marked !): "
+                 + (", ".join(slower) if slower else "none"))
+    return notes
 
 
 def plot_pareto(rows: list[dict], path: str) -> None:
@@ -435,15 +555,22 @@ def _load_model(args):
     return load_organism()
 
 
-def default_questions(quick: bool):
-    """The embedded model's held-out data: generated scenes (test split) + easy-vqa test."""
+def default_questions(quick: bool, root: str | Path | None = None):
+    """The embedded model's test data, which nothing was tuned on.
+
+    Generated scenes of the ``test`` split (a stream neither training nor calibration read; the
+    split they scored is ``dev``) and easy-vqa test questions spread evenly over the file, half a
+    stride away from the ones calibration holds out (``scripts/calibration_data.py``), so the two
+    share none. ``root``: where the question files are written (default: the model cache).
+    """
     from .data import easyvqa, scenes
     from .data.questions import load_questions
     from .models.organism import cache_dir
 
     n_scenes, n_easy = (24, 8) if quick else (600, 200)
-    root = cache_dir() / "data"
-    scene_dir = root / f"scenes_test_{n_scenes}"
+    root = Path(root) if root is not None else cache_dir() / "data"
+    # the stream id is in the folder name: before the dev/test split, "test" named another stream
+    scene_dir = root / f"scenes_test{scenes.SPLITS['test']}_{n_scenes}"
     path = scene_dir / "test.jsonl"
     if not path.exists():
         scenes.write_split(str(scene_dir), "test", n=n_scenes, seed=0)
@@ -451,7 +578,7 @@ def default_questions(quick: bool):
     qs = load_questions(path)
     easy_qs = load_questions(easy)
     step = max(1, len(easy_qs) // n_easy)
-    return qs + easy_qs[::step][:n_easy]
+    return qs + easy_qs[step // 2::step][:n_easy]
 
 
 def _run(args) -> int:
@@ -499,8 +626,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="compare pruning methods: accuracy, FLOPs, latency",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a saved Llava directory (default: the embedded model)")
-    p.add_argument("--data", help="question file (JSONL); default: the embedded model's held-out set")
-    p.add_argument("--quick", action="store_true", help="a small held-out subset (a few minutes on 2 cores)")
+    p.add_argument("--data", help="question file (JSONL); default: the embedded model's test set (scene test "
+                   "split + easy-vqa test, nothing tuned on it)")
+    p.add_argument("--quick", action="store_true", help="a small subset of the test set (a few minutes on 2 cores)")
     p.add_argument("--limit", type=int, help="use only the first N questions")
     p.add_argument("--methods", help=f"comma-separated subset of visipruner,{','.join(PEERS)}")
     p.add_argument("--visipruner-config", help="VisiPruner config JSON (default: recommended for the model)")

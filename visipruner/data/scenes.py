@@ -11,6 +11,10 @@ one cell holds a short rendered word.  Question families:
 ``exist``     is there a <colour> <shape> (yes/no)
 ``word``      what word is written
 
+Splits: ``train`` (training), ``validation`` (calibration), ``dev`` (scored during
+training and used as calibration's held-out set: for development), ``test`` (nothing was
+tuned on it: report accuracy here).
+
 Everything is deterministic in ``(seed, split, index)``; within a split the
 families cycle and the answers within a family cycle through all values, so
 answers are exactly balanced over any multiple of ``len(FAMILIES) * n``.
@@ -60,7 +64,12 @@ ANSWERS = {
     "exist": ["yes", "no"],
     "word": WORDS,
 }
-SPLITS = {"train": 0, "validation": 1, "test": 2}
+# Stream ids of the splits.  ``dev`` is the split that was called ``test`` until the model was
+# trained: it was scored during training and steered the recipe, and it holds calibration's
+# held-out set, so it is for development only.  ``test`` is a fresh stream nothing was tuned on
+# or looked at during training or calibration (tests/test_data.py checks the splits share no
+# scene); report accuracy on it.
+SPLITS = {"train": 0, "validation": 1, "dev": 2, "test": 3}
 
 # Patch-level label vocabularies used for vision pretraining (0 = background).
 TEXT_LABEL = len(SHAPES) + 1  # shape class for the word cell

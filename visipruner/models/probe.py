@@ -2,7 +2,7 @@
 
     python -m visipruner.models.probe [--weights DIR] [--heads FILE] [--images 64]
 
-Runs the vision tower + projector on generated test-split scenes and scores the per-patch
+Runs the vision tower + projector on generated dev-split scenes and scores the per-patch
 heads used in training (``vision_heads.safetensors``, shipped next to the weights): colour,
 shape, size and word read from the projector output against the LM's word embeddings, and
 linear probes on the ViT features. Accuracy is over foreground patches (label > 0), the ones a
@@ -38,7 +38,7 @@ def probe(model, processor, heads_path: str | Path, images: int = 64, seed: int 
     dtype = next(model.model.vision_tower.parameters()).dtype
     hits: dict[str, list[int]] = {}
     for start in range(0, images, batch):
-        scs = [scenes.random_scene(seed, "test", i) for i in range(start, min(images, start + batch))]
+        scs = [scenes.random_scene(seed, "dev", i) for i in range(start, min(images, start + batch))]
         labs = [scene_patch_labels(s) for s in scs]
         feat, proj = vision_features(model, _image_tensor(processor, [s.render() for s in scs]).to(dtype))
         for g, logits in heads(proj.float(), feat.float()).items():
