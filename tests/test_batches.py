@@ -1,0 +1,117 @@
+"""Batches: every row of a left-padded batch is pruned exactly as it is alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import visipruner
+from visipruner import FastVConfig, VisiPrunerConfig
+
+from families import family
+
+torch.set_grad_enabled(False)
+
+CONCAT = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+          "pixel_attention_mask")
+PAD_LEFT = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def collate(prompts: list[dict]) -> dict:
+    """A left-padded batch of single prompts (the layout a processor with padding_side='left' gives)."""
+    n = max(p["input_ids"].shape[1] for p in prompts)
+    out = {}
+    for key in PAD_LEFT:
+        if any(key in p for p in prompts):
+            rows = []
+            for p in prompts:
+                t = p.get(key, torch.zeros_like(p["input_ids"]) if key != "attention_mask"
+                          else torch.ones_like(p["input_ids"]))
+                rows.append(torch.cat([torch.zeros(1, n - t.shape[1], dtype=t.dtype), t], dim=1))
+            out[key] = torch.cat(rows)
+    for key in CONCAT:
+        parts = [p[key] for p in prompts if key in p]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def text_only(model, p: dict) -> dict:
+    """The prompt's text without its visual tokens (a row with nothing to prune)."""
+    from visipruner.adapters import get_adapter
+
+    ids = p["input_ids"][:, ~get_adapter(model).visual_mask(p["input_ids"][0])]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _generate(model, inputs, steps):
+    model.generation_config.eos_token_id = None
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)  # (steps, batch, vocab)
+
+
+def _rows(name):
+    fam = family(name)
+    model = fam.build(0, "sdpa", 8)
+    a, _ = fam.prompt(model, 1, "one")
+    b, _ = fam.prompt(model, 2, fam.layouts[1])
+    c, _ = fam.prompt(model, 3, "one")
+    return model, [a, b, text_only(model, c)]  # different lengths; the last row has no visual token
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("method", ["visipruner", "fastv"])
+def test_each_row_is_pruned_as_if_alone(name, method):
+    model, prompts = _rows(name)
+    cfg = (FastVConfig(layer=2, keep_ratio=0.5) if method == "fastv" else
+           VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0))
+    steps = 5
+    alone = []
+    with visipruner.apply(model, cfg) as h:
+        for p in prompts:
+            seq, logits = _generate(model, p, steps)
+            alone.append((seq[0, p["input_ids"].shape[1]:], logits[:, 0], h.last_stats))
+        batch = collate(prompts)
+        seq, logits = _generate(model, batch, steps)
+        stats = h.batch_stats
+    n = batch["input_ids"].shape[1]
+    assert len(stats) == len(prompts) and h.last_stats is stats[0]
+    for r, (a_seq, a_logits, a_stats) in enumerate(alone):
+        assert torch.equal(seq[r, n:], a_seq), r
+        torch.testing.assert_close(logits[:, r], a_logits, atol=1e-4, rtol=0, msg=f"row {r}")
+        s = stats[r]
+        for key in ("fusion_layer", "exit_layer", "critical_tokens", "visual_tokens_per_layer", "tokens_per_layer",
+                    "prefill_flops", "num_images", "pruning_applied"):
+            assert getattr(s, key) == getattr(a_stats, key), (r, key)
+        assert s.decode_flops == a_stats.decode_flops, r
+    assert stats[0].visual_tokens_per_layer[-1] < stats[0].num_visual_tokens  # pruning happened
+    assert stats[2].padding_flops > 0 and not stats[2].pruning_applied  # the short text-only row was padded
+
+
+def test_batch_with_no_row_pruned_and_every_row_pruned_to_nothing():
+    model, prompts = _rows("llava")
+    prompts = prompts[:2]
+    batch = collate(prompts)
+    dense = model(**batch).logits
+    with visipruner.apply(model, VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=2, layer_threshold=-1.0)) as h:
+        assert torch.equal(model(**batch).logits, dense)
+    assert all(s.fusion_layer is None for s in h.batch_stats)
+    everything = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e9, exit_threshold=0.0)
+    with visipruner.apply(model, everything) as h:
+        seq, logits = _generate(model, batch, 3)
+        for s in h.batch_stats:
+            assert s.critical_tokens == [] and s.visual_tokens_per_layer[-1] == 0
+        for r, p in enumerate(prompts):
+            a_seq, a_logits = _generate(model, p, 3)
+            torch.testing.assert_close(logits[:, r], a_logits[:, 0], atol=1e-4, rtol=0)
+
+
+def test_right_padding_is_refused_clearly():
+    model, prompts = _rows("llava")
+    batch = collate(prompts[:2])
+    batch["input_ids"] = batch["input_ids"].flip(1)
+    batch["attention_mask"] = batch["attention_mask"].flip(1)
+    with visipruner.apply(model, VisiPrunerConfig()):
+        with pytest.raises(ValueError, match="left padding"):
+            model(**batch)
