@@ -115,3 +115,48 @@ def test_right_padding_is_refused_clearly():
     with visipruner.apply(model, VisiPrunerConfig()):
         with pytest.raises(ValueError, match="left padding"):
             model(**batch)
+
+
+def test_bench_and_calibrate_batched_answer_like_batch_one(tmp_path):
+    """`bench`'s accuracy runs and `calibrate`'s reruns at --batch-size 3 give the per-question answers
+    and statistics of batch size 1 (a tiny LLaVA with a real processor, prompts of different lengths)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from visipruner.bench import _inputs, answer_all
+    from visipruner.calibrate import measure
+    from visipruner.data.questions import load_questions
+    from visipruner.testing import tiny_llava_with_processor
+
+    model, proc = tiny_llava_with_processor(0, layers=6)
+    rows = []
+    for i, q in enumerate(["what color is the shape ?", "how many ?", "is there a red circle in the image ?",
+                           "what shape ?", "yes ?"]):
+        img = tmp_path / f"{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype("uint8")).save(img)
+        rows.append(json.dumps({"image": str(img), "question": q, "answer": "red", "id": str(i)}))
+    (tmp_path / "q.jsonl").write_text("\n".join(rows) + "\n")
+    qs = load_questions(str(tmp_path / "q.jsonl"))
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)
+    for config in (None, cfg, FastVConfig(layer=2, keep_ratio=0.5)):
+        one = answer_all(model, proc, qs, config, 4, "b1", batch_size=1)
+        three = answer_all(model, proc, qs, config, 4, "b3", batch_size=3)
+        for a, b in zip(one, three):  # the same, but for the padding the batch added
+            assert {k: v for k, v in a.items() if k != "padding_flops"} == {
+                k: v for k, v in b.items() if k != "padding_flops"}
+            assert a.get("padding_flops", 0) == 0
+    prompts = [_inputs(proc, q, model) for q in qs]
+    ref = measure(model, proc, qs, prompts, None, None, progress=False)["answers"]
+    cut = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e9)  # all leave at fusion
+    m1 = measure(model, proc, qs, prompts, cut, ref, progress=False, batch_size=1)
+    m3 = measure(model, proc, qs, prompts, cut, ref, progress=False, batch_size=3)
+    assert m1 == m3 and m1["flops_ratio"] < 1
+
+
+def test_batch_of_one_shares_its_stats():
+    model, prompts = _rows("llava")
+    with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)) as h:
+        model(**prompts[0])
+    assert h.batch_stats == [h.last_stats] and h.last_stats is h.batch_stats[0]

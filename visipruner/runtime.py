@@ -264,8 +264,10 @@ class PruningHandle:
         adapter = self.adapter
         has_visual = bool(adapter.visual_mask(input_ids).any())
         if past > 0:  # decode step (or continuation) of the current prompt
-            if has_visual and self.method.enabled:
-                raise ValueError("visual tokens after the prompt was prefilled (chunked prefill) are not supported")
+            if has_visual and self.method.enabled and any(
+                    isinstance(kwargs.get(k), torch.Tensor) for k in ("pixel_values", "pixel_values_videos")):
+                raise ValueError("images after the prompt was prefilled (chunked prefill) are not supported")
+            # (a generated id that happens to be an image token has no features: it is text here)
             bt = self._batch
             if bt is not None:
                 if not bt.prefilled or input_ids.shape[0] != len(bt.rows):
@@ -353,6 +355,7 @@ class PruningHandle:
         if not st.prefilled:
             st.prefilled = True
             self.last_stats = self._prefill_stats(st)
+            self.batch_stats = [self.last_stats]
         elif st.decode_positions is not None:
             f, dense = self._decode_flops(st)
             self.last_stats.decode_flops.append(f)
