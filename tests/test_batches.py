@@ -9,32 +9,9 @@ import visipruner
 from visipruner import FastVConfig, VisiPrunerConfig
 
 from families import family
+from visipruner.evaluate import collate_prompts as collate
 
 torch.set_grad_enabled(False)
-
-CONCAT = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
-          "pixel_attention_mask")
-PAD_LEFT = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def collate(prompts: list[dict]) -> dict:
-    """A left-padded batch of single prompts (the layout a processor with padding_side='left' gives)."""
-    n = max(p["input_ids"].shape[1] for p in prompts)
-    out = {}
-    for key in PAD_LEFT:
-        if any(key in p for p in prompts):
-            rows = []
-            for p in prompts:
-                t = p.get(key, torch.zeros_like(p["input_ids"]) if key != "attention_mask"
-                          else torch.ones_like(p["input_ids"]))
-                rows.append(torch.cat([torch.zeros(1, n - t.shape[1], dtype=t.dtype), t], dim=1))
-            out[key] = torch.cat(rows)
-    for key in CONCAT:
-        parts = [p[key] for p in prompts if key in p]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
-
 
 def text_only(model, p: dict) -> dict:
     """The prompt's text without its visual tokens (a row with nothing to prune)."""
@@ -60,7 +37,9 @@ def _rows(name):
     return model, [a, b, text_only(model, c)]  # different lengths; the last row has no visual token
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])
+# families whose per-image inputs concatenate across prompts (LLaVA-NeXT and Idefics3 processors pad
+# their tile / sub-image axes when batching, which these in-process prompt makers do not)
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3", "internvl"])
 @pytest.mark.parametrize("method", ["visipruner", "fastv"])
 def test_each_row_is_pruned_as_if_alone(name, method):
     model, prompts = _rows(name)
@@ -160,3 +139,10 @@ def test_batch_of_one_shares_its_stats():
     with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)) as h:
         model(**prompts[0])
     assert h.batch_stats == [h.last_stats] and h.last_stats is h.batch_stats[0]
+
+
+def test_qwen3_vl_batches_are_refused_clearly():
+    model, prompts = _rows("qwen3_vl")
+    with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)):
+        with pytest.raises(ValueError, match="Qwen3-VL"):
+            model(**collate(prompts[:2]))
