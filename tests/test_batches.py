@@ -146,3 +146,24 @@ def test_qwen3_vl_batches_are_refused_clearly():
     with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)):
         with pytest.raises(ValueError, match="Qwen3-VL"):
             model(**collate(prompts[:2]))
+
+
+def test_cached_batched_generation_equals_recomputing_each_row_alone():
+    from visipruner import Schedule
+
+    model, prompts = _rows("llava")
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)
+    batch = collate(prompts)
+    n = batch["input_ids"].shape[1]
+    with visipruner.apply(model, cfg) as h:
+        seq, logits = _generate(model, batch, 4)
+        stats = h.batch_stats
+    for r, p in enumerate(prompts):
+        s = stats[r]
+        sched = Schedule(s.fusion_layer, s.critical_tokens, s.exit_layer) if s.pruning_applied else None
+        for t in range(4):
+            ids = torch.cat([p["input_ids"], seq[r : r + 1, n : n + t]], dim=1)
+            full = dict(p, input_ids=ids, attention_mask=torch.ones_like(ids))
+            with visipruner.apply(model, cfg, schedule=sched):
+                again = model(**full, use_cache=False).logits[0, -1]
+            torch.testing.assert_close(logits[t, r], again, atol=1e-4, rtol=0, msg=f"row {r} step {t}")
