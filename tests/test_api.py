@@ -124,18 +124,22 @@ def test_unsupported_attention_implementation():
         visipruner.apply(model, VisiPrunerConfig())
 
 
-def test_batch_larger_than_one_is_refused_and_model_stays_usable():
+def test_a_refused_batch_leaves_the_model_usable():
+    """Batches run (tests/test_batches.py); a right-padded one is refused and the model keeps working."""
     model = tiny_llava(0)
     inputs = random_prompt(model, seed=0)
     expected = model(**inputs).logits
     batch = {k: torch.cat([v, v]) for k, v in inputs.items()}
+    batch["attention_mask"][1, -3:] = 0  # right padding
     with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)) as h:
-        with pytest.raises(ValueError, match="batch size 2"):
+        with pytest.raises(ValueError, match="left padding"):
             model(**batch)
-        pruned = model(**inputs).logits  # still works, batch 1
+        pruned = model(**inputs).logits  # still works
         assert h.last_stats.pruning_applied
+        same = {k: torch.cat([v, v]) for k, v in inputs.items()}
+        torch.testing.assert_close(model(**same).logits[1], pruned[0], atol=1e-5, rtol=0)
     _check_usable(model, inputs, expected)
-    # with pruning disabled, batches are fine
+    # with pruning disabled, batches are the model's own
     with visipruner.apply(model, VisiPrunerConfig(stages=())):
         assert torch.equal(model(**batch).logits[0], expected[0])
     assert pruned.shape == expected.shape
@@ -158,13 +162,21 @@ def test_image_token_count_mismatch_is_clear_and_model_stays_usable():
     assert ref_stats.visual_tokens_per_layer[-1] == 0
 
 
-def test_padding_is_refused():
+def test_a_left_padded_prompt_is_pruned_like_the_unpadded_one():
     model = tiny_llava(0)
     inputs = random_prompt(model, seed=0)
-    inputs["attention_mask"][0, 0] = 0
-    with visipruner.apply(model, VisiPrunerConfig()):
-        with pytest.raises(ValueError, match="padding"):
-            model(**inputs)
+    padded = dict(inputs, input_ids=torch.cat([torch.zeros(1, 3, dtype=torch.long), inputs["input_ids"]], 1),
+                  attention_mask=torch.cat([torch.zeros(1, 3, dtype=torch.long), inputs["attention_mask"]], 1))
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)
+    with visipruner.apply(model, cfg) as h:
+        alone = model(**inputs).logits[0, -1]
+        a = h.last_stats
+        out = model(**padded).logits[0, -1]
+        b = h.last_stats
+    torch.testing.assert_close(out, alone, atol=1e-4, rtol=0)
+    assert (a.fusion_layer, a.exit_layer, a.visual_tokens_per_layer) == (b.fusion_layer, b.exit_layer,
+                                                                         b.visual_tokens_per_layer)
+    assert a.exit_layer is not None and b.padding_flops > 0
 
 
 def test_apply_twice_is_refused_and_remove_is_idempotent():

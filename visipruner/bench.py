@@ -11,7 +11,8 @@ the unpruned model in the same run), decode time per token and its ratio to unpr
 interleaved, on every timed prompt), and the prompt's KV-cache size. Timing ratios carry 90%
 bootstrap intervals over the timed prompts; the unpruned row times the unpruned model against
 itself, which gives the noise floor, and settings whose pruned decode is slower are named.
-Every prompt runs at batch size 1 (pruning is per prompt).
+Accuracy runs answer ``--batch-size`` prompts per generate call (each row pruned as if alone, so
+the answers are those of batch size 1); latency is timed one prompt at a time.
 """
 
 from __future__ import annotations
@@ -145,34 +146,45 @@ def _kv_bytes(model, tokens_per_layer: list[int]) -> int:
 
 
 @torch.no_grad()
-def answer_all(model, processor, questions, config, max_new_tokens, progress_desc) -> list[dict]:
+def answer_all(model, processor, questions, config, max_new_tokens, progress_desc, batch_size: int = 1) -> list[dict]:
+    """Each question's answer and what pruning did to its prompt. ``batch_size`` > 1 answers that many
+    prompts per ``generate`` call (left-padded; each row pruned as if alone, so the answers and
+    statistics are those of batch size 1)."""
     from tqdm.auto import tqdm
 
-    from .evaluate import normalize_answer
+    from .adapters import get_adapter
+    from .evaluate import collate_prompts, generate_rows, normalize_answer
 
     kw = _gen_kwargs(processor, max_new_tokens)
+    visual = get_adapter(model).visual_mask
     handle = apply(model, config) if config is not None else None
     num_layers = model.config.text_config.num_hidden_layers
     out = []
     try:
-        for q in tqdm(questions, desc=progress_desc, file=sys.stderr, leave=False):
-            inp = _inputs(processor, q, model)
-            pred = generate_answer(model, processor, inp, kw)
-            n = int(inp["input_ids"].shape[1])
-            n_vis = int((inp["input_ids"] == model.config.image_token_id).sum())
-            rec = {"id": q.id, "family": q.family, "answer": q.answer, "prediction": pred,
-                   "correct": normalize_answer(pred) == normalize_answer(q.answer), "num_visual": n_vis}
-            s = handle.last_stats if handle is not None else None
-            if s is not None and s.pruning_applied:
-                rec.update(avg_visual_tokens=s.avg_visual_tokens, prefill_flops_ratio=s.prefill_flops_ratio,
-                           prefill_flops_ratio_fastv=s.prefill_flops_fastv / s.dense_prefill_flops_fastv,
-                           kv_cache_bytes=_kv_bytes(model, s.tokens_per_layer),
-                           fusion_layer=s.fusion_layer, exit_layer=s.exit_layer,
-                           critical_tokens=len(s.critical_tokens))
-            else:
-                rec.update(avg_visual_tokens=float(n_vis), prefill_flops_ratio=1.0, prefill_flops_ratio_fastv=1.0,
-                           kv_cache_bytes=_kv_bytes(model, [n] * num_layers))
-            out.append(rec)
+        bar = tqdm(total=len(questions), desc=progress_desc, file=sys.stderr, leave=False)
+        for at in range(0, len(questions), batch_size):
+            chunk = questions[at : at + batch_size]
+            inps = [_inputs(processor, q, model) for q in chunk]
+            batch = inps[0] if len(inps) == 1 else collate_prompts(inps, processor.tokenizer.pad_token_id or 0)
+            preds = generate_rows(model, processor, batch, kw)
+            stats = handle.batch_stats if handle is not None else [None] * len(chunk)
+            for q, inp, pred, s in zip(chunk, inps, preds, stats):
+                n = int(inp["input_ids"].shape[1])
+                n_vis = int(visual(inp["input_ids"]).sum())
+                rec = {"id": q.id, "family": q.family, "answer": q.answer, "prediction": pred,
+                       "correct": normalize_answer(pred) == normalize_answer(q.answer), "num_visual": n_vis}
+                if s is not None and s.pruning_applied:
+                    rec.update(avg_visual_tokens=s.avg_visual_tokens, prefill_flops_ratio=s.prefill_flops_ratio,
+                               prefill_flops_ratio_fastv=s.prefill_flops_fastv / s.dense_prefill_flops_fastv,
+                               kv_cache_bytes=_kv_bytes(model, s.tokens_per_layer),
+                               fusion_layer=s.fusion_layer, exit_layer=s.exit_layer,
+                               critical_tokens=len(s.critical_tokens), padding_flops=s.padding_flops)
+                else:
+                    rec.update(avg_visual_tokens=float(n_vis), prefill_flops_ratio=1.0, prefill_flops_ratio_fastv=1.0,
+                               kv_cache_bytes=_kv_bytes(model, [n] * num_layers))
+                out.append(rec)
+            bar.update(len(chunk))
+        bar.close()
     finally:
         if handle is not None:
             handle.remove()
@@ -421,13 +433,13 @@ def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> d
 
 def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods=("visipruner",) + PEERS,
               matched: bool = True, timing_prompts: int = 4, repeats: int = 3, decode_steps: int = 8,
-              max_new_tokens: int = 6) -> list[dict]:
+              max_new_tokens: int = 6, batch_size: int = 1) -> list[dict]:
     from tqdm.auto import tqdm
 
     L = model.config.text_config.num_hidden_layers
     rows = []
     unpruned = Setting("unpruned", "default", None)
-    unpruned.records = answer_all(model, processor, questions, None, max_new_tokens, "unpruned")
+    unpruned.records = answer_all(model, processor, questions, None, max_new_tokens, "unpruned", batch_size)
     timing_q = questions[:timing_prompts]
     length = int(_inputs(processor, timing_q[0], model)["input_ids"].shape[1])
     layer_time = fit_layer_time(model, length, repeats)
@@ -440,7 +452,8 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
     bar = tqdm(total=len(settings) * (2 if matched else 1), desc="methods", file=sys.stderr)
 
     def run(s: Setting):
-        s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}")
+        s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}",
+                               1 if isinstance(s.config, VisionZipConfig) else batch_size)  # VisionZip: one at a time
         timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps, layer_time)
         rows.append(summarise(s, unpruned.records, timing))
         bar.update(1)
@@ -585,7 +598,8 @@ def _run(args) -> int:
     from . import inputs
 
     for flag, value in (("--limit", args.limit), ("--timing-prompts", args.timing_prompts), ("--repeats", args.repeats),
-                        ("--decode-steps", args.decode_steps), ("--threads", args.threads)):
+                        ("--decode-steps", args.decode_steps), ("--threads", args.threads),
+                        ("--batch-size", args.batch_size)):
         inputs.at_least(flag, value, 1)
     everything = ("visipruner",) + PEERS
     methods = everything if args.methods is None else inputs.choices("--methods", args.methods, everything)
@@ -608,7 +622,8 @@ def _run(args) -> int:
         methods = tuple(m for m in methods if _applies(model, m, cfg))
     print(f"bench: {len(questions)} questions, {len(methods)} methods, VisiPruner config {cfg.to_json()}", file=sys.stderr)
     rows = run_bench(model, processor, questions, cfg, methods, matched=not args.no_matched,
-                     timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps)
+                     timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps,
+                     batch_size=args.batch_size)
     print_table(rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -633,6 +648,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", help=f"comma-separated subset of visipruner,{','.join(PEERS)}")
     p.add_argument("--visipruner-config", help="VisiPruner config JSON (default: recommended for the model)")
     p.add_argument("--no-matched", action="store_true", help="skip the matched-budget runs")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="prompts per generate call for the accuracy runs (each row pruned as if alone; timings "
+                        "stay per prompt)")
     p.add_argument("--timing-prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=8)

@@ -38,6 +38,7 @@ import torch
 
 from . import apply
 from .attention import Influence
+from .adapters import get_adapter
 from .config import VisiPrunerConfig
 from .flops import Dims, dense_token_flops, shallow_prefill_pairs
 from .inputs import InputError
@@ -82,12 +83,13 @@ def record(model, prompts, K: int, progress=True, shallow: bool = True) -> Recor
     stages = ("shallow", "middle") if shallow else ("middle",)
     method = _Recorder(VisiPrunerConfig(stages=stages, shallow_layers=K))
     rows, lens, nvis, isvis = [], [], [], []
+    visual = get_adapter(model).visual_mask
     with apply(model, method):
         for inp in tqdm(prompts, desc=f"record K={K}{'' if shallow else ' (no shallow stage)'}", disable=not progress, file=sys.stderr, leave=False):
             model(**inp, use_cache=False, logits_to_keep=1)
             rows.append(dict(method.rows))
             ids = inp["input_ids"][0]
-            v = (ids == model.config.image_token_id)
+            v = visual(ids)
             lens.append(int(ids.numel()))
             nvis.append(int(v.sum()))
             isvis.append(v.tolist())
@@ -200,29 +202,33 @@ def _grid(rec: Records, relative: bool):
 
 
 @torch.no_grad()
-def measure(model, processor, questions, prompts, config, reference_answers, max_new_tokens=4, progress=True):
-    """Agreement with the unpruned answers and the real prefill FLOPs ratio of a config."""
+def measure(model, processor, questions, prompts, config, reference_answers, max_new_tokens=4, progress=True,
+            batch_size: int = 1):
+    """Agreement with the unpruned answers and the real prefill FLOPs ratio of a config; ``batch_size``
+    prompts per generate call (each row pruned as if alone: the same answers as one at a time)."""
     from tqdm.auto import tqdm
 
-    from .bench import _gen_kwargs, generate_answer
-    from .evaluate import normalize_answer
+    from .bench import _gen_kwargs
+    from .evaluate import collate_prompts, generate_rows, normalize_answer
 
     kw = _gen_kwargs(processor, max_new_tokens)
-    agree, ratios, answers = 0, [], []
+    ratios, answers = [], []
     handle = apply(model, config) if config is not None else None
     try:
-        for q, inp, ref in tqdm(list(zip(questions, prompts, reference_answers or [None] * len(prompts))),
-                                desc="rerun", disable=not progress, file=sys.stderr, leave=False):
-            ans = generate_answer(model, processor, inp, kw)
-            answers.append(ans)
-            if ref is not None:
-                agree += normalize_answer(ans) == normalize_answer(ref)
+        bar = tqdm(total=len(prompts), desc="rerun", disable=not progress, file=sys.stderr, leave=False)
+        for at in range(0, len(prompts), batch_size):
+            chunk = prompts[at : at + batch_size]
+            batch = chunk[0] if len(chunk) == 1 else collate_prompts(chunk, processor.tokenizer.pad_token_id or 0)
+            answers += generate_rows(model, processor, batch, kw)
             if handle is not None:
-                ratios.append(handle.last_stats.prefill_flops_ratio)
+                ratios += [s.prefill_flops_ratio for s in handle.batch_stats]
+            bar.update(len(chunk))
+        bar.close()
     finally:
         if handle is not None:
             handle.remove()
     n = len(prompts)
+    agree = sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, reference_answers or []))
     return {"agreement": agree / n if reference_answers else None,
             "flops_ratio": float(np.mean(ratios)) if ratios else 1.0, "answers": answers}
 
@@ -296,7 +302,7 @@ def default_variants(num_layers: int) -> list[tuple[int, bool]]:
 
 def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
               finalists: int = 3, rerun_limit: int | None = 60, progress=True, variants=None,
-              refine: int = 1, margin: bool = True, refine_points: int = 1) -> dict:
+              refine: int = 1, margin: bool = True, refine_points: int = 1, batch_size: int = 1) -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
     ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
@@ -322,7 +328,8 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
            if rerun_limit and rerun_limit < len(prompts) else np.arange(len(prompts)))
     rerun_q = [calib_questions[i] for i in idx]
     rerun_p = [prompts[i] for i in idx]
-    unpruned = measure(model, processor, rerun_q, rerun_p, None, None, progress=progress)["answers"]
+    unpruned = measure(model, processor, rerun_q, rerun_p, None, None, progress=progress,
+                       batch_size=batch_size)["answers"]
     results, done = [], set()
 
     def rerun(batch, round_):
@@ -331,7 +338,8 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
             if key in done:
                 continue
             done.add(key)
-            m = measure(model, processor, rerun_q, rerun_p, c.config, unpruned, progress=progress)
+            m = measure(model, processor, rerun_q, rerun_p, c.config, unpruned, progress=progress,
+                        batch_size=batch_size)
             results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
                             "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"],
                             "examples": len(rerun_q), "round": round_})
@@ -377,9 +385,11 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
     }
     if heldout_questions:
         hp = [_inputs(processor, q, model) for q in heldout_questions]
-        ref = measure(model, processor, heldout_questions, hp, None, None, progress=progress)["answers"]
+        ref = measure(model, processor, heldout_questions, hp, None, None, progress=progress,
+                      batch_size=batch_size)["answers"]
         cfg = VisiPrunerConfig.from_dict(chosen["config"])
-        m = measure(model, processor, heldout_questions, hp, cfg, ref, progress=progress)
+        m = measure(model, processor, heldout_questions, hp, cfg, ref, progress=progress,
+                    batch_size=batch_size)
         out["heldout"] = {"examples": len(heldout_questions), "agreement": m["agreement"],
                           "flops_ratio": m["flops_ratio"],
                           "meets_target": (m["agreement"] >= target[1]) if target[0] == "agreement"
@@ -428,7 +438,8 @@ def _run(args) -> int:
     variants = parse_variants(args.shallow_layers) if args.shallow_layers is not None else None
     for flag, value, low in (("--limit", args.limit, 1), ("--heldout-limit", args.heldout_limit, 1),
                              ("--finalists", args.finalists, 1), ("--refine", args.refine, 0),
-                             ("--refine-points", args.refine_points, 1), ("--rerun-limit", args.rerun_limit, 0)):
+                             ("--refine-points", args.refine_points, 1), ("--rerun-limit", args.rerun_limit, 0),
+                             ("--batch-size", args.batch_size, 1)):
         inputs.at_least(flag, value, low)
     if args.heldout_limit is not None and not args.heldout:
         raise inputs.InputError("--heldout-limit needs --heldout")
@@ -443,7 +454,7 @@ def _run(args) -> int:
         raise InputError(f"--shallow-layers: K must be below the model's {L} layers, got {args.shallow_layers!r}")
     result = calibrate(model, processor, questions, target, heldout, finalists=args.finalists,
                        rerun_limit=args.rerun_limit, variants=variants, refine=args.refine,
-                       margin=not args.no_margin, refine_points=args.refine_points)
+                       margin=not args.no_margin, refine_points=args.refine_points, batch_size=args.batch_size)
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
           f"on {result['rerun_examples']} examples; search took {result['search_seconds'] / 60:.1f} min")
     print(f"{'threshold':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
@@ -491,6 +502,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="agreement target: accept a finalist at the bare target (default: one standard error above)")
     p.add_argument("--rerun-limit", type=int, default=60,
                    help="rerun finalists on N calibration examples, evenly strided (default 60; 0: all)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="prompts per generate call in reruns (each row pruned as if alone)")
     p.add_argument("--out", help="write the chosen config here (VisiPrunerConfig JSON)")
     p.add_argument("--json", help="write the front, finalists and confirmation here (+ a PNG)")
     p.set_defaults(func=_run)

@@ -169,3 +169,41 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
     return p
+
+
+# inputs a processor gives per prompt: token-aligned ones are left-padded, per-image ones concatenated
+_TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+_PER_IMAGE = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+              "pixel_attention_mask")
+
+
+def collate_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
+    """One left-padded batch from single-prompt inputs (each ``input_ids`` of shape (1, n)), laid out as
+    a processor with ``padding_side='left'`` lays it out; each row's tokens are its prompt's tokens."""
+    n = max(int(p["input_ids"].shape[1]) for p in prompts)
+    out = {}
+    for key in _TOKEN_ALIGNED:
+        if not any(key in p for p in prompts):
+            continue
+        rows = []
+        for p in prompts:
+            ids = p["input_ids"]
+            t = p.get(key, torch.ones_like(ids) if key == "attention_mask" else torch.zeros_like(ids))
+            fill = pad_token_id if key == "input_ids" else 0
+            rows.append(torch.cat([torch.full((1, n - t.shape[1]), fill, dtype=t.dtype), t], dim=1))
+        out[key] = torch.cat(rows)
+    for key in _PER_IMAGE:
+        parts = [p[key] for p in prompts if key in p]
+        if len(parts) == len(prompts) or (parts and key != "pixel_attention_mask"):
+            out[key] = torch.cat(parts)
+    unknown = sorted({k for p in prompts for k in p} - set(_TOKEN_ALIGNED) - set(_PER_IMAGE))
+    if unknown:
+        raise ValueError(f"collate_prompts does not know how to batch {unknown}")
+    return out
+
+
+def generate_rows(model, processor, inputs: dict, gen_kwargs: dict) -> list[str]:
+    """Greedy answers of a (possibly batched, left-padded) prompt batch, decoded per row."""
+    gen = model.generate(**inputs, **gen_kwargs)
+    new = gen[:, inputs["input_ids"].shape[1]:]
+    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -72,6 +72,19 @@ for _name, (_attn, _mask) in _ORIGINAL.items():
     AttentionMaskInterface.register(f"visipruner_{_name}", _mask)
 
 
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """``t`` (..., B or 1, N, ...) with its token axis ``dim`` taken at ``index`` (B, W) per batch row."""
+    dim = dim % t.dim()
+    b_dim = dim - 1
+    shape = list(t.shape)
+    shape[b_dim] = index.shape[0]
+    t = t.expand(*shape)
+    view = [1] * t.dim()
+    view[b_dim], view[dim] = index.shape
+    idx = index.view(view).expand(*[s if i != dim else index.shape[1] for i, s in enumerate(shape)])
+    return t.gather(dim, idx)
+
+
 def _visibility(mask, n_q: int, n_k: int) -> torch.Tensor | None:
     """The (n_q, n_k) bool "query sees key" matrix of a batch-1 attention mask as the model built it
     (bool for SDPA, additive float for eager), or None when there is none (plain causal)."""
@@ -104,6 +117,7 @@ class PruneStats:
     dense_prefill_flops_fastv: int = 0
     vision_flops: int = 0  # vision tower + projector for this prompt's images (not in the prefill ratios)
     dense_vision_flops: int = 0  # the same with the projector on every patch (differs for VisionZip)
+    padding_flops: int = 0  # prefill work on the padding a batch gives this row (not in prefill_flops)
     decode_flops: list[int] = field(default_factory=list)  # per decode step
     dense_decode_flops: list[int] = field(default_factory=list)
     method: dict = field(default_factory=dict)  # method-specific extras (e.g. min cos per layer)
@@ -131,8 +145,9 @@ class PruneStats:
 class _PromptState:
     """Per-prompt bookkeeping while a prompt is prefilled and decoded."""
 
-    def __init__(self, layout: PromptLayout, num_layers: int, device):
+    def __init__(self, layout: PromptLayout, num_layers: int, device, method: PruningMethod | None = None):
         self.layout = layout
+        self.method = method  # this prompt's decision logic (each batch row has its own)
         self.positions = torch.arange(layout.length, device=device)  # original positions in the sequence
         vis = torch.full((layout.length,), -1, dtype=torch.long, device=device)
         vis[layout.visual_positions] = torch.arange(layout.num_visual, device=device)
@@ -156,6 +171,33 @@ class _PromptState:
         return self.positions.numel() < self.layout.length
 
 
+class _Batch:
+    """A left-padded batch being prefilled and decoded. Every row is pruned as if alone: its own
+    method, decisions and token removal. A row's tokens are always the right-aligned tail of its
+    batch row; when rows keep different numbers of tokens the layer's inputs are repacked (gathered)
+    to the longest row, and the padding in front of shorter rows is masked out of every attention."""
+
+    def __init__(self, rows, lengths, padded: int, num_layers: int):
+        self.rows: list[_PromptState | None] = rows  # None: a row without visual tokens (untouched)
+        self.prompt_lengths = list(lengths)  # each row's unpadded prompt length
+        self.lengths = list(lengths)  # each row's tokens in the current layer
+        self.padded = padded  # the caller's padded length
+        self.width = padded  # the current layer's sequence length
+        self.changed = False  # a row lost tokens: layers from here on get repacked inputs
+        self.layer_widths: list[int] = [padded] * num_layers
+        self.layer_lengths: list[list[int]] = [list(lengths)] * num_layers
+        self.layer_changed: list[bool] = [False] * num_layers
+        self.prefilled = False
+        self.generated = 0  # tokens generated before the current decode step
+
+    def row_positions(self, r: int, layer: int | None = None) -> torch.Tensor:
+        """Row r's tokens present (in a layer, or now), as positions in its own unpadded prompt."""
+        st = self.rows[r]
+        if st is None:
+            return torch.arange(self.prompt_lengths[r])
+        return st.positions if layer is None else st.layer_positions[layer]
+
+
 class PruningHandle:
     """A method applied to a model. Undo with ``remove()`` or use as a context manager."""
 
@@ -166,7 +208,9 @@ class PruningHandle:
         self.dims = F_.Dims.from_config(adapter.text_config)
         self.vision_dims = adapter.vision_dims()  # None: the family's vision FLOPs are not modelled
         self.last_stats: PruneStats | None = None
+        self.batch_stats: list[PruneStats] = []  # one per row of the latest call, in batch order
         self._state: _PromptState | None = None
+        self._batch: _Batch | None = None
         self._hooks = []
         cfg = adapter.text_config
         self._original_impl = cfg._attn_implementation
@@ -220,8 +264,21 @@ class PruningHandle:
         adapter = self.adapter
         has_visual = bool(adapter.visual_mask(input_ids).any())
         if past > 0:  # decode step (or continuation) of the current prompt
-            if has_visual and self.method.enabled:
-                raise ValueError("visual tokens after the prompt was prefilled (chunked prefill) are not supported")
+            if has_visual and self.method.enabled and any(
+                    isinstance(kwargs.get(k), torch.Tensor) for k in ("pixel_values", "pixel_values_videos")):
+                raise ValueError("images after the prompt was prefilled (chunked prefill) are not supported")
+            # (a generated id that happens to be an image token has no features: it is text here)
+            bt = self._batch
+            if bt is not None:
+                if not bt.prefilled or input_ids.shape[0] != len(bt.rows):
+                    self._batch = None
+                    return None
+                bt.generated = past - bt.padded
+                for r, st in enumerate(bt.rows):
+                    if st is not None:
+                        start = bt.prompt_lengths[r] + bt.generated
+                        st.decode_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+                return None
             st = self._state
             if st is not None and st.prefilled:
                 st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
@@ -234,22 +291,24 @@ class PruningHandle:
             return None
         # prefill of a new prompt
         self._state = None
+        self._batch = None
         self.last_stats = None
+        self.batch_stats = []
         if not self.method.enabled or not has_visual:
-            self.last_stats = PruneStats(prompt_length=int(input_ids.shape[-1]))
+            mask = kwargs.get("attention_mask")
+            lengths = (mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                       else [int(input_ids.shape[-1])] * input_ids.shape[0])
+            self.batch_stats = [PruneStats(prompt_length=int(n)) for n in lengths]
+            self.last_stats = self.batch_stats[0]
             return None
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"pruning with batch size {input_ids.shape[0]} is not supported yet; run prompts one at a time "
-                "(batch size 1) or disable pruning"
-            )
         if any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ())):
             # a static cache writes each token at its position's slot; a pruned layer holds fewer tokens
             raise ValueError(f"pruning needs a dynamic KV cache (pruned layers cache fewer tokens); got "
                              f"{type(cache).__name__}: generate without cache_implementation='static'")
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            raise ValueError("padding (zeros in attention_mask) is not supported with pruning; pass an unpadded prompt")
+        if input_ids.shape[0] > 1 or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())):
+            self._batch = self._start_batch(input_ids, kwargs)
+            return None
         original_length = int(input_ids.shape[1])
         original_visual = int(adapter.visual_mask(input_ids[0]).sum())
         changed = hasattr(self.method, "reduce_prompt")  # methods acting before the language model
@@ -265,7 +324,7 @@ class PruningHandle:
             span_kinds=[sp.kind for sp in spans],
         )
         self.method.start(layout, self._num_layers)
-        st = _PromptState(layout, self._num_layers, input_ids.device)
+        st = _PromptState(layout, self._num_layers, input_ids.device, self.method)
         st.dense_offset = original_length - layout.length
         st.original_visual = original_visual
         st.reduced_prompt = changed
@@ -273,12 +332,30 @@ class PruningHandle:
         return (args, kwargs) if changed else None
 
     def _on_model_return(self, module, args, kwargs, output):
+        bt = self._batch
+        if bt is not None:
+            if not bt.prefilled:
+                bt.prefilled = True
+                self.batch_stats = [self._prefill_stats(st) if st is not None else PruneStats(prompt_length=n)
+                                    for st, n in zip(bt.rows, bt.prompt_lengths)]
+                for r, s in enumerate(self.batch_stats):
+                    s.padding_flops = self._padding_flops(bt, r)
+                self.last_stats = self.batch_stats[0]
+            else:
+                for st, s in zip(bt.rows, self.batch_stats):
+                    if st is not None and st.decode_positions is not None:
+                        f, dense = self._decode_flops(st)
+                        s.decode_flops.append(f)
+                        s.dense_decode_flops.append(dense)
+                        st.decode_positions = None
+            return None
         st = self._state
         if st is None:
             return None
         if not st.prefilled:
             st.prefilled = True
             self.last_stats = self._prefill_stats(st)
+            self.batch_stats = [self.last_stats]
         elif st.decode_positions is not None:
             f, dense = self._decode_flops(st)
             self.last_stats.decode_flops.append(f)
@@ -288,6 +365,8 @@ class PruningHandle:
 
     def _layer_hook(self, idx: int):
         def hook(module, args, kwargs):
+            if self._batch is not None:
+                return None if self._batch.prefilled else self._batch_layer_inputs(idx, self._batch, args, kwargs)
             st = self._state
             if st is None:
                 return None
@@ -339,6 +418,11 @@ class PruningHandle:
     def _attention(self, module, q, k, v, mask, original, **kwargs):
         st = self._state
         layer = module.layer_idx
+        if self._batch is not None:
+            scale = kwargs.get("scaling") or module.head_dim**-0.5
+            if self._batch.prefilled:
+                return self._batch_decode_attention(module, q, k, v, mask, original, scale, layer, self._batch, **kwargs)
+            return self._batch_attention(module, q, k, v, mask, original, scale, layer, self._batch, **kwargs)
         if st is None:
             return original(module, q, k, v, mask, **kwargs)
         scale = kwargs.get("scaling") or module.head_dim**-0.5
@@ -353,9 +437,15 @@ class PruningHandle:
             out = original(module, q, k, v, mask, **kwargs)
         else:
             out = self._shallow_prefill(module, q, k, v, scale, mode, st, visible)
+        self._decide(module, q, k, v, scale, mode, st, visible, layer)
+        return out
+
+    def _decide(self, module, q, k, v, scale, mode, st, visible, layer) -> None:
+        """One prompt's decision after ``layer`` (q, k, v: that prompt's rows only, batch 1)."""
+        method = st.method
         present = st.visual_ids[st.visual_ids >= 0]
         influence = None
-        if self.method.needs_influence(layer):
+        if method.needs_influence(layer):
             if mode is not None:
                 raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
             vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
@@ -365,7 +455,7 @@ class PruningHandle:
             hidden = st.layer_input[0].index_select(0, vis_keys)
             influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
             st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
-            if self.method.needs_text_attention(layer) and vis_keys.numel():
+            if method.needs_text_attention(layer) and vis_keys.numel():
                 first = int(vis_keys[0])
                 rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
                 rows = rows.nonzero().squeeze(-1)
@@ -373,13 +463,12 @@ class PruningHandle:
                     q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys,
                     None if visible is None else visible.index_select(0, rows))
                 st.layer_text_rows[layer] = int(rows.numel())
-        keep = self.method.decide(layer, influence, present)
+        keep = method.decide(layer, influence, present)
         if isinstance(keep, Decision):
             st.pending_merges = [(int(d), [int(x) for x in src]) for d, src in keep.merges if len(src)]
             keep = keep.keep
         if keep is not None:
             st.pending_keep = keep.to(st.visual_ids.device)
-        return out
 
     def _shallow_prefill(self, module, q, k, v, scale, mode, st, visible):
         """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d).
@@ -481,6 +570,186 @@ class PruningHandle:
             own_mask = visible[None, None]
         return original(module, q, k, v, own_mask, **kwargs)
 
+    # ------------------------------------------------------------------------------ batches
+    def _start_batch(self, input_ids, kwargs) -> "_Batch":
+        """Per-row prompt states for a left-padded batch (rows without visual tokens pass through)."""
+        import copy
+
+        adapter = self.adapter
+        if hasattr(self.method, "reduce_prompt"):
+            raise ValueError(f"{self.method.name} acts before the language model and runs one prompt at a time; "
+                             "pass batch size 1")
+        if not adapter.supports_batches:
+            raise ValueError(f"pruning a batch is not supported for {adapter.family}; run prompts one at a time")
+        B, N = input_ids.shape
+        mask = kwargs.get("attention_mask")
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) or mask.dim() != 2
+                 else mask.bool())
+        rows, lengths, first = [], [], True
+        for r in range(B):
+            n = int(valid[r].sum())
+            if n == 0 or not bool(valid[r, N - n:].all()):
+                raise ValueError("pruning a padded batch needs left padding (tokenizer.padding_side = 'left'): "
+                                 f"row {r}'s attention_mask has zeros after its first token")
+            lengths.append(n)
+            ids = input_ids[r, N - n:]
+            is_vis = adapter.visual_mask(ids)
+            if not bool(is_vis.any()):
+                rows.append(None)
+                continue
+            spans = adapter.spans(ids, adapter.row_call_kwargs(kwargs, input_ids, r, N - n))
+            layout = PromptLayout(length=n, visual_positions=is_vis.nonzero().squeeze(-1),
+                                  image_spans=[(sp.start, sp.end) for sp in spans],
+                                  span_kinds=[sp.kind for sp in spans])
+            method = self.method if first else copy.deepcopy(self.method)
+            first = False
+            method.start(layout, self._num_layers)
+            st = _PromptState(layout, self._num_layers, input_ids.device, method)
+            rows.append(st)
+        return _Batch(rows, lengths, N, self._num_layers)
+
+    def _batch_layer_inputs(self, idx: int, bt: "_Batch", args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        B, W, d = hidden.shape
+        modified, kept = False, {}
+        for r, st in enumerate(bt.rows):
+            if st is None:
+                continue
+            off = W - bt.lengths[r]
+            if st.pending_merges:
+                if not modified:
+                    hidden, modified = hidden.clone(), True
+                hidden[r, off:] = self._merge(hidden[r : r + 1, off:], st)[0]
+            if st.pending_keep is not None:
+                keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
+                local = keep.nonzero().squeeze(-1)
+                st.positions, st.visual_ids = st.positions[local], st.visual_ids[local]
+                st.pending_keep = None
+                if local.numel() != bt.lengths[r]:
+                    kept[r] = local
+        if kept:  # repack: every row right-aligned in the longest row's width
+            lengths = [int(kept[r].numel()) if r in kept else bt.lengths[r] for r in range(B)]
+            width = max(lengths)
+            index = torch.empty(B, width, dtype=torch.long, device=hidden.device)
+            for r in range(B):
+                local = kept.get(r, torch.arange(bt.lengths[r], device=hidden.device)) + (W - bt.lengths[r])
+                index[r] = torch.cat([local[:1].expand(width - local.numel()), local])  # pad slots: any own token
+            hidden = hidden.gather(1, index[..., None].expand(B, width, d))
+            bt.lengths, bt.width, bt.changed, modified = lengths, width, True, True
+        bt.layer_widths[idx], bt.layer_lengths[idx], bt.layer_changed[idx] = bt.width, list(bt.lengths), bt.changed
+        for r, st in enumerate(bt.rows):
+            if st is not None:
+                st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+                st.layer_input = hidden[r : r + 1, bt.width - bt.lengths[r]:]
+        if not bt.changed:
+            return ((hidden,) + tuple(args[1:]), kwargs) if modified and args else (
+                (args, dict(kwargs, hidden_states=hidden)) if modified else None)
+        # what the model hands every layer (rotary tables, positions, mask) follows the repacked rows
+        orig = torch.empty(B, bt.width, dtype=torch.long, device=hidden.device)
+        valid = torch.zeros(B, bt.width, dtype=torch.bool, device=hidden.device)
+        for r in range(B):
+            pos = bt.row_positions(r).to(hidden.device) + (bt.padded - bt.prompt_lengths[r])
+            pad = bt.width - pos.numel()
+            orig[r] = torch.cat([pos[:1].expand(pad), pos])
+            valid[r, pad:] = True
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = tuple(_gather_tokens(t, orig) for t in (cos, sin))
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs["position_ids"] = _gather_tokens(kwargs["position_ids"], orig, dim=-1)
+        kwargs["attention_mask"] = self._batch_mask(kwargs.get("attention_mask"), orig, valid, hidden.dtype)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _batch_mask(self, mask, orig, valid, dtype):
+        """The model's own (B, 1, N, N) mask, rows and columns taken at each row's tokens; padding
+        columns closed (a padding row keeps its own token's row, so it never sees nothing)."""
+        B, W = orig.shape
+        if isinstance(mask, torch.Tensor):
+            m = mask.expand(B, mask.shape[1], mask.shape[2], mask.shape[3])
+            m = m.gather(2, orig[:, None, :, None].expand(B, m.shape[1], W, m.shape[3]))
+            m = m.gather(3, orig[:, None, None, :].expand(B, m.shape[1], W, W))
+            see = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        else:  # plain causal in the caller's positions
+            see = (orig[:, None, :] <= orig[:, :, None])[:, None]
+        see = see & valid[:, None, None, :]
+        if self._original_impl == "eager":
+            return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill(~see, torch.finfo(dtype).min)
+        return see
+
+    def _batch_attention(self, module, q, k, v, mask, original, scale, layer, bt, **kwargs):
+        """Prefill: one attention call for the batch, then each row's shallow-stage rows and decision
+        computed on that row's own tokens, exactly as alone."""
+        out = original(module, q, k, v, mask, **kwargs)
+        W = q.shape[2]
+        for r, st in enumerate(bt.rows):
+            if st is None:
+                continue
+            mode = st.method.shallow_mode(layer)
+            st.layer_modes[layer] = mode
+            off = W - bt.lengths[r]
+            qr, kr, vr = q[r : r + 1, :, off:], k[r : r + 1, :, off:], v[r : r + 1, :, off:]
+            vis = _visibility(mask[r : r + 1], W, W) if isinstance(mask, torch.Tensor) else None
+            vis = None if vis is None else vis[off:, off:]
+            if vis is not None and off == 0 and not bt.changed and self._plain_causal(vis):
+                vis = None  # an unpadded row of a causal model: the cheapest kernels apply
+            if mode is not None:
+                out[0][r, off:] = self._shallow_prefill(module, qr, kr, vr, scale, mode, st, vis)[0][0]
+            self._decide(module, qr, kr, vr, scale, mode, st, vis, layer)
+        return out
+
+    @staticmethod
+    def _plain_causal(vis: torch.Tensor) -> bool:
+        n = vis.shape[-1]
+        return bool(torch.equal(vis, torch.ones(n, n, dtype=torch.bool, device=vis.device).tril()))
+
+    def _batch_decode_attention(self, module, q, k, v, mask, original, scale, layer, bt, **kwargs):
+        """Decode: each row's keys in this layer's cache (padding, its kept prompt tokens, generated
+        tokens; a sliding cache only the tail) are masked by their original positions."""
+        B, K, new = q.shape[0], k.shape[2], q.shape[2]
+        modes = [None if st is None else st.method.shallow_mode(layer) for st in bt.rows]
+        if not bt.layer_changed[layer] and all(m is None for m in modes) and (
+                mask is None or mask.shape[-1] == K):
+            return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the caller's layout
+        Wl, t = bt.layer_widths[layer], bt.generated
+        full = Wl + t + new
+        key_pos = torch.full((B, K), -1, dtype=torch.long, device=q.device)
+        q_pos = torch.empty(B, new, dtype=torch.long, device=q.device)
+        for r in range(B):
+            n = bt.prompt_lengths[r]
+            pos = bt.row_positions(r, layer).to(q.device)
+            row = torch.cat([torch.full((Wl - pos.numel(),), -1, dtype=torch.long, device=q.device), pos,
+                             torch.arange(n, n + t + new, device=q.device)])
+            key_pos[r] = row[full - K:]
+            q_pos[r] = torch.arange(n + t, n + t + new, device=q.device)
+        see = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])
+        window = kwargs.get("sliding_window")
+        if window:
+            see &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
+        see = see[:, None]
+        own = (torch.zeros(see.shape, dtype=q.dtype, device=q.device).masked_fill(~see, torch.finfo(q.dtype).min)
+               if self._original_impl == "eager" else see)
+        out = original(module, q, k, v, own, **kwargs)
+        for r, (st, mode) in enumerate(zip(bt.rows, modes)):
+            if mode is None:
+                continue
+            off = int((key_pos[r] < 0).sum())
+            o = self._decode_attention(module, q[r : r + 1], k[r : r + 1, :, off:], v[r : r + 1, :, off:], None,
+                                       original, scale, mode, st, layer, **kwargs)[0]
+            out[0][r] = o[0]
+        return out
+
+    def _padding_flops(self, bt: "_Batch", r: int) -> int:
+        """Prefill work the batch's padding costs row r: every layer ran it at the batch's width."""
+        total = 0
+        for layer in range(self._num_layers):
+            w, n = bt.layer_widths[layer], bt.layer_lengths[layer][r]
+            total += (F_.layer_flops(self.dims, w, F_.causal_pairs(w), F_.causal_pairs(w))
+                      - F_.layer_flops(self.dims, n, F_.causal_pairs(n), F_.causal_pairs(n)))
+        return total
+
     # ------------------------------------------------------------------------------- FLOPs
     def _prefill_stats(self, st: _PromptState) -> PruneStats:
         dims, n0 = self.dims, st.layout.length + st.dense_offset  # dense: the unreduced prompt
@@ -512,7 +781,7 @@ class PruningHandle:
             images = st.original_visual // self.vision_dims.tokens_per_image
             stats.vision_flops = F_.vision_flops(self.vision_dims, images, stats.visual_tokens_per_layer[0])
             stats.dense_vision_flops = F_.vision_flops(self.vision_dims, images, st.original_visual)
-        summary = self.method.summary()
+        summary = st.method.summary()
         stats.fusion_layer = summary.pop("fusion_layer", None)
         stats.exit_layer = summary.pop("exit_layer", None)
         stats.critical_tokens = summary.pop("critical_tokens", [])
@@ -528,7 +797,7 @@ class PruningHandle:
         for layer in range(self._num_layers):
             kept = int(st.layer_positions[layer].numel()) + generated
             n_vis = int((st.layer_visual_ids[layer] >= 0).sum())
-            mode = self.method.shallow_mode(layer)
+            mode = st.method.shallow_mode(layer)
             # causal within the step's new tokens: query i sees keys up to kept - new + i + 1
             causal = new * kept - new * (new - 1) // 2
             if mode is None:

@@ -48,6 +48,8 @@ class ModelAdapter:
     family = "?"
     # whether methods that act before the language model (VisionZip) can run on this family
     supports_pre_lm_methods = False
+    # whether a batch of prompts can be pruned (every row as if alone)
+    supports_batches = True
 
     def __init__(self, model: nn.Module, multimodal: nn.Module, language_model: nn.Module,
                  visual_token_ids: dict[str, int]):
@@ -86,6 +88,11 @@ class ModelAdapter:
         """The vision encoder's shape for ``flops.vision_flops``; None where it is not modelled (then
         ``PruneStats.vision_flops`` stays 0)."""
         return None
+
+    def row_call_kwargs(self, call_kwargs: dict, input_ids: torch.Tensor, row: int, pad: int) -> dict:
+        """The call arguments ``spans`` needs for one row of a left-padded batch (``pad`` padding
+        tokens in front of it). Default: none (spans come from the token ids alone)."""
+        return {}
 
     def install(self, handle) -> list:
         """Extra hooks a family needs while a handle is applied; returns their removable handles."""

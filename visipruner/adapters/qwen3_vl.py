@@ -20,6 +20,7 @@ from .qwen_vl import QwenVLAdapter
 
 class Qwen3VLAdapter(QwenVLAdapter):
     family = "Qwen3-VL"
+    supports_batches = False  # deepstack's additions are taken per prompt (see install)
 
     def install(self, handle) -> list:
         taken = {}  # the deepstack inputs of the prompt being prefilled: state, rows, features

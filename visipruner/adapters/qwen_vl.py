@@ -34,6 +34,33 @@ class QwenVLAdapter(ModelAdapter):
                                  "to split the video into frames")
         return sorted(out, key=lambda s: s.start)
 
+    def row_call_kwargs(self, call_kwargs: dict, input_ids: torch.Tensor, row: int, pad: int) -> dict:
+        """Row ``row``'s video grids (the batch's grids are in row order; each row takes as many as its
+        video tokens need) and its slice of M-RoPE positions."""
+        out = {}
+        pos = call_kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 3:
+            out["position_ids"] = pos[:, row : row + 1, pad:]
+        grids = call_kwargs.get("video_grid_thw")
+        if grids is not None:
+            video = self.visual_token_ids.get("video")
+            per_row = [int((input_ids[r] == video).sum()) for r in range(input_ids.shape[0])]
+            sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in torch.as_tensor(grids).tolist()]
+            at = 0
+            for r in range(row):  # the grids of the rows before
+                need = per_row[r]
+                while need > 0:
+                    need -= sizes[at]
+                    at += 1
+            mine, need = [], per_row[row]
+            while need > 0:
+                mine.append(grids[at])
+                need -= sizes[at]
+                at += 1
+            if mine:
+                out["video_grid_thw"] = torch.stack([torch.as_tensor(g) for g in mine])
+        return out
+
     @property
     def merge(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)

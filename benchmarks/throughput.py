@@ -1,0 +1,167 @@
+"""Batched generation, pruned vs unpruned, measured in one run on the LLaVA-1.5-shaped random model
+of ``prefill_speed.py`` (576 visual tokens per prompt).
+
+For each batch size: one prefill of the whole batch, then ``--new-tokens`` greedy decode steps
+against the cache. Reported per setting: prefill seconds, decode ms per step, tokens per second
+(batch x new tokens over prefill + decode), peak KV-cache bytes (what the cache holds after the
+last step), the FLOPs-predicted prefill speed-up and the realised one. Pruned and unpruned runs
+are interleaved and each figure is the median of ``--repeats``. Settings:
+
+* ``paper-like (forced)``: VisiPruner's three stages with a forced schedule scaled from the
+  32-layer paper setting (shallow 6, fusion 10 keeping ``--keep`` of the visual tokens, exit 20);
+* ``calibrated thresholds``: the embedded model's shipped config (its thresholds, decisions
+  measured on this random model: what a calibrated config costs when it is applied as is).
+
+Image features are computed once and passed in (the vision encoder is in neither time).
+
+    python benchmarks/throughput.py --batch-sizes 1,4,16 --json runs/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import visipruner  # noqa: E402
+from visipruner import Schedule, VisiPrunerConfig  # noqa: E402
+from visipruner.testing import IMAGE_TOKEN_ID, tiny_llava  # noqa: E402
+
+
+def build(args, batch: int):
+    model = tiny_llava(0, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                       intermediate=args.intermediate, vocab=args.vocab, image_size=336, patch=14, vision_hidden=32)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.tensor([1]), torch.randint(4, args.vocab, (args.prefix - 1,), generator=g),
+                       torch.full((576,), IMAGE_TOKEN_ID), torch.randint(4, args.vocab, (args.suffix,), generator=g)])
+            for _ in range(batch)]
+    ids = torch.stack(rows)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=torch.randn(batch, 3, 336, 336, generator=g),
+                                               return_dict=True)
+    return model, ids, feats
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+def run_once(model, ids, feats, new_tokens):
+    """(prefill s, decode s per step, cache bytes at the end)."""
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, mm_encoder_outputs={"image": feats}, use_cache=True, logits_to_keep=1)
+    t1 = time.perf_counter()
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+    t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) / max(1, new_tokens - 1), kv_bytes(cache)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prefix", type=int, default=35)
+    p.add_argument("--suffix", type=int, default=40)
+    p.add_argument("--keep", type=float, default=0.1, help="fraction of visual tokens the forced fusion keeps")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json")
+    p.add_argument("--png", help="throughput against batch size (default: next to --json)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    L = args.layers
+    K = max(1, round(6 * L / 32))
+    fusion, exit_ = max(K + 1, round(10 * L / 32)), max(K + 2, round(20 * L / 32))
+    critical = torch.randperm(576, generator=torch.Generator().manual_seed(1))[: int(args.keep * 576)].tolist()
+    shipped = visipruner.config_from_json(open(os.path.join(
+        os.path.dirname(visipruner.__file__), "models", "organism", "visipruner_config.json")).read())
+    settings = {
+        "paper-like (forced)": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, critical, exit_)),
+        "calibrated thresholds": (shipped, None),
+    }
+    results = []
+    for b in sizes:
+        model, ids, feats = build(args, b)
+        model.to(args.device)
+        ids = ids.to(args.device)
+        run_once(model, ids, feats, 2)  # warm-up
+        for name, (cfg, sched) in settings.items():
+            dense, pruned = [], []
+            for _ in range(args.repeats):  # interleaved
+                dense.append(run_once(model, ids, feats, args.new_tokens))
+                with visipruner.apply(model, cfg, schedule=sched) as h:
+                    pruned.append(run_once(model, ids, feats, args.new_tokens))
+                    stats = h.batch_stats
+            med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+            predicted = sum(s.dense_prefill_flops for s in stats) / sum(s.prefill_flops for s in stats)
+            rec = {"batch": b, "setting": name, "config": cfg.to_dict(),
+                   "fusion_layers": [s.fusion_layer for s in stats], "exit_layers": [s.exit_layer for s in stats],
+                   "avg_visual_tokens": statistics.mean(s.avg_visual_tokens for s in stats),
+                   "prefill_s_unpruned": med(dense, 0), "prefill_s_pruned": med(pruned, 0),
+                   "decode_ms_unpruned": med(dense, 1) * 1e3, "decode_ms_pruned": med(pruned, 1) * 1e3,
+                   "kv_bytes_unpruned": dense[0][2], "kv_bytes_pruned": pruned[0][2],
+                   "predicted_prefill_speedup": predicted, "raw": {"unpruned": dense, "pruned": pruned}}
+            rec["realised_prefill_speedup"] = rec["prefill_s_unpruned"] / rec["prefill_s_pruned"]
+            rec["realised_over_predicted"] = rec["realised_prefill_speedup"] / predicted
+            for side in ("unpruned", "pruned"):
+                total = rec[f"prefill_s_{side}"] + rec[f"decode_ms_{side}"] / 1e3 * (args.new_tokens - 1)
+                rec[f"tokens_per_s_{side}"] = b * args.new_tokens / total
+                rec[f"decode_tokens_per_s_{side}"] = b / (rec[f"decode_ms_{side}"] / 1e3)
+            rec["decode_throughput_ratio"] = rec["decode_tokens_per_s_pruned"] / rec["decode_tokens_per_s_unpruned"]
+            rec["kv_bytes_ratio"] = rec["kv_bytes_pruned"] / rec["kv_bytes_unpruned"]
+            results.append(rec)
+            print(f"batch {b:>3} {name:<22} prefill {rec['prefill_s_unpruned']:.2f}->{rec['prefill_s_pruned']:.2f} s "
+                  f"(real/pred {rec['realised_over_predicted']:.2f}) decode {rec['decode_ms_unpruned']:.0f}->"
+                  f"{rec['decode_ms_pruned']:.0f} ms/step ({rec['decode_throughput_ratio']:.2f}x tokens/s) "
+                  f"KV {rec['kv_bytes_ratio']:.2f}x", flush=True)
+        del model
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
+    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in settings:
+            rs = [r for r in results if r["setting"] == name]
+            ax.plot([r["batch"] for r in rs], [r["decode_tokens_per_s_pruned"] for r in rs], "o-", label=f"pruned: {name}")
+        rs = [r for r in results if r["setting"] == next(iter(settings))]
+        ax.plot([r["batch"] for r in rs], [r["decode_tokens_per_s_unpruned"] for r in rs], "s--k", label="unpruned")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tokens / s")
+        ax.set_title(f"decode throughput, {L}-layer LLaVA-shaped model ({args.device})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
