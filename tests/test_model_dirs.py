@@ -190,3 +190,31 @@ def test_idefics3_prompts_with_its_processor(tmp_path):
     assert h.last_stats.num_images == 3 and h.last_stats.visual_tokens_per_layer[-1] == n_img // 2
     res = evaluate(model, proc, qs, batch_size=1, max_new_tokens=2, progress=False)
     assert res["overall"]["n"] == 1
+
+
+def test_bench_calibrate_analyze_take_a_llava_next_folder(tmp_path):
+    """The other commands on a folder of another family, through the CLI as a user types it."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from visipruner.testing import CHATML_TEMPLATE, tiny_llava_next, tiny_tokenizer
+
+    tok = tiny_tokenizer(["<image>"])
+    model = tiny_llava_next(0, layers=4)
+    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 image_grid_pinpoints=model.config.image_grid_pinpoints)
+    LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                       chat_template=CHATML_TEMPLATE, image_token="<image>",
+                       num_additional_image_tokens=1).save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    data, m = str(_questions(tmp_path, 4)), str(tmp_path / "m")
+    assert main(["bench", "--model", m, "--data", data, "--methods", "visipruner,fastv", "--timing-prompts", "1",
+                 "--repeats", "1", "--decode-steps", "1", "--batch-size", "2", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert {r["method"] for r in rows} >= {"unpruned", "visipruner", "fastv"}
+    assert main(["calibrate", "--model", m, "--data", data, "--target", "agreement=0.5", "--rerun-limit", "4",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    assert (tmp_path / "c.json").exists()
+    assert main(["analyze", "--model", m, "--data", data, "--limit", "2", "--out", str(tmp_path / "an")]) == 0
+    assert (tmp_path / "an" / "analysis.json").exists()

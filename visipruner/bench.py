@@ -225,7 +225,9 @@ def fit_layer_time(model, length: int, repeats: int = 3) -> LayerTimeFit:
     layer's weights and the per-layer framework overhead, which no token pruning removes; it
     predicts how far a FLOPs ratio can turn into time.
     """
-    lm = model.model.language_model
+    from .adapters import get_adapter
+
+    lm = get_adapter(model).language_model
     L = model.config.text_config.num_hidden_layers
     d = model.config.text_config.hidden_size
     p = next(lm.parameters())
@@ -277,7 +279,9 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
     that of the timed prompts; with ``layer_time`` (``fit_layer_time``) the latency a per-layer
     time model predicts is added, with an interval that resamples both the prompts and the fit.
     """
-    from_pixels = isinstance(config, VisionZipConfig)
+    # features precomputed where the family takes them that way (LLaVA's get_image_features); other
+    # families run from pixels on both sides (the vision encoder then sits in both times)
+    from_pixels = isinstance(config, VisionZipConfig) or type(model).__name__ != "LlavaForConditionalGeneration"
     prompts = []
     for q in questions:
         inp = _inputs(processor, q, model)
