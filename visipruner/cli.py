@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     calibrate.register(sub)
     __import__(f"{__package__}.analyze", fromlist=["register"]).register(sub)
+    __import__(f"{__package__}.lmms", fromlist=["register"]).register(sub)
     return parser
 
 
