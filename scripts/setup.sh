@@ -31,7 +31,7 @@ if [ "$LMMS" = 1 ]; then
     echo "$log" >&2
     exit 1
   fi
-  echo "$log" | grep -v "^lmms-eval 0.7.3 requires\|dependency resolver does not currently" || true
+  [ -z "$log" ] || echo "$log" | grep -v "^lmms-eval 0.7.3 requires\|dependency resolver does not currently" || true
   .venv/bin/python -c "import torch, lmms_eval.__main__; from importlib.metadata import version; \
 assert torch.__version__.startswith('2.13.0'), torch.__version__; print('lmms-eval', version('lmms_eval'), '| torch', torch.__version__)"
 fi
