@@ -364,15 +364,17 @@ class VisiPrunerLMM(lmms):
         return [self._cut(a, until) for a in answers]
 
     @torch.no_grad()
-    def continuation_logprob(self, inputs: dict, continuation_ids: list[int]) -> tuple[float, bool]:
-        """Sum of log p(continuation | prompt) and whether greedy decoding would produce it.
+    def continuation_logprob(self, inputs: dict, continuation_ids: list[int]) -> tuple[float, bool, float]:
+        """Sum of log p(continuation | prompt), whether greedy decoding would produce it, prefill seconds.
 
         The prompt is prefilled (the pruning method decides there, as in generation), then the
         continuation is fed one token at a time through the cache, as generate() would.
         """
-        if not continuation_ids:
-            return 0.0, True
+        t = time.perf_counter()
         out = self.model(**inputs, use_cache=True)
+        prefill_s = time.perf_counter() - t
+        if not continuation_ids:
+            return 0.0, True, prefill_s
         cache, logits = out.past_key_values, out.logits[0, -1]
         total, greedy = 0.0, True
         for k, tok in enumerate(continuation_ids):
@@ -383,7 +385,7 @@ class VisiPrunerLMM(lmms):
                 step = torch.tensor([[tok]], device=self.device)
                 out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
                 cache, logits = out.past_key_values, out.logits[0, -1]
-        return total, bool(greedy)
+        return total, bool(greedy), prefill_s
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -395,9 +397,9 @@ class VisiPrunerLMM(lmms):
             continuation = target if isinstance(target, str) else target(doc)
             inputs = self._encode(self._images(doc_to_visual(doc)), ctx)
             ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            t = time.perf_counter()
-            out.append(self.continuation_logprob(inputs, ids))
-            self._record(req, doc, inputs, None if len(ids) > 1 else time.perf_counter() - t)
+            logp, greedy, prefill_s = self.continuation_logprob(inputs, ids)
+            out.append((logp, greedy))
+            self._record(req, doc, inputs, prefill_s)
             bar.update(1)
         bar.close()
         return out
