@@ -226,3 +226,11 @@ def test_two_processes_answer_as_one(runs, tmp_path):
     assert s2["processes"] == 2 and s2["num_prompts"] == LIMIT
     assert s2["mean_prefill_flops_ratio"] == pytest.approx(s1["mean_prefill_flops_ratio"])
     assert _results(out)["results"][TASK]["exact_match,none"] == _results(runs["visipruner"])["results"][TASK]["exact_match,none"]
+
+
+def test_lmms_tasks_command_prints_the_task_folder(capsys):
+    from visipruner.cli import main
+
+    assert main(["lmms-tasks"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert folder == tasks_dir() and (folder / TASK / f"{TASK}.yaml").is_file()
