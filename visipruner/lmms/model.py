@@ -14,7 +14,8 @@
 - ``batch_size``: prompts per ``generate`` call. The runtime prunes one prompt at a time, so
   only ``method=unpruned`` batches (left padding); pruned methods run each prompt alone whatever
   the batch size. ``--batch_size`` on the command line sets it too (``--model_args`` wins).
-- ``dtype``: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's).
+- ``dtype``: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's; float32
+  for the embedded model).
 - ``device``: default ``cuda`` when available, else ``cpu``; under ``accelerate launch`` each
   process takes its own (``cuda:<local rank>``, or ``cpu``).
 
@@ -150,7 +151,7 @@ class VisiPrunerLMM(lmms):
         else:
             from ..models.organism import load_model_dir
 
-            model, processor = load_model_dir(pretrained, device=self._device, dtype=torch_dtype or torch.float32)
+            model, processor = load_model_dir(pretrained, device=self._device, dtype=torch_dtype or "auto")
         self._model, self.processor = model.eval(), processor
         self.pretrained = pretrained or ""
         self.method_config = method_config(model, method, config)
