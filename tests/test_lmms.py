@@ -77,7 +77,8 @@ def _stats(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("lmms")
-    return {m: _lmms_eval(base / m, m) for m in ("unpruned", "visipruner")}
+    # folders not named like a package: `python -m` puts the working folder first on sys.path
+    return {m: _lmms_eval(base / f"out-{m}", m) for m in ("unpruned", "visipruner")}
 
 
 @pytest.fixture(scope="module")
