@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     calibrate.register(sub)
     __import__(f"{__package__}.analyze", fromlist=["register"]).register(sub)
+    __import__(f"{__package__}.lmms", fromlist=["register"]).register(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true",
                        help="on bad input, show the traceback instead of a one-line error")

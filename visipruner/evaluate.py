@@ -27,8 +27,10 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def build_prompt(processor, question: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def build_prompt(processor, question: str, num_images: int = 1) -> str:
+    """The chat-template prompt: the images first, then the question, then the assistant turn."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    msgs = [{"role": "user", "content": content}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True)
 
 
@@ -47,8 +49,9 @@ def prepare_batch(processor, questions, images=None):
 
 
 @torch.no_grad()
-def generate_answers(model, processor, questions, max_new_tokens: int = 6, **generate_kwargs) -> list[str]:
-    inputs = prepare_batch(processor, questions)
+def generate_answers(model, processor, questions, max_new_tokens: int = 6, images=None, **generate_kwargs) -> list[str]:
+    """Greedy answers to a batch of questions (``images``: one PIL image per question, default: loaded)."""
+    inputs = prepare_batch(processor, questions, images)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
