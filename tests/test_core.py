@@ -123,9 +123,15 @@ def _without_shallow(name):
 @pytest.mark.parametrize("images", [1, 2])
 def test_fast_path_matches_reference(seed, images):
     model = tiny_llava(seed)
-    inputs = random_prompt(model, seed=seed, images=images)
+    check_stages_match_reference(model, random_prompt(model, seed=seed, images=images))
+
+
+def check_stages_match_reference(model, inputs):
+    """Every stage subset and variant of ``_configs``: fast path == slow reference (logits and
+    decisions), each enabled stage acted, and nothing else did."""
     unpruned = model(**inputs).logits[0]
-    n_vis = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    L = model.config.text_config.num_hidden_layers
     cfgs = _configs(model, inputs)
     assert list(cfgs)[:len(SUBSETS)] == list(SUBSETS)  # all eight subsets, shipped middle+deep first
     assert len({frozenset(s) for s, _, _ in SUBSETS.values()}) == 8
@@ -152,7 +158,7 @@ def test_fast_path_matches_reference(seed, images):
         if want_exit:  # two no-impact layers from the first checked one (one, consecutive)
             assert s.exit_layer == (3 if name == "all_consecutive" else 4) + want_fusion, name
         if name == "none_trigger":
-            assert s.visual_tokens_per_layer == [n_vis] * 8
+            assert s.visual_tokens_per_layer == [n_vis] * L
         if name == "disabled":
             assert torch.equal(out, unpruned)
         elif name != "none_trigger":  # the method changed something
@@ -162,11 +168,10 @@ def test_fast_path_matches_reference(seed, images):
         if "shallow" in stages:
             other = outs[_without_shallow(name)]
             assert outs[name].shape != other.shape or not torch.allclose(outs[name], other, atol=1e-4), name
-    s = stats["shallow_middle_deep"]
-    half = len(s.critical_tokens)
-    assert s.visual_tokens_per_layer == [n_vis] * 4 + [half] * 2 + [0] * 2
-    assert stats["middle_deep"].visual_tokens_per_layer == [n_vis] * 4 + [len(stats["middle_deep"].critical_tokens)] * 2 + [0] * 2
-    assert stats["deep"].visual_tokens_per_layer == [n_vis] * 5 + [0] * 3
+    for name in ("middle_deep", "shallow_middle_deep"):  # fusion at 3, exit at 5
+        s = stats[name]
+        assert s.visual_tokens_per_layer == [n_vis] * 4 + [len(s.critical_tokens)] * 2 + [0] * (L - 6), name
+    assert stats["deep"].visual_tokens_per_layer == [n_vis] * 5 + [0] * (L - 5)  # exit at 4
 
 
 def test_reference_agrees_with_unpruned_model_when_disabled():
@@ -209,7 +214,11 @@ def test_measured_thresholds_trigger_stages_like_the_reference():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cached_generation_equals_recomputation(seed):
     model = tiny_llava(seed)
-    inputs = random_prompt(model, seed=seed, images=1 + seed % 2)
+    check_cached_generation(model, random_prompt(model, seed=seed, images=1 + seed % 2))
+
+
+def check_cached_generation(model, inputs):
+    """Cached greedy generation == recomputing the pruned forward (fast path and reference) per token."""
     median_norm, _ = _probe_thresholds(model, inputs, 2)
     cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=median_norm, exit_threshold=0.0)
     steps = 8
@@ -267,12 +276,19 @@ def test_bfloat16_model_runs_and_stays_close_to_float32():
         model = tiny_llava(0, dtype=dtype)
         inputs = random_prompt(model, seed=0, images=2)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        if dtype == torch.float32:
+            unpruned = model(**inputs).logits[0, -1]
         with visipruner.apply(model, cfg) as h:
             out[dtype] = model(**inputs).logits[0, -1].float()
             model.generation_config.eos_token_id = None
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert h.last_stats.exit_layer is not None and len(h.last_stats.decode_flops) == 2
-    torch.testing.assert_close(out[torch.bfloat16], out[torch.float32], atol=0.05, rtol=0.05)
+        assert (h.last_stats.fusion_layer, h.last_stats.exit_layer) == (3, 5) and len(h.last_stats.decode_flops) == 2
+    # relative to the logits' spread (std ~0.16 here): bf16's 8-bit mantissa gives ~0.03 std after
+    # 8 layers; pruning itself moves these logits by ~1.6 std, so the bound tells the two apart
+    ref = out[torch.float32]
+    tolerance = 0.1 * float(ref.std())
+    assert float((out[torch.bfloat16] - ref).abs().max()) <= tolerance
+    assert float((unpruned - ref).abs().max()) > 10 * tolerance
 
 
 def test_qwen2_language_model_matches_reference():

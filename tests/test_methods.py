@@ -148,7 +148,12 @@ def replayed(rule):
 def test_peer_matches_reference(name, seed):
     cfg, rule = CASES[name]
     model = tiny_llava(seed)
-    inputs = random_prompt(model, seed=seed, images=1 + seed)
+    check_peer(model, random_prompt(model, seed=seed, images=1 + seed), cfg, rule)
+
+
+def check_peer(model, inputs, cfg, rule):
+    """The peer ``cfg`` on the fast path == the slow reference driven by ``rule``; it pruned
+    something; its cached greedy generation == the reference recomputed per token."""
     record, replay = replayed(rule)
     ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES, drop_rule=record)
     steps = 3
