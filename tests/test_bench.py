@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import visipruner
-from visipruner import VisiPrunerConfig
+from visipruner import VisiPrunerConfig, VTWConfig
 from visipruner.bench import _avg_fraction_layer_drop, matched_configs
 from visipruner.testing import random_prompt, tiny_llava
 
@@ -63,3 +63,57 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
             assert r["modelled_latency_ratio"] > 0 and r["realised_over_modelled_speedup"] > 0, r["method"]
     plot_pareto(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from visipruner.models import load_organism
+
+    return load_organism()
+
+
+def _direct_answers(model, processor, questions, config=None, max_new_tokens=6):
+    """Greedy answers computed here, without the bench's helpers: chat template, processor, generate."""
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for q in questions:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}]
+        inp = processor(images=[q.load_image()], text=[processor.apply_chat_template(msgs, add_generation_prompt=True)],
+                        return_tensors="pt")
+        with visipruner.apply(model, config) if config is not None else torch.no_grad():
+            seq = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(seq[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def test_bench_accuracy_and_agreement_match_answers_computed_directly(organism, tmp_path):
+    """The embedded model and its real tokenizer: the bench's per-question predictions (``answer_all``)
+    and its accuracy and agreement (``summarise``, as ``run_bench`` computes them without the timing)
+    equal those of greedy answers generated here for the same questions."""
+    from visipruner.bench import Setting, answer_all, summarise
+    from visipruner.data import scenes
+    from visipruner.data.questions import load_questions
+    from visipruner.evaluate import normalize_answer
+
+    model, processor = organism
+    questions = load_questions(scenes.write_split(str(tmp_path), "validation", n=4, seed=0, start=6000))
+    gold = [normalize_answer(q.answer) for q in questions]
+    vtw = VTWConfig()  # drops the image after layer 3 of 30: changes answers
+    unpruned_recs = answer_all(model, processor, questions, None, 6, "unpruned")
+    unpruned = [normalize_answer(a) for a in _direct_answers(model, processor, questions)]
+    for config in (None, vtw):
+        direct = _direct_answers(model, processor, questions, config)
+        answers = [normalize_answer(a) for a in direct]
+        recs = unpruned_recs if config is None else answer_all(model, processor, questions, config, 6, "vtw")
+        assert [r["prediction"] for r in recs] == direct
+        assert [r["correct"] for r in recs] == [a == g for a, g in zip(answers, gold)]
+        row = summarise(Setting("m", "default", config, recs), None if config is None else unpruned_recs, {})
+        assert row["n"] == len(questions)
+        assert row["accuracy"] == sum(a == g for a, g in zip(answers, gold)) / len(questions)
+        assert row["agreement"] == sum(a == u for a, u in zip(answers, unpruned)) / len(questions)
+        if config is None:
+            assert row["accuracy"] >= 0.75  # the unpruned model answers these
+        else:  # the check can fail: pruning changed answers
+            assert row["agreement"] < 1.0

@@ -126,6 +126,23 @@ CASES = {
 }
 
 
+def replayed(rule):
+    """``(recording_rule, replay_rule)``: the first records ``rule``'s decisions on the prompt, the
+    second returns them again per layer (a longer sequence must not be re-decided: no decisions
+    are taken while decoding)."""
+    decisions = {}
+
+    def record(layer, *args, **kw):
+        decisions[layer] = rule(layer, *args, **kw)
+        return decisions[layer]
+
+    def replay(layer, *args, **kw):
+        return decisions.get(layer)
+
+    record.wants_text = getattr(rule, "wants_text", False)
+    return record, replay
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_peer_matches_reference(name, seed):
@@ -135,17 +152,30 @@ def test_peer_matches_reference(name, seed):
 
 
 def check_peer(model, inputs, cfg, rule):
-    """The peer ``cfg`` on the fast path == the slow reference driven by ``rule``; it pruned something."""
-    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES, drop_rule=rule)
+    """The peer ``cfg`` on the fast path == the slow reference driven by ``rule``; it pruned
+    something; its cached greedy generation == the reference recomputed per token."""
+    record, replay = replayed(rule)
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES, drop_rule=record)
+    steps = 3
     with visipruner.apply(model, cfg) as h:
         out = model(**inputs).logits[0]
         model.generation_config.eos_token_id = None
-        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        gen = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
     assert h.last_stats.visual_tokens_per_layer == ref.visual_tokens_per_layer
     assert min(ref.visual_tokens_per_layer) < ref.visual_tokens_per_layer[0]  # it pruned something
     torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
-    assert len(h.last_stats.decode_flops) == 2
+    assert len(h.last_stats.decode_flops) == steps - 1
     assert h.last_stats.prefill_flops < h.last_stats.dense_prefill_flops
+    # cached greedy generation == the reference recomputed without cache on each longer sequence,
+    # replaying the prompt's decisions
+    n = inputs["input_ids"].shape[1]
+    for t in range(steps):
+        ids = gen.sequences[:, : n + t]
+        full = reference_forward(model, ids, inputs["pixel_values"], NO_STAGES, drop_rule=replay)
+        assert full.visual_tokens_per_layer == ref.visual_tokens_per_layer
+        torch.testing.assert_close(gen.logits[t][0], full.logits[-1], atol=1e-5, rtol=0, msg=f"step {t}")
+        assert int(full.logits[-1].argmax()) == int(gen.sequences[0, n + t])
 
 
 def test_attention_selection_ablation_matches_reference():
@@ -271,16 +301,17 @@ def test_visionzip_matches_reference(images):
     with visipruner.apply(model, cfg) as h:
         out = model(**inputs).logits[0]
         model.generation_config.eos_token_id = None
-        seq = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     s = h.last_stats
     assert s.visual_tokens_per_layer == [14 * images] * 8 and s.num_visual_tokens == 64 * images
     assert s.prompt_length == inputs["input_ids"].shape[1]  # dense FLOPs count the full prompt
     assert s.prefill_flops < 0.5 * s.dense_prefill_flops and len(s.decode_flops) == 3
-    # cached generation equals recomputation on the zipped prompt
-    new = seq[0, inputs["input_ids"].shape[1]:]
-    with visipruner.apply(model, cfg):
-        for t in range(1, 4):
-            ids = torch.cat([inputs["input_ids"][0], new[:t]])[None]
-            full = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[0, -1]
-            assert int(full.argmax()) == int(new[t])
+    # cached generation equals the reference recomputed without cache on each longer prompt
+    n = inputs["input_ids"].shape[1]
+    for t in range(4):
+        longer = {"input_ids": gen.sequences[:, : n + t], "pixel_values": inputs["pixel_values"]}
+        full = _reference_visionzip(model, longer, 10, 4)[-1]
+        torch.testing.assert_close(gen.logits[t][0], full, atol=1e-5, rtol=0, msg=f"step {t}")
+        assert int(full.argmax()) == int(gen.sequences[0, n + t])
