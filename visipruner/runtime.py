@@ -36,6 +36,7 @@ import sys
 from . import flops as F_
 from .adapters import ModelAdapter, get_adapter
 from .attention import (
+    NEG_INF,
     Influence,
     last_row_influence,
     masked_rows_without_visual,
@@ -189,6 +190,7 @@ class _Batch:
         self.layer_changed: list[bool] = [False] * num_layers
         self.prefilled = False
         self.generated = 0  # tokens generated before the current decode step
+        self.key_layout: dict = {}  # layer -> per-row cache layout (decode)
 
     def row_positions(self, r: int, layer: int | None = None) -> torch.Tensor:
         """Row r's tokens present (in a layer, or now), as positions in its own unpadded prompt."""
@@ -705,41 +707,71 @@ class PruningHandle:
         n = vis.shape[-1]
         return bool(torch.equal(vis, torch.ones(n, n, dtype=torch.bool, device=vis.device).tril()))
 
+    def _batch_key_layout(self, bt: "_Batch", layer: int, device):
+        """Per row, this layer's prompt cache entries: original positions (-1: padding), whether each is
+        visual, and the span each visual one belongs to (-1: none); built once per layer."""
+        if layer not in bt.key_layout:
+            W = bt.layer_widths[layer]
+            pos = torch.full((len(bt.rows), W), -1, dtype=torch.long, device=device)
+            span = torch.full_like(pos, -1)
+            for r, st in enumerate(bt.rows):
+                p = bt.row_positions(r, layer).to(device)
+                pos[r, W - p.numel():] = p
+                if st is not None:
+                    for g, (a, b) in enumerate(st.layout.image_spans):
+                        inside = (p >= a) & (p < b)
+                        span[r, W - p.numel():][inside] = g
+            bt.key_layout[layer] = (pos, span)
+        return bt.key_layout[layer]
+
     def _batch_decode_attention(self, module, q, k, v, mask, original, scale, layer, bt, **kwargs):
         """Decode: each row's keys in this layer's cache (padding, its kept prompt tokens, generated
-        tokens; a sliding cache only the tail) are masked by their original positions."""
+        tokens; a sliding cache only the tail) are masked by their original positions. Shallow-stage
+        layers compute every row's text query at once: softmax over all visible keys, visual keys'
+        probabilities zeroed, each span's mass onto its first token (or renormalised without them)."""
         B, K, new = q.shape[0], k.shape[2], q.shape[2]
-        modes = [None if st is None else st.method.shallow_mode(layer) for st in bt.rows]
-        if not bt.layer_changed[layer] and all(m is None for m in modes) and (
-                mask is None or mask.shape[-1] == K):
+        modes = {st.method.shallow_mode(layer) for st in bt.rows if st is not None}
+        mode = modes.pop() if len(modes) == 1 else None
+        if modes:
+            raise RuntimeError("rows of one batch disagree on the shallow stage; their configs must match")
+        if not bt.layer_changed[layer] and mode is None and (mask is None or mask.shape[-1] == K):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the caller's layout
-        Wl, t = bt.layer_widths[layer], bt.generated
+        Wl, t, dev = bt.layer_widths[layer], bt.generated, q.device
+        prompt_pos, prompt_span = self._batch_key_layout(bt, layer, dev)
+        n = torch.tensor(bt.prompt_lengths, device=dev)[:, None]
+        steps = torch.arange(t + new, device=dev)[None, :]
         full = Wl + t + new
-        key_pos = torch.full((B, K), -1, dtype=torch.long, device=q.device)
-        q_pos = torch.empty(B, new, dtype=torch.long, device=q.device)
-        for r in range(B):
-            n = bt.prompt_lengths[r]
-            pos = bt.row_positions(r, layer).to(q.device)
-            row = torch.cat([torch.full((Wl - pos.numel(),), -1, dtype=torch.long, device=q.device), pos,
-                             torch.arange(n, n + t + new, device=q.device)])
-            key_pos[r] = row[full - K:]
-            q_pos[r] = torch.arange(n + t, n + t + new, device=q.device)
+        key_pos = torch.cat([prompt_pos, n + steps], 1)[:, full - K:]
+        key_span = torch.cat([prompt_span, torch.full((B, t + new), -1, dtype=torch.long, device=dev)], 1)[:, full - K:]
+        q_pos = n + t + torch.arange(new, device=dev)[None, :]
         see = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])
         window = kwargs.get("sliding_window")
         if window:
             see &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
-        see = see[:, None]
-        own = (torch.zeros(see.shape, dtype=q.dtype, device=q.device).masked_fill(~see, torch.finfo(q.dtype).min)
-               if self._original_impl == "eager" else see)
-        out = original(module, q, k, v, own, **kwargs)
-        for r, (st, mode) in enumerate(zip(bt.rows, modes)):
-            if mode is None:
-                continue
-            off = int((key_pos[r] < 0).sum())
-            o = self._decode_attention(module, q[r : r + 1], k[r : r + 1, :, off:], v[r : r + 1, :, off:], None,
-                                       original, scale, mode, st, layer, **kwargs)[0]
-            out[0][r] = o[0]
-        return out
+        see = see[:, None]  # (B, 1, new, K)
+        if mode is None:
+            own = (torch.zeros(see.shape, dtype=q.dtype, device=dev).masked_fill(~see, torch.finfo(q.dtype).min)
+                   if self._original_impl == "eager" else see)
+            return original(module, q, k, v, own, **kwargs)
+        groups = module.num_key_value_groups
+        kk, vv = repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
+        scores = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale  # (B, H, new, K)
+        visual = (key_span >= 0)[:, None, None, :]
+        hidden = ~see | visual if mode == "disable_renorm" else ~see
+        p = torch.softmax(scores.masked_fill(hidden, NEG_INF), dim=-1)
+        out = torch.matmul(p.masked_fill(visual, 0.0), vv)
+        if mode == "merge":  # each span's visual mass onto its own first token's value
+            G = max(len(st.layout.image_spans) for st in bt.rows if st is not None)
+            mass = torch.zeros(*p.shape[:3], G + 1, dtype=p.dtype, device=dev)
+            idx = key_span.clamp_min(-1).add(1)[:, None, None, :].expand_as(p)  # span g -> column g + 1
+            mass.scatter_add_(-1, idx, p)
+            firsts = torch.zeros(B, vv.shape[1], G, vv.shape[-1], dtype=vv.dtype, device=dev)
+            for r, st in enumerate(bt.rows):
+                if st is not None and st.merge_values is not None:
+                    for g, val in enumerate(st.merge_values):
+                        firsts[r, :, g] = repeat_kv(val, groups)[0, :, 0].float()
+            out = out + torch.matmul(mass[..., 1:], firsts)
+        return out.to(q.dtype).transpose(1, 2).contiguous(), None
 
     def _padding_flops(self, bt: "_Batch", r: int) -> int:
         """Prefill work the batch's padding costs row r: every layer ran it at the batch's width."""
