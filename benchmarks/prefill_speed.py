@@ -78,8 +78,8 @@ def timed(fn, repeats):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The LLaVA-1.5-shaped random model's size and prompt (shared with ``throughput.py``)."""
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
@@ -89,6 +89,11 @@ def main(argv=None):
     p.add_argument("--prefix", type=int, default=35, help="text tokens before the image (LLaVA-1.5: 35)")
     p.add_argument("--suffix", type=int, default=40, help="text tokens after the image")
     p.add_argument("--keep", type=float, default=0.1, help="fraction of visual tokens kept at the fusion layer")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)

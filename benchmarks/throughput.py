@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import visipruner  # noqa: E402
+from prefill_speed import model_arguments  # noqa: E402
 from visipruner import Schedule, VisiPrunerConfig  # noqa: E402
 from visipruner.testing import IMAGE_TOKEN_ID, tiny_llava  # noqa: E402
 
@@ -69,15 +70,7 @@ def run_once(model, ids, feats, new_tokens):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", default="1,4,16")
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--prefix", type=int, default=35)
-    p.add_argument("--suffix", type=int, default=40)
-    p.add_argument("--keep", type=float, default=0.1, help="fraction of visual tokens the forced fusion keeps")
+    model_arguments(p)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
