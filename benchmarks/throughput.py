@@ -42,10 +42,11 @@ def build(args, batch: int):
     rows = [torch.cat([torch.tensor([1]), torch.randint(4, args.vocab, (args.prefix - 1,), generator=g),
                        torch.full((576,), IMAGE_TOKEN_ID), torch.randint(4, args.vocab, (args.suffix,), generator=g)])
             for _ in range(batch)]
-    ids = torch.stack(rows)
+    ids = torch.stack(rows).to(args.device)
+    model.to(args.device)
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=torch.randn(batch, 3, 336, 336, generator=g),
-                                               return_dict=True)
+        feats = model.model.get_image_features(
+            pixel_values=torch.randn(batch, 3, 336, 336, generator=g).to(args.device), return_dict=True)
     return model, ids, feats
 
 
@@ -56,13 +57,17 @@ def kv_bytes(cache) -> int:
 
 def run_once(model, ids, feats, new_tokens):
     """(prefill s, decode s per step, cache bytes at the end)."""
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = model(input_ids=ids, mm_encoder_outputs={"image": feats}, use_cache=True, logits_to_keep=1)
+    sync()
     t1 = time.perf_counter()
     cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 1):
         out = model(input_ids=tok, past_key_values=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
+    sync()
     t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) / max(1, new_tokens - 1), kv_bytes(cache)
 
@@ -95,8 +100,6 @@ def main(argv=None):
     results = []
     for b in sizes:
         model, ids, feats = build(args, b)
-        model.to(args.device)
-        ids = ids.to(args.device)
         run_once(model, ids, feats, 2)  # warm-up
         for name, (cfg, sched) in settings.items():
             dense, pruned = [], []
