@@ -50,22 +50,35 @@ def build(args, batch: int):
     return model, ids, feats
 
 
+def build_organism(model, processor, batch: int) -> dict:
+    """A left-padded batch of the embedded model's held-out questions (``bench --quick``'s set)."""
+    from visipruner.bench import _inputs, default_questions
+    from visipruner.evaluate import collate_prompts
+
+    qs = default_questions(True)
+    prompts = [_inputs(processor, qs[i % len(qs)], model) for i in range(batch)]
+    return collate_prompts(prompts, processor.tokenizer.pad_token_id or 0) if batch > 1 else prompts[0]
+
+
 def kv_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                for layer in cache.layers)
 
 
-def run_once(model, ids, feats, new_tokens):
-    """(prefill s, decode s per step, cache bytes at the end)."""
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+def run_once(model, inputs: dict, new_tokens):
+    """(prefill s, decode s per step, cache bytes at the end) for a batch of keyword inputs."""
+    sync = torch.cuda.synchronize if inputs["input_ids"].is_cuda else (lambda: None)
+    mask = inputs.get("attention_mask")
     sync()
     t0 = time.perf_counter()
-    out = model(input_ids=ids, mm_encoder_outputs={"image": feats}, use_cache=True, logits_to_keep=1)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
     sync()
     t1 = time.perf_counter()
     cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, attention_mask=mask)
         tok = out.logits[:, -1:].argmax(-1)
     sync()
     t2 = time.perf_counter()
@@ -80,6 +93,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--organism", action="store_true",
+                   help="the embedded model on its held-out questions (left-padded batches) with its shipped "
+                        "calibrated config, instead of the random LLaVA-shaped model")
     p.add_argument("--json")
     p.add_argument("--png", help="throughput against batch size (default: next to --json)")
     args = p.parse_args(argv)
@@ -97,16 +113,26 @@ def main(argv=None):
         "paper-like (forced)": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, critical, exit_)),
         "calibrated thresholds": (shipped, None),
     }
+    if args.organism:
+        from visipruner.models import load_organism
+
+        organism, processor = load_organism(device=args.device)
+        settings = {"calibrated config (measured)": (shipped, None)}
     results = []
     for b in sizes:
-        model, ids, feats = build(args, b)
-        run_once(model, ids, feats, 2)  # warm-up
+        if args.organism:
+            model, inputs = organism, build_organism(organism, processor, b)
+            inputs = {k: v.to(args.device) for k, v in inputs.items()}
+        else:
+            model, ids, feats = build(args, b)
+            inputs = {"input_ids": ids, "mm_encoder_outputs": {"image": feats}}
+        run_once(model, inputs, 2)  # warm-up
         for name, (cfg, sched) in settings.items():
             dense, pruned = [], []
             for _ in range(args.repeats):  # interleaved
-                dense.append(run_once(model, ids, feats, args.new_tokens))
+                dense.append(run_once(model, inputs, args.new_tokens))
                 with visipruner.apply(model, cfg, schedule=sched) as h:
-                    pruned.append(run_once(model, ids, feats, args.new_tokens))
+                    pruned.append(run_once(model, inputs, args.new_tokens))
                     stats = h.batch_stats
             med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
             predicted = sum(s.dense_prefill_flops for s in stats) / sum(s.prefill_flops for s in stats)
@@ -130,7 +156,8 @@ def main(argv=None):
                   f"(real/pred {rec['realised_over_predicted']:.2f}) decode {rec['decode_ms_unpruned']:.0f}->"
                   f"{rec['decode_ms_pruned']:.0f} ms/step ({rec['decode_throughput_ratio']:.2f}x tokens/s) "
                   f"KV {rec['kv_bytes_ratio']:.2f}x", flush=True)
-        del model
+        if not args.organism:
+            del model
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -748,30 +748,38 @@ class PruningHandle:
         window = kwargs.get("sliding_window")
         if window:
             see &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
-        see = see[:, None]  # (B, 1, new, K)
         if mode is None:
-            own = (torch.zeros(see.shape, dtype=q.dtype, device=dev).masked_fill(~see, torch.finfo(q.dtype).min)
-                   if self._original_impl == "eager" else see)
+            if new == 1 and bool(see.all()):
+                own = None  # every row sees its whole cache: the plain kernel
+            elif self._original_impl == "eager":
+                own = torch.zeros(see[:, None].shape, dtype=q.dtype, device=dev).masked_fill(
+                    ~see[:, None], torch.finfo(q.dtype).min)
+            else:
+                own = see[:, None]
             return original(module, q, k, v, own, **kwargs)
-        groups = module.num_key_value_groups
-        kk, vv = repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
-        scores = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale  # (B, H, new, K)
+        # query heads grouped by their KV head (no K/V copies for GQA): rows ordered (group, query)
+        H, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+        g = H // hkv
+        qg = q.reshape(B, hkv, g * new, d).float()
+        scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, g*new, K)
         visual = (key_span >= 0)[:, None, None, :]
-        hidden = ~see | visual if mode == "disable_renorm" else ~see
+        hidden = ~see.repeat(1, g, 1)[:, None]
+        if mode == "disable_renorm":
+            hidden = hidden | visual
         p = torch.softmax(scores.masked_fill(hidden, NEG_INF), dim=-1)
-        out = torch.matmul(p.masked_fill(visual, 0.0), vv)
+        out = torch.matmul(p.masked_fill(visual, 0.0), v.float())
         if mode == "merge":  # each span's visual mass onto its own first token's value
             G = max(len(st.layout.image_spans) for st in bt.rows if st is not None)
             mass = torch.zeros(*p.shape[:3], G + 1, dtype=p.dtype, device=dev)
-            idx = key_span.clamp_min(-1).add(1)[:, None, None, :].expand_as(p)  # span g -> column g + 1
+            idx = key_span.add(1)[:, None, None, :].expand_as(p)  # span g -> column g + 1, text -> 0
             mass.scatter_add_(-1, idx, p)
-            firsts = torch.zeros(B, vv.shape[1], G, vv.shape[-1], dtype=vv.dtype, device=dev)
+            firsts = torch.zeros(B, hkv, G, v.shape[-1], dtype=torch.float32, device=dev)
             for r, st in enumerate(bt.rows):
                 if st is not None and st.merge_values is not None:
-                    for g, val in enumerate(st.merge_values):
-                        firsts[r, :, g] = repeat_kv(val, groups)[0, :, 0].float()
+                    for j, val in enumerate(st.merge_values):
+                        firsts[r, :, j] = val[0, :, 0].float()
             out = out + torch.matmul(mass[..., 1:], firsts)
-        return out.to(q.dtype).transpose(1, 2).contiguous(), None
+        return out.to(q.dtype).reshape(B, H, new, -1).transpose(1, 2).contiguous(), None
 
     def _padding_flops(self, bt: "_Batch", r: int) -> int:
         """Prefill work the batch's padding costs row r: every layer ran it at the batch's width."""
