@@ -93,6 +93,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--settings", default="paper,calibrated",
+                   help="which settings of the random model: paper (forced schedule), calibrated (thresholds)")
     p.add_argument("--organism", action="store_true",
                    help="the embedded model on its held-out questions (left-padded batches) with its shipped "
                         "calibrated config, instead of the random LLaVA-shaped model")
@@ -113,6 +115,8 @@ def main(argv=None):
         "paper-like (forced)": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, critical, exit_)),
         "calibrated thresholds": (shipped, None),
     }
+    wanted = set(args.settings.split(","))
+    settings = {k: v for k, v in settings.items() if k.split("-")[0].split(" ")[0] in wanted}
     if args.organism:
         from visipruner.models import load_organism
 
