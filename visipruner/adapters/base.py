@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..flops import visual_spans as runs  # [start, end) of each maximal run of True
+
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -26,20 +28,6 @@ class Span:
 
     def __len__(self) -> int:
         return self.end - self.start
-
-
-def runs(flags: list[bool]) -> list[tuple[int, int]]:
-    """[start, end) of each maximal run of True."""
-    out, start = [], None
-    for i, f in enumerate(flags):
-        if f and start is None:
-            start = i
-        elif not f and start is not None:
-            out.append((start, i))
-            start = None
-    if start is not None:
-        out.append((start, len(flags)))
-    return out
 
 
 class ModelAdapter:
