@@ -167,3 +167,43 @@ def test_cached_batched_generation_equals_recomputing_each_row_alone():
             with visipruner.apply(model, cfg, schedule=sched):
                 again = model(**full, use_cache=False).logits[0, -1]
             torch.testing.assert_close(logits[t, r], again, atol=1e-4, rtol=0, msg=f"row {r} step {t}")
+
+
+def test_bench_batched_timing_reports_the_padded_cache_it_measured(tmp_path):
+    """`bench --batch-size`'s throughput timing: the batch's KV bytes are those of a cache as wide, per
+    layer, as that layer's longest row (generated tokens included), the rows' own bytes those of each
+    row's kept tokens; the unpruned setting times the unpruned model against itself."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from visipruner.bench import _inputs, time_batch
+    from visipruner.data.questions import load_questions
+    from visipruner.evaluate import kv_bytes_per_token
+    from visipruner.testing import tiny_llava_with_processor
+
+    model, proc = tiny_llava_with_processor(0, layers=6)
+    rows = []
+    for i, q in enumerate(["what color is the shape ?", "how many ?", "is there a red circle in the image ?"]):
+        img = tmp_path / f"{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype("uint8")).save(img)
+        rows.append(json.dumps({"image": str(img), "question": q, "answer": "red", "id": str(i)}))
+    (tmp_path / "q.jsonl").write_text("\n".join(rows) + "\n")
+    qs = load_questions(str(tmp_path / "q.jsonl"))
+    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e9)  # all leave at fusion
+    steps = 3
+    t = time_batch(model, proc, qs, cfg, 3, 1, steps)
+    with visipruner.apply(model, cfg) as h:
+        model(**collate([_inputs(proc, q, model) for q in qs], proc.tokenizer.pad_token_id or 0))
+        stats = h.batch_stats
+    per = kv_bytes_per_token(model)
+    widths = [max(s.tokens_per_layer[layer] for s in stats) for layer in range(6)]
+    assert t["batch_kv_bytes"] == sum(3 * (w + steps - 1) for w in widths) * per
+    lengths = [s.prompt_length for s in stats]
+    assert t["batch_kv_bytes_unpruned"] == 3 * (max(lengths) + steps - 1) * 6 * per
+    own = sum(n + steps - 1 for s in stats for n in s.tokens_per_layer)
+    assert t["batch_kv_rows_ratio"] == pytest.approx(own / sum((n + steps - 1) * 6 for n in lengths))
+    assert t["batch_kv_ratio"] < 1 and t["batch_size"] == 3
+    base = time_batch(model, proc, qs, None, 3, 1, steps)
+    assert base["batch_kv_ratio"] == 1.0 and "batch_kv_rows_ratio" not in base

@@ -12,7 +12,10 @@ interleaved, on every timed prompt), and the prompt's KV-cache size. Timing rati
 bootstrap intervals over the timed prompts; the unpruned row times the unpruned model against
 itself, which gives the noise floor, and settings whose pruned decode is slower are named.
 Accuracy runs answer ``--batch-size`` prompts per generate call (each row pruned as if alone, so
-the answers are those of batch size 1); latency is timed one prompt at a time.
+the answers are those of batch size 1); latency is timed one prompt at a time. With a batch size
+above 1, each setting's throughput on one batch of that size is timed too (tokens per second of a
+prefill plus ``--batch-new-tokens`` greedy steps, and the batch's KV-cache bytes, pruned against
+unpruned in the same run).
 """
 
 from __future__ import annotations
@@ -139,10 +142,9 @@ def generate_answer(model, processor, inputs, gen_kwargs) -> str:
 
 
 def _kv_bytes(model, tokens_per_layer: list[int]) -> int:
-    cfg = model.config.text_config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = next(model.parameters()).element_size()
-    return int(sum(tokens_per_layer) * 2 * cfg.num_key_value_heads * head_dim * elem)
+    from .evaluate import kv_bytes_per_token
+
+    return int(sum(tokens_per_layer) * kv_bytes_per_token(model))
 
 
 @torch.no_grad()
@@ -387,6 +389,53 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
     return out
 
 
+@torch.no_grad()
+def time_batch(model, processor, questions, config, batch_size: int, repeats: int, new_tokens: int) -> dict:
+    """Throughput of one left-padded batch of the first ``batch_size`` questions: a prefill, then
+    ``new_tokens`` greedy steps (no end-of-sequence stop), pruned and unpruned interleaved, medians
+    of ``repeats`` warmed-up runs. Pixels go in on both sides (the vision encoder is in both times).
+    KV bytes: what the cache's tensors hold (a padded batch is as wide, per layer, as its longest row
+    there) and what the rows' own tokens need (a per-row cache). Empty when the method refuses batches."""
+    from .evaluate import collate_prompts, rows_kv_bytes, time_generation
+
+    inps = [_inputs(processor, q, model) for q in questions[:batch_size]]
+    batch = inps[0] if len(inps) == 1 else collate_prompts(inps, processor.tokenizer.pad_token_id or 0)
+
+    def pruned_run(steps):
+        if config is None:  # the unpruned setting: unpruned against itself (the noise floor)
+            return time_generation(model, batch, steps), None
+        with apply(model, config) as h:
+            return time_generation(model, batch, steps), h.batch_stats
+
+    time_generation(model, batch, 2)  # warm-up
+    try:
+        _, stats = pruned_run(2)
+    except ValueError as e:
+        print(f"bench: no batched timing for {getattr(config, 'name', config)}: {e}", file=sys.stderr)
+        return {}
+    dense, pruned = [], []
+    for _ in range(repeats):
+        dense.append(time_generation(model, batch, new_tokens))
+        p, stats = pruned_run(new_tokens)
+        pruned.append(p)
+    med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+    out = {"batch_size": len(inps), "batch_new_tokens": new_tokens}
+    for side, runs in (("_unpruned", dense), ("", pruned)):
+        prefill, step = med(runs, 0), med(runs, 1)
+        out[f"batch_prefill_s{side}"] = prefill
+        out[f"batch_decode_ms_per_step{side}"] = step * 1e3
+        out[f"batch_tokens_per_s{side}"] = len(inps) * new_tokens / (prefill + step * (new_tokens - 1))
+        out[f"batch_kv_bytes{side}"] = runs[0][2]
+    out["batch_prefill_ratio"] = out["batch_prefill_s"] / out["batch_prefill_s_unpruned"]
+    out["batch_decode_throughput_ratio"] = out["batch_decode_ms_per_step_unpruned"] / out["batch_decode_ms_per_step"]
+    out["batch_throughput_ratio"] = out["batch_tokens_per_s"] / out["batch_tokens_per_s_unpruned"]
+    out["batch_kv_ratio"] = out["batch_kv_bytes"] / out["batch_kv_bytes_unpruned"]
+    if stats is not None:
+        out["batch_kv_rows_ratio"] = (rows_kv_bytes(model, stats, new_tokens - 1)
+                                      / rows_kv_bytes(model, stats, new_tokens - 1, pruned=False))
+    return out
+
+
 def _realised_over_modelled_interval(fit: LayerTimeFit, tpls, n0s, L, pruned, dense) -> list[float]:
     """90% interval of modelled/measured latency ratio: prompts resampled, and a fit draw each time."""
     rng = _bootstrap_rng()
@@ -437,7 +486,7 @@ def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> d
 
 def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods=("visipruner",) + PEERS,
               matched: bool = True, timing_prompts: int = 4, repeats: int = 3, decode_steps: int = 8,
-              max_new_tokens: int = 6, batch_size: int = 1) -> list[dict]:
+              max_new_tokens: int = 6, batch_size: int = 1, batch_new_tokens: int = 16) -> list[dict]:
     from tqdm.auto import tqdm
 
     L = model.config.text_config.num_hidden_layers
@@ -448,6 +497,8 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
     length = int(_inputs(processor, timing_q[0], model)["input_ids"].shape[1])
     layer_time = fit_layer_time(model, length, repeats)
     base_timing = time_prefill_and_decode(model, processor, timing_q, None, repeats, decode_steps)
+    if batch_size > 1:
+        base_timing.update(time_batch(model, processor, questions, None, batch_size, repeats, batch_new_tokens))
     rows.append(summarise(unpruned, None, {**base_timing, "prefill_latency_ratio": 1.0,
                                            "layer_time_fit_s": list(layer_time.coef),
                                            "layer_time_fit_ci_s": [_interval(c) for c in layer_time.draws.T]}))
@@ -459,6 +510,8 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
         s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}",
                                1 if isinstance(s.config, VisionZipConfig) else batch_size)  # VisionZip: one at a time
         timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps, layer_time)
+        if batch_size > 1:
+            timing.update(time_batch(model, processor, questions, s.config, batch_size, repeats, batch_new_tokens))
         rows.append(summarise(s, unpruned.records, timing))
         bar.update(1)
 
@@ -486,7 +539,8 @@ def _pm(value, ci) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'method':<12}{'setting':<9}{'acc':>7}{'agree':>7}{'vis/layer':>10}{'FLOPs':>7}{'FastV':>7}"
-            f"{'latency':>14}{'real/pred':>14}{'real/model':>14}{'dec ms/tok':>11}{'dec ratio':>14}{'KV MiB':>8}")
+            f"{'latency':>14}{'real/pred':>14}{'real/model':>14}{'dec ms/tok':>11}{'dec ratio':>14}{'KV MiB':>8}"
+            + (f"{'batch tok/s':>12}{'batch KV':>9}" if any("batch_throughput_ratio" in r for r in rows) else ""))
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -499,7 +553,9 @@ def print_table(rows: list[dict]) -> None:
               f"{r['avg_visual_tokens']:>10.1f}{r['prefill_flops_ratio']:>7.3f}{r['prefill_flops_ratio_fastv']:>7.3f}"
               f"{lat:>14}{_pm(r.get('realised_over_predicted_speedup'), r.get('realised_over_predicted_ci')):>14}"
               f"{_pm(r.get('realised_over_modelled_speedup'), r.get('realised_over_modelled_ci')):>14}"
-              f"{r['decode_ms_per_token']:>11.2f}{dec:>14}{r['kv_cache_bytes'] / 2**20:>8.2f}")
+              f"{r['decode_ms_per_token']:>11.2f}{dec:>14}{r['kv_cache_bytes'] / 2**20:>8.2f}"
+              + (f"{r['batch_throughput_ratio']:>11.2f}x{r['batch_kv_ratio']:>8.2f}x" if "batch_throughput_ratio" in r
+                 else f"{'-':>12}{'-':>9}" if any("batch_throughput_ratio" in x for x in rows) else ""))
     for line in timing_notes(rows):
         print(line)
 
@@ -518,6 +574,12 @@ def timing_notes(rows: list[dict]) -> list[str]:
         med = statistics.median(base)
         notes.append(f"unpruned decode baseline over the {len(base)} settings: median {med:.2f} ms/token, "
                      f"range {min(base):.2f}-{max(base):.2f} ({(max(base) - min(base)) / med:.0%} of the median)")
+    b = next((r for r in rows if "batch_throughput_ratio" in r), None)
+    if b is not None:
+        notes.append(f"batch tok/s: tokens per second of one left-padded batch of {b['batch_size']} prompts "
+                     f"(prefill + {b['batch_new_tokens']} greedy steps), pruned / unpruned in the same run; "
+                     f"batch KV: its cache's bytes / unpruned (padded to each layer's longest row; "
+                     f"'batch_kv_rows_ratio' in the JSON: the rows' own tokens)")
     slower = [f"{r['method']}/{r['setting']} ({r['decode_latency_ratio']:.3f})" for r in rows if r.get("decode_slower")]
     notes.append("pruned decode slower than unpruned (interval above 1, marked !): "
                  + (", ".join(slower) if slower else "none"))
@@ -603,7 +665,7 @@ def _run(args) -> int:
 
     for flag, value in (("--limit", args.limit), ("--timing-prompts", args.timing_prompts), ("--repeats", args.repeats),
                         ("--decode-steps", args.decode_steps), ("--threads", args.threads),
-                        ("--batch-size", args.batch_size)):
+                        ("--batch-size", args.batch_size), ("--batch-new-tokens", args.batch_new_tokens)):
         inputs.at_least(flag, value, 1)
     everything = ("visipruner",) + PEERS
     methods = everything if args.methods is None else inputs.choices("--methods", args.methods, everything)
@@ -627,7 +689,7 @@ def _run(args) -> int:
     print(f"bench: {len(questions)} questions, {len(methods)} methods, VisiPruner config {cfg.to_json()}", file=sys.stderr)
     rows = run_bench(model, processor, questions, cfg, methods, matched=not args.no_matched,
                      timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, batch_new_tokens=args.batch_new_tokens)
     print_table(rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -653,8 +715,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--visipruner-config", help="VisiPruner config JSON (default: recommended for the model)")
     p.add_argument("--no-matched", action="store_true", help="skip the matched-budget runs")
     p.add_argument("--batch-size", type=int, default=4,
-                   help="prompts per generate call for the accuracy runs (each row pruned as if alone; timings "
-                        "stay per prompt)")
+                   help="prompts per generate call for the accuracy runs (each row pruned as if alone); above 1, "
+                        "each setting's throughput on one batch of this size is also timed (batch tok/s, batch KV)")
+    p.add_argument("--batch-new-tokens", type=int, default=16,
+                   help="greedy steps of the batched throughput timing")
     p.add_argument("--timing-prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=8)

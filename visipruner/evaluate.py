@@ -210,3 +210,51 @@ def generate_rows(model, processor, inputs: dict, gen_kwargs: dict) -> list[str]
     gen = model.generate(**inputs, **gen_kwargs)
     new = gen[:, inputs["input_ids"].shape[1]:]
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes a KV cache's tensors hold (keys and values of every layer, padding included)."""
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes one token takes in one layer (keys and values)."""
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+
+
+def rows_kv_bytes(model, batch_stats, generated: int, pruned: bool = True) -> int:
+    """KV bytes a batch's rows' own tokens need after ``generated`` decode steps (what a per-row,
+    ragged or paged, cache holds): per row and layer, the prompt tokens that layer kept plus the
+    generated ones. ``pruned=False``: every row's whole prompt in every layer (the unpruned cache)."""
+    L = model.config.get_text_config().num_hidden_layers
+    total = 0
+    for s in batch_stats:
+        kept = s.tokens_per_layer if pruned and s.pruning_applied else [s.prompt_length] * L
+        total += sum(n + generated for n in kept)
+    return total * kv_bytes_per_token(model)
+
+
+@torch.no_grad()
+def time_generation(model, inputs: dict, new_tokens: int) -> tuple[float, float, int]:
+    """(prefill seconds, decode seconds per step, KV-cache bytes after the last step) of greedy
+    decoding ``new_tokens`` tokens from a batch of keyword inputs: one prefill, then single-token
+    steps against the cache (no end-of-sequence stop, so every run does the same steps)."""
+    sync = torch.cuda.synchronize if inputs["input_ids"].is_cuda else (lambda: None)
+    mask = inputs.get("attention_mask")
+    sync()
+    t0 = time.perf_counter()
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    sync()
+    t1 = time.perf_counter()
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens - 1):
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, attention_mask=mask)
+        tok = out.logits[:, -1:].argmax(-1)
+    sync()
+    t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) / max(1, new_tokens - 1), kv_cache_bytes(cache)

@@ -190,7 +190,7 @@ class _Batch:
         self.layer_changed: list[bool] = [False] * num_layers
         self.prefilled = False
         self.generated = 0  # tokens generated before the current decode step
-        self.key_layout: dict = {}  # layer -> per-row cache layout (decode)
+        self.key_layout: dict = {}  # layer -> per-row cache layout (decode); "firsts": the merge values
 
     def row_positions(self, r: int, layer: int | None = None) -> torch.Tensor:
         """Row r's tokens present (in a layer, or now), as positions in its own unpadded prompt."""
@@ -683,9 +683,18 @@ class PruningHandle:
 
     def _batch_attention(self, module, q, k, v, mask, original, scale, layer, bt, **kwargs):
         """Prefill: one attention call for the batch, then each row's shallow-stage rows and decision
-        computed on that row's own tokens, exactly as alone."""
-        out = original(module, q, k, v, mask, **kwargs)
-        W = q.shape[2]
+        computed on that row's own tokens, exactly as alone. Rows in a shallow-stage layer are computed
+        only by their own kernels (the plain call runs on the other rows alone)."""
+        B, W = q.shape[0], q.shape[2]
+        plain = [r for r, st in enumerate(bt.rows) if st is None or st.method.shallow_mode(layer) is None]
+        if len(plain) == B:
+            out = original(module, q, k, v, mask, **kwargs)
+        else:
+            out = (q.new_zeros(B, W, q.shape[1], v.shape[-1]), None)  # padding slots stay finite (zero)
+            if plain:
+                idx = torch.tensor(plain, device=q.device)
+                m = mask.index_select(0, idx) if isinstance(mask, torch.Tensor) and mask.shape[0] == B else mask
+                out[0][idx] = original(module, q[idx], k[idx], v[idx], m, **kwargs)[0]
         for r, st in enumerate(bt.rows):
             if st is None:
                 continue
@@ -773,11 +782,14 @@ class PruningHandle:
             mass = torch.zeros(*p.shape[:3], G + 1, dtype=p.dtype, device=dev)
             idx = key_span.add(1)[:, None, None, :].expand_as(p)  # span g -> column g + 1, text -> 0
             mass.scatter_add_(-1, idx, p)
-            firsts = torch.zeros(B, hkv, G, v.shape[-1], dtype=torch.float32, device=dev)
-            for r, st in enumerate(bt.rows):
-                if st is not None and st.merge_values is not None:
-                    for j, val in enumerate(st.merge_values):
-                        firsts[r, :, j] = val[0, :, 0].float()
+            if "firsts" not in bt.key_layout:  # layer 0's values of each span's first token, per row
+                firsts = torch.zeros(B, hkv, G, v.shape[-1], dtype=torch.float32, device=dev)
+                for r, st in enumerate(bt.rows):
+                    if st is not None and st.merge_values is not None:
+                        for j, val in enumerate(st.merge_values):
+                            firsts[r, :, j] = val[0, :, 0].float()
+                bt.key_layout["firsts"] = firsts
+            firsts = bt.key_layout["firsts"]
             out = out + torch.matmul(mass[..., 1:], firsts)
         return out.to(q.dtype).reshape(B, H, new, -1).transpose(1, 2).contiguous(), None
 
