@@ -28,11 +28,11 @@ def _generate(model, inputs, steps):
     return out.sequences, torch.stack(out.logits)  # (steps, batch, vocab)
 
 
-def _rows(name):
+def _rows(name, second=None):
     fam = family(name)
     model = fam.build(0, "sdpa", 8)
     a, _ = fam.prompt(model, 1, "one")
-    b, _ = fam.prompt(model, 2, fam.layouts[1])
+    b, _ = fam.prompt(model, 2, second or fam.layouts[1])
     c, _ = fam.prompt(model, 3, "one")
     return model, [a, b, text_only(model, c)]  # different lengths; the last row has no visual token
 
@@ -45,6 +45,11 @@ def test_each_row_is_pruned_as_if_alone(name, method):
     model, prompts = _rows(name)
     cfg = (FastVConfig(layer=2, keep_ratio=0.5) if method == "fastv" else
            VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0))
+    _assert_rows_as_if_alone(model, prompts, cfg)
+
+
+def _assert_rows_as_if_alone(model, prompts, cfg):
+    """Generation of the left-padded batch of ``prompts`` == each prompt alone: tokens, logits, stats."""
     steps = 5
     alone = []
     with visipruner.apply(model, cfg) as h:
@@ -66,6 +71,25 @@ def test_each_row_is_pruned_as_if_alone(name, method):
         assert s.decode_flops == a_stats.decode_flops, r
     assert stats[0].visual_tokens_per_layer[-1] < stats[0].num_visual_tokens  # pruning happened
     assert stats[2].padding_flops > 0 and not stats[2].pruning_applied  # the short text-only row was padded
+    return stats
+
+
+# Qwen3-VL's tiny model: fusion at layer 2, a few critical tokens in layers 3 and 4, exit after 4
+QWEN3_DEEPSTACK = VisiPrunerConfig(shallow_layers=1, layer_threshold=1.0, tokens_threshold=0.05, exit_threshold=0.0)
+
+
+@pytest.mark.parametrize("cfg", [QWEN3_DEEPSTACK, FastVConfig(layer=2, keep_ratio=0.5)], ids=["visipruner", "fastv"])
+def test_qwen3_vl_rows_get_their_own_deepstack_features(cfg):
+    """Qwen3-VL adds deepstack features to the visual tokens after layers 0-4 of the tiny model; both
+    methods prune after layer 2 (VisiPruner: fusion at 2, exit after 4), so rows (an image; an image
+    and a video; text) that keep different tokens are repacked inside those layers, and every kept
+    token must still get its own features."""
+    model, prompts = _rows("qwen3_vl", second="video")
+    stats = _assert_rows_as_if_alone(model, prompts, cfg)
+    assert stats[1].num_frames == 3
+    kept = [s.visual_tokens_per_layer[3] for s in stats[:2]]  # layers 3 and 4 still get deepstack features
+    assert 0 < kept[0] < stats[0].num_visual_tokens and 0 < kept[1] < stats[1].num_visual_tokens
+    assert stats[0].tokens_per_layer[3] != stats[1].tokens_per_layer[3]  # the rows were repacked
 
 
 def test_batch_with_no_row_pruned_and_every_row_pruned_to_nothing():
@@ -141,18 +165,13 @@ def test_batch_of_one_shares_its_stats():
     assert h.batch_stats == [h.last_stats] and h.last_stats is h.batch_stats[0]
 
 
-def test_qwen3_vl_batches_are_refused_clearly():
-    model, prompts = _rows("qwen3_vl")
-    with visipruner.apply(model, VisiPrunerConfig(shallow_layers=2)):
-        with pytest.raises(ValueError, match="Qwen3-VL"):
-            model(**collate(prompts[:2]))
-
-
-def test_cached_batched_generation_equals_recomputing_each_row_alone():
+@pytest.mark.parametrize("name, second, cfg", [
+    ("llava", None, VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)),
+    ("qwen3_vl", "video", QWEN3_DEEPSTACK)], ids=["llava", "qwen3_vl"])
+def test_cached_batched_generation_equals_recomputing_each_row_alone(name, second, cfg):
     from visipruner import Schedule
 
-    model, prompts = _rows("llava")
-    cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)
+    model, prompts = _rows(name, second)
     batch = collate(prompts)
     n = batch["input_ids"].shape[1]
     with visipruner.apply(model, cfg) as h:
@@ -162,8 +181,7 @@ def test_cached_batched_generation_equals_recomputing_each_row_alone():
         s = stats[r]
         sched = Schedule(s.fusion_layer, s.critical_tokens, s.exit_layer) if s.pruning_applied else None
         for t in range(4):
-            ids = torch.cat([p["input_ids"], seq[r : r + 1, n : n + t]], dim=1)
-            full = dict(p, input_ids=ids, attention_mask=torch.ones_like(ids))
+            full = family(name).extend(p, seq[r : r + 1, n : n + t])
             with visipruner.apply(model, cfg, schedule=sched):
                 again = model(**full, use_cache=False).logits[0, -1]
             torch.testing.assert_close(logits[t, r], again, atol=1e-4, rtol=0, msg=f"row {r} step {t}")

@@ -253,6 +253,31 @@ class PruningHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    # ------------------------------------------------------------------ for family adapters
+    def pruned_prefill(self):
+        """The prompt (batch 1) or batch whose prefill the runtime is pruning now, None otherwise (no
+        visual tokens, pruning disabled, decode steps). Compare by identity to tell prefills apart."""
+        if self._batch is not None:
+            return None if self._batch.prefilled else self._batch
+        st = self._state
+        return None if st is None or st.prefilled else st
+
+    def layer_slots(self, layer: int) -> torch.Tensor:
+        """Where each token of ``layer``'s input (as this prefill ran it: dropped, right-aligned, repacked)
+        stands in the caller's ``input_ids``: a (batch, tokens) tensor of positions in the caller's padded
+        rows, -1 for slots the runtime added when repacking rows to one width. Call it from a layer's
+        hooks during a pruned prefill (e.g. to add per-token features to that layer's output)."""
+        bt = self._batch
+        if bt is None:
+            return self._state.layer_positions[layer][None]
+        W = bt.layer_widths[layer]
+        dev = next(st.positions.device for st in bt.rows if st is not None)
+        slots = torch.full((len(bt.rows), W), -1, dtype=torch.long, device=dev)
+        for r in range(len(bt.rows)):
+            pos = bt.row_positions(r, layer).to(dev)
+            slots[r, W - pos.numel():] = pos + (bt.padded - bt.prompt_lengths[r])
+        return slots
+
     # ------------------------------------------------------------------------------- hooks
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
