@@ -42,6 +42,7 @@ class Family:
     extra_keys: tuple = ()  # inputs besides input_ids/pixel_values the reference must pass on
     sliding: bool = False  # sliding-window layers; the "one" prompt is longer than the window
     marks: list = field(default_factory=list)
+    batch_layouts: tuple = ()  # test_batches' two rows with images (default: "one" and the second layout)
 
     def reference_inputs(self, inputs):
         return {k: inputs[k] for k in self.extra_keys if k in inputs}
@@ -92,6 +93,8 @@ def _internvl_prompt(model, seed, layout):
 
 
 def _llava_next_prompt(model, seed, layout):
+    if layout.startswith("wide"):  # a 2 x 2 grid of tiles (the others have 1 x 2); "wide_video": and a video
+        return llava_next_prompt(model, seed=seed, image_sizes=((64, 64),), video_frames=3 * layout.endswith("video"))
     if layout == "one":
         return llava_next_prompt(model, seed=seed, image_sizes=((30, 64),))
     if layout == "two":
@@ -111,7 +114,8 @@ FAMILIES = [
     Family("llava", lambda seed, attn, layers: tiny_llava(seed, attn_implementation=attn, layers=layers), _llava_prompt),
     Family("qwen2_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2", attn_implementation=attn, layers=layers),
            _qwen_prompt, layouts=("one", "two", "video"),
-           extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
+           extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids"),
+           batch_layouts=("video", "two")),
     Family("qwen2_5_vl", lambda seed, attn, layers: tiny_qwen_vl(seed, version="2.5", attn_implementation=attn, layers=layers),
            _qwen_prompt, layouts=("one", "video"),
            extra_keys=("image_grid_thw", "video_grid_thw", "pixel_values_videos", "mm_token_type_ids")),
@@ -124,20 +128,22 @@ FAMILIES = [
     Family("internvl", lambda seed, attn, layers: tiny_internvl(seed, lm="qwen3", attn_implementation=attn, layers=layers),
            _internvl_prompt),
     Family("internvl_llama", lambda seed, attn, layers: tiny_internvl(seed, lm="llama", attn_implementation=attn,
-                                                                      layers=layers), _internvl_prompt, layouts=("one",)),
+                                                                      layers=layers), _internvl_prompt, layouts=("one",),
+           batch_layouts=("one", "two")),
     # LLaVA-NeXT: any-resolution tiles and newline tokens, one span per image (Qwen2 language model)
     Family("llava_next", lambda seed, attn, layers: tiny_llava_next(seed, attn_implementation=attn, layers=layers),
-           _llava_next_prompt, extra_keys=LLAVA_NEXT_KEYS),
+           _llava_next_prompt, extra_keys=LLAVA_NEXT_KEYS, batch_layouts=("wide", "two")),
     # LLaVA-OneVision: the same images; a video's frames one span each (Llama language model)
     Family("llava_onevision", lambda seed, attn, layers: tiny_llava_next(seed, onevision=True, lm="llama",
                                                                          attn_implementation=attn, layers=layers),
-           _llava_next_prompt, layouts=("one", "two", "video"), extra_keys=LLAVA_NEXT_KEYS),
+           _llava_next_prompt, layouts=("one", "two", "video"), extra_keys=LLAVA_NEXT_KEYS,
+           batch_layouts=("wide_video", "two")),
     # Idefics3 / SmolVLM: language model at model.model.text_model, each sub-image a span
     Family("idefics3", lambda seed, attn, layers: tiny_idefics3(seed, attn_implementation=attn, layers=layers),
            _idefics3_prompt, extra_keys=("pixel_attention_mask",)),
     Family("smolvlm", lambda seed, attn, layers: tiny_idefics3(seed, smolvlm=True, attn_implementation=attn,
                                                                layers=layers),
-           _idefics3_prompt, layouts=("one",), extra_keys=("pixel_attention_mask",)),
+           _idefics3_prompt, layouts=("one",), extra_keys=("pixel_attention_mask",), batch_layouts=("one", "two")),
 ]
 
 

@@ -8,7 +8,7 @@ import torch
 import visipruner
 from visipruner import FastVConfig, VisiPrunerConfig
 
-from families import family
+from families import FAMILIES, family
 from visipruner.evaluate import collate_prompts as collate
 
 torch.set_grad_enabled(False)
@@ -31,26 +31,20 @@ def _generate(model, inputs, steps):
 def _rows(name, second=None):
     fam = family(name)
     model = fam.build(0, "sdpa", 8)
-    a, _ = fam.prompt(model, 1, "one")
-    b, _ = fam.prompt(model, 2, second or fam.layouts[1])
+    first, other = fam.batch_layouts or ("one", fam.layouts[1])
+    a, _ = fam.prompt(model, 1, first)
+    b, _ = fam.prompt(model, 2, second or other)
     c, _ = fam.prompt(model, 3, "one")
     return model, [a, b, text_only(model, c)]  # different lengths; the last row has no visual token
 
 
-# families whose per-image inputs concatenate across prompts (LLaVA-NeXT and Idefics3 processors pad
-# their tile / sub-image axes when batching, which these in-process prompt makers do not)
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3", "internvl"])
-@pytest.mark.parametrize("method", ["visipruner", "fastv"])
-def test_each_row_is_pruned_as_if_alone(name, method):
-    model, prompts = _rows(name)
-    cfg = (FastVConfig(layer=2, keep_ratio=0.5) if method == "fastv" else
-           VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0))
-    _assert_rows_as_if_alone(model, prompts, cfg)
+TRIGGERING = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)
+FASTV = FastVConfig(layer=2, keep_ratio=0.5)
 
 
-def _assert_rows_as_if_alone(model, prompts, cfg):
-    """Generation of the left-padded batch of ``prompts`` == each prompt alone: tokens, logits, stats."""
-    steps = 5
+def check_rows_as_if_alone(model, prompts, cfg, steps=5):
+    """Greedy generation of the left-padded batch of ``prompts`` under ``cfg``: each row's tokens, logits
+    (1e-4) and statistics are the prompt's alone; the first row is pruned, the last (text only) padded."""
     alone = []
     with visipruner.apply(model, cfg) as h:
         for p in prompts:
@@ -70,8 +64,68 @@ def _assert_rows_as_if_alone(model, prompts, cfg):
             assert getattr(s, key) == getattr(a_stats, key), (r, key)
         assert s.decode_flops == a_stats.decode_flops, r
     assert stats[0].visual_tokens_per_layer[-1] < stats[0].num_visual_tokens  # pruning happened
-    assert stats[2].padding_flops > 0 and not stats[2].pruning_applied  # the short text-only row was padded
+    assert stats[-1].padding_flops > 0 and not stats[-1].pruning_applied  # the short text-only row was padded
     return stats
+
+
+# every family (Qwen3-VL's deepstack also below); LLaVA-NeXT / OneVision rows have different tile counts and
+# Idefics3 / SmolVLM rows different sub-image counts, which collate_prompts pads as their processors do
+# (test_padded_images_collate_as_the_model_reads_them); OneVision's and Qwen2-VL's first row holds a video
+BATCHED = [f.name for f in FAMILIES]
+
+
+@pytest.mark.parametrize("name", BATCHED)
+@pytest.mark.parametrize("method", ["visipruner", "fastv"])
+def test_each_row_is_pruned_as_if_alone(name, method):
+    model, prompts = _rows(name)
+    check_rows_as_if_alone(model, prompts, FASTV if method == "fastv" else TRIGGERING)
+
+
+def back_to_back(model, p: dict) -> dict:
+    """The prompt with the text between its first and last visual token left out: its images (tiles,
+    frames) back to back, as a processor lays out ``<image><image>``."""
+    from visipruner.adapters import get_adapter
+
+    vis = get_adapter(model).visual_mask(p["input_ids"][0])
+    at = vis.nonzero().squeeze(-1)
+    keep = vis.clone()
+    keep[: int(at[0])] = keep[int(at[-1]) + 1 :] = True
+    return {k: v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") else v
+            for k, v in p.items()}
+
+
+@pytest.mark.parametrize("name", BATCHED)
+def test_each_rows_spans_are_its_own(name):
+    """The spans the runtime works out for each row of a batch (``row_call_kwargs``) are the prompt's
+    alone, also where a row's images are back to back (LLaVA-NeXT / OneVision split those by the sizes
+    of that row's own images)."""
+    from visipruner.adapters import get_adapter
+
+    model, prompts = _rows(name)
+    prompts = [prompts[0], back_to_back(model, prompts[1]), prompts[2], prompts[1]]
+    adapter, batch = get_adapter(model), collate(prompts)
+    ids, N = batch["input_ids"], batch["input_ids"].shape[1]
+    for r, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        row = adapter.spans(ids[r, N - n :], adapter.row_call_kwargs(batch, ids, r, N - n))
+        assert row == adapter.spans(p["input_ids"][0], p), r
+    if name.startswith("llava_"):  # the back-to-back images are one run, two spans by their sizes
+        ids = prompts[1]["input_ids"][0]
+        assert len(adapter.spans(ids, {})) == 1 < len(adapter.spans(ids, prompts[1]))
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "idefics3", "smolvlm"])
+def test_padded_images_collate_as_the_model_reads_them(name):
+    """Without pruning, the model's own logits on the collated batch are each prompt's alone: the
+    padding collate_prompts adds to the tile / sub-image axes is dropped by the model as the
+    processor's is."""
+    model, prompts = _rows(name)
+    batch = collate(prompts)
+    assert batch["pixel_values"].shape[1] > min(p["pixel_values"].shape[1] for p in prompts if "pixel_values" in p)
+    logits = model(**batch).logits
+    for r, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        torch.testing.assert_close(logits[r, -n:], model(**p).logits[0], atol=1e-4, rtol=0, msg=f"row {r}")
 
 
 # Qwen3-VL's tiny model: fusion at layer 2, a few critical tokens in layers 3 and 4, exit after 4
@@ -85,7 +139,7 @@ def test_qwen3_vl_rows_get_their_own_deepstack_features(cfg):
     and a video; text) that keep different tokens are repacked inside those layers, and every kept
     token must still get its own features."""
     model, prompts = _rows("qwen3_vl", second="video")
-    stats = _assert_rows_as_if_alone(model, prompts, cfg)
+    stats = check_rows_as_if_alone(model, prompts, cfg)
     assert stats[1].num_frames == 3
     kept = [s.visual_tokens_per_layer[3] for s in stats[:2]]  # layers 3 and 4 still get deepstack features
     assert 0 < kept[0] < stats[0].num_visual_tokens and 0 < kept[1] < stats[1].num_visual_tokens

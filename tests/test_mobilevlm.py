@@ -22,6 +22,7 @@ from visipruner import FastVConfig, VisiPrunerConfig, VisionZipConfig
 from visipruner.models import load_mobilevlm, load_model_dir
 from visipruner.models.mobilevlm import V1_SYSTEM, LDPNetV2Projector, MobileVLMFormatError, pad_to_square
 
+from test_batches import FASTV, TRIGGERING, check_rows_as_if_alone, text_only
 from test_core import check_cached_generation, check_stages_match_reference
 from test_methods import CASES, NO_STAGES, check_peer
 
@@ -283,6 +284,14 @@ def test_peers_match_reference(v2, name):
     _, model, processor = v2
     cfg, rule = CASES[name]
     check_peer(model, prompt_inputs(processor), cfg, rule)
+
+
+@pytest.mark.parametrize("cfg", [TRIGGERING, FASTV], ids=["visipruner", "fastv"])
+def test_each_batch_row_is_pruned_as_if_alone(v2, cfg):
+    _, model, processor = v2
+    prompts = [prompt_inputs(processor, "how many?", n_images=2), prompt_inputs(processor),
+               text_only(model, prompt_inputs(processor, "color"))]
+    check_rows_as_if_alone(model, prompts, cfg, steps=3)
 
 
 def test_disabled_is_bit_identical(v2):

@@ -177,12 +177,33 @@ def register(subparsers) -> argparse.ArgumentParser:
 # inputs a processor gives per prompt: token-aligned ones are left-padded, per-image ones concatenated
 _TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _PER_IMAGE = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
-              "pixel_attention_mask")
+              "batch_num_images", "pixel_attention_mask")
+# images (tiles, sub-images) the processors zero-pad to a common shape; Idefics3 / SmolVLM hold one row
+# per prompt (its sub-images) in them, not one per image
+_PADDED_IMAGES = ("pixel_values", "pixel_attention_mask")
+
+
+def _zero_pad(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``parts`` zero-padded at the end of every axis but the first to the largest size among them: the
+    processors pad LLaVA-NeXT's tile axis and Idefics3's sub-image and pixel axes so (all-zero tiles and
+    sub-images, mask 0), and their models drop that padding again (by ``image_sizes``; by all-zero images)."""
+    dims = max(t.dim() for t in parts)
+    if any(t.dim() != dims for t in parts):
+        raise ValueError(f"collate_prompts: per-image inputs of different ranks {sorted({t.dim() for t in parts})}")
+    size = [max(int(t.shape[i]) for t in parts) for i in range(1, dims)]
+    out = []
+    for t in parts:
+        pad = [x for i in reversed(range(1, dims)) for x in (0, size[i - 1] - int(t.shape[i]))]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return out
 
 
 def collate_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
     """One left-padded batch from single-prompt inputs (each ``input_ids`` of shape (1, n)), laid out as
-    a processor with ``padding_side='left'`` lays it out; each row's tokens are its prompt's tokens."""
+    a processor with ``padding_side='left'`` lays it out; each row's tokens are its prompt's tokens.
+    Per-image inputs are concatenated in prompt order, images zero-padded to a common shape as the
+    processors pad them (see ``_zero_pad``); where images come one row per prompt (``pixel_attention_mask``:
+    Idefics3, SmolVLM) a prompt without images gets a row of padding."""
     n = max(int(p["input_ids"].shape[1]) for p in prompts)
     out = {}
     for key in _TOKEN_ALIGNED:
@@ -195,10 +216,17 @@ def collate_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
             fill = pad_token_id if key == "input_ids" else 0
             rows.append(torch.cat([torch.full((1, n - t.shape[1]), fill, dtype=t.dtype), t], dim=1))
         out[key] = torch.cat(rows)
+    per_prompt = any("pixel_attention_mask" in p for p in prompts)
     for key in _PER_IMAGE:
         parts = [p[key] for p in prompts if key in p]
-        if len(parts) == len(prompts) or (parts and key != "pixel_attention_mask"):
-            out[key] = torch.cat(parts)
+        if not parts:
+            continue
+        if key in _PADDED_IMAGES:
+            if per_prompt:
+                empty = parts[0].new_zeros((1, 0) + tuple(parts[0].shape[2:]))
+                parts = [p.get(key, empty) for p in prompts]
+            parts = _zero_pad(parts)
+        out[key] = torch.cat(parts)
     unknown = sorted({k for p in prompts for k in p} - set(_TOKEN_ALIGNED) - set(_PER_IMAGE))
     if unknown:
         raise ValueError(f"collate_prompts does not know how to batch {unknown}")

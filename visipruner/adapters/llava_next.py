@@ -70,6 +70,40 @@ class LlavaNextAdapter(ModelAdapter):
             raise ValueError(f"image_sizes {sizes} describe more images than the prompt's image tokens hold")
         return out
 
+    def row_call_kwargs(self, call_kwargs: dict, input_ids: torch.Tensor, row: int, pad: int) -> dict:
+        """Row ``row``'s image sizes: the batch's images are in row order. OneVision's ``batch_num_images``
+        holds one count per row with images (the processor leaves text-only rows out); without it each row
+        takes as many images as its image tokens hold. The videos' frame count is the batch's."""
+        out = {k: call_kwargs[k] for k in ("pixel_values_videos",) if call_kwargs.get(k) is not None}
+        sizes = call_kwargs.get("image_sizes")
+        if sizes is None:
+            return out
+        sizes = torch.as_tensor(sizes)
+        with_images = (input_ids == self.visual_token_ids["image"]).sum(1).tolist()
+        counts = call_kwargs.get("batch_num_images")
+        if counts is not None:
+            counts = torch.as_tensor(counts).reshape(-1).tolist()
+            rows = [r for r, n in enumerate(with_images) if n]
+            if len(rows) != len(counts):
+                raise ValueError(f"batch_num_images {counts} does not give one count per row with images "
+                                 f"({len(rows)} rows)")
+            if row in rows:
+                k = rows.index(row)
+                start = sum(counts[:k])
+                out.update(image_sizes=sizes[start : start + counts[k]], batch_num_images=torch.tensor([counts[k]]))
+            return out
+        at = 0
+        for r in range(row + 1):  # the images of the rows before, then this row's
+            first, need = at, with_images[r]
+            while need > 0:
+                if at == len(sizes):
+                    raise ValueError(f"image_sizes has {len(sizes)} images; the batch's image tokens need more")
+                need -= self.image_tokens(sizes[at].tolist())
+                at += 1
+        if at > first:
+            out["image_sizes"] = sizes[first:at]
+        return out
+
     def spans(self, input_ids: torch.Tensor, call_kwargs: dict) -> list[Span]:
         ids = input_ids.tolist()
         out = self.image_spans(runs([t == self.visual_token_ids["image"] for t in ids]), call_kwargs)
