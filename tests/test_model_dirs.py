@@ -218,3 +218,31 @@ def test_bench_calibrate_analyze_take_a_llava_next_folder(tmp_path):
     assert (tmp_path / "c.json").exists()
     assert main(["analyze", "--model", m, "--data", data, "--limit", "2", "--out", str(tmp_path / "an")]) == 0
     assert (tmp_path / "an" / "analysis.json").exists()
+
+
+def test_eval_with_a_pruning_config_answers_like_batch_one(tmp_path, capsys):
+    """`eval --config`: the pruned model's answers and per-question pruning figures at --batch-size 3
+    equal those at batch size 1 (prompts of different lengths), and pruning did happen."""
+    model, proc = tiny_llava_with_processor(0, layers=6)
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    rows = [json.loads(line) for line in _questions(tmp_path, n=4).read_text().splitlines()]
+    for r, q in zip(rows, ["what color is the shape ?", "how many ?", "is there a red circle in the image ?", "yes ?"]):
+        r["question"] = q
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = json.dumps({"method": "visipruner", "shallow_layers": 2, "layer_threshold": 1.0, "tokens_threshold": 1e9})
+    out = {}
+    for b in (1, 3):
+        path = tmp_path / f"eval{b}.json"
+        assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--config", cfg,
+                     "--batch-size", str(b), "--json", str(path), "--no-progress"]) == 0
+        out[b] = json.loads(path.read_text())
+    drop = ("padding_flops",)  # the padding a batch adds is counted apart
+    one, three = ([{k: v for k, v in r.items() if k not in drop} for r in out[b]["predictions"]] for b in (1, 3))
+    assert one == three and len(one) == 4
+    assert all(r["pruning_applied"] and r["prefill_flops_ratio"] < 1 for r in one)
+    assert out[3]["mean_prefill_flops_ratio"] == pytest.approx(out[1]["mean_prefill_flops_ratio"])
+    assert out[1]["method"]["method"] == "visipruner"
+    assert "visipruner: prefill FLOPs" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--config", "nope.json"]) == 2

@@ -411,7 +411,7 @@ def time_batch(model, processor, questions, config, batch_size: int, repeats: in
     try:
         _, stats = pruned_run(2)
     except ValueError as e:
-        print(f"bench: no batched timing for {getattr(config, 'name', config)}: {e}", file=sys.stderr)
+        print(f"bench: no batched timing for {config.method}: {e}", file=sys.stderr)
         return {}
     dense, pruned = [], []
     for _ in range(repeats):

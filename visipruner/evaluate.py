@@ -1,10 +1,11 @@
-"""`visipruner eval`: exact-match VQA accuracy of a (unpruned) Llava model.
+"""`visipruner eval`: exact-match VQA accuracy of a model, unpruned or with a pruning method.
 
-    visipruner eval --data FILE.jsonl [--model DIR] [--json OUT] [--limit N] [--batch-size B]
+    visipruner eval --data FILE.jsonl [--model DIR] [--config METHOD.json] [--json OUT] [--batch-size B]
 
-Batched greedy decoding with left padding; answers are compared after
-normalisation (lowercase, punctuation and surrounding/duplicate whitespace
-removed).  The core is :func:`evaluate`, reusable from Python.
+Batched greedy decoding with left padding (with ``--config``, every row of a batch is pruned as
+if alone, so the answers are those of batch size 1); answers are compared after normalisation
+(lowercase, punctuation and surrounding/duplicate whitespace removed). The core is
+:func:`evaluate`, reusable from Python.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def _run(args) -> int:
     inputs.model_dir("--model", args.model)
     inputs.weights_dir("--weights", args.weights)
     inputs.output_file("--json", args.json)
+    cfg = inputs.method_config("--config", args.config) if args.config else None
     questions = inputs.read_questions(args.data)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,11 +142,36 @@ def _run(args) -> int:
         from .models import load_organism
 
         model, processor = load_organism(device=args.device, dtype=dtype, weights_dir=args.weights)
-    res = evaluate(model, processor, questions, batch_size=args.batch_size, progress=not args.no_progress)
+    handle, stats = None, []
+    if cfg is not None:
+        from . import apply
+
+        handle = apply(model, cfg)
+
+    def pruned_answers(model, processor, batch):
+        preds = generate_answers(model, processor, batch)
+        stats.extend(handle.batch_stats)
+        return preds
+
+    try:
+        res = evaluate(model, processor, questions, batch_size=args.batch_size, progress=not args.no_progress,
+                       generate_fn=pruned_answers if handle is not None else None)
+    finally:
+        if handle is not None:
+            handle.remove()
     res["data"] = args.data
     res["model"] = args.model or "organism"
+    res["method"] = cfg.to_dict() if cfg is not None else None
+    if cfg is not None:
+        for rec, s in zip(res["predictions"], stats):
+            rec.update(pruning_applied=s.pruning_applied, avg_visual_tokens=s.avg_visual_tokens,
+                       prefill_flops_ratio=s.prefill_flops_ratio, fusion_layer=s.fusion_layer,
+                       exit_layer=s.exit_layer, padding_flops=s.padding_flops)
+        res["mean_prefill_flops_ratio"] = sum(s.prefill_flops_ratio for s in stats) / max(1, len(stats))
     o = res["overall"]
-    print(f"overall: {o['accuracy']:.4f} ({o['correct']}/{o['n']})")
+    print(f"overall: {o['accuracy']:.4f} ({o['correct']}/{o['n']})"
+          + (f"; {cfg.method}: prefill FLOPs {res['mean_prefill_flops_ratio']:.3f} of unpruned" if cfg is not None
+             else ""))
     for k, v in res["families"].items():
         print(f"  {k:<10} {v['accuracy']:.4f} ({v['correct']}/{v['n']})")
     print(f"{res['seconds']:.1f}s")
@@ -155,7 +182,7 @@ def _run(args) -> int:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="VQA exact-match accuracy of an unpruned model on a question file",
+    p = subparsers.add_parser("eval", help="VQA exact-match accuracy of a model (unpruned or pruned) on a question file",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="question file (JSONL)")
     p.add_argument("--model", default=None, help="saved HF Llava dir (default: the built-in organism)")
@@ -165,6 +192,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--sample", type=int, default=None, help="random subset of N questions (see --seed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None,
+                   help="a pruning method's config (JSON file or text, e.g. a VisiPruner config from `calibrate`); "
+                        "default: the unpruned model")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
