@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import visipruner
-from visipruner import FastVConfig, VisiPrunerConfig
+from visipruner import FastVConfig, VisiPrunerConfig, VisionZipConfig
 
 from families import FAMILIES, family
 from visipruner.evaluate import collate_prompts as collate
@@ -197,7 +197,7 @@ def test_bench_and_calibrate_batched_answer_like_batch_one(tmp_path):
     (tmp_path / "q.jsonl").write_text("\n".join(rows) + "\n")
     qs = load_questions(str(tmp_path / "q.jsonl"))
     cfg = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)
-    for config in (None, cfg, FastVConfig(layer=2, keep_ratio=0.5)):
+    for config in (None, cfg, FastVConfig(layer=2, keep_ratio=0.5), VisionZipConfig()):
         one = answer_all(model, proc, qs, config, 4, "b1", batch_size=1)
         three = answer_all(model, proc, qs, config, 4, "b3", batch_size=3)
         for a, b in zip(one, three):  # the same, but for the padding the batch added
@@ -210,6 +210,54 @@ def test_bench_and_calibrate_batched_answer_like_batch_one(tmp_path):
     m1 = measure(model, proc, qs, prompts, cut, ref, progress=False, batch_size=1)
     m3 = measure(model, proc, qs, prompts, cut, ref, progress=False, batch_size=3)
     assert m1 == m3 and m1["flops_ratio"] < 1
+
+
+def test_visionzip_rows_are_reduced_as_if_alone():
+    """VisionZip shortens each row's prompt before the language model: every row zips its own images,
+    the rows come back left-padded to the longest reduced row, and generation (whose attention_mask
+    counts the prompt as passed) gives each row's tokens, logits and stats alone."""
+    model, prompts = _rows("llava")
+    cfg = VisionZipConfig(dominant_ratio=0.25, contextual_ratio=0.125)
+    batch = collate(prompts)
+    tower = model.model.vision_tower
+    together = tower(batch["pixel_values"]).last_hidden_state  # what generate encodes: the batch's images at once
+    own = torch.cat([tower(p["pixel_values"]).last_hidden_state for p in prompts if "pixel_values" in p])
+    assert torch.equal(together, own)
+    steps = 4
+    # the second batch is unpadded as passed (a text row as long as the first prompt) and padded once reduced
+    n0 = prompts[0]["input_ids"].shape[1]
+    same_length = [prompts[0], {"input_ids": torch.arange(n0)[None] % 100 + 4, "attention_mask": torch.ones(1, n0).long()}]
+    with visipruner.apply(model, cfg) as h:
+        alone = {}
+        for p in prompts + same_length[1:]:
+            seq, logits = _generate(model, p, steps)
+            alone[id(p)] = (seq[0, p["input_ids"].shape[1]:], logits[:, 0], h.last_stats)
+        for rows in (prompts, same_length):
+            b = collate(rows)
+            seq, logits = _generate(model, b, steps)
+            n = b["input_ids"].shape[1]
+            for r, p in enumerate(rows):
+                a_seq, a_logits, a_stats = alone[id(p)]
+                assert torch.equal(seq[r, n:], a_seq), r
+                torch.testing.assert_close(logits[:, r], a_logits, atol=1e-4, rtol=0, msg=f"row {r}")
+                s = h.batch_stats[r].to_dict()  # every figure alone, but for the padding the batch added
+                assert a_stats.padding_flops == 0 and s == dict(a_stats.to_dict(), padding_flops=s["padding_flops"]), r
+        # without generate: the model's own positions, and a decode step with the caller's mask and no positions
+        out = model(**batch, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
+        step = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values).logits[:, -1]
+        stats = h.batch_stats
+    for r, p in enumerate(prompts):
+        a_seq, a_logits, a_stats = alone[id(p)]
+        torch.testing.assert_close(out.logits[r, -1], a_logits[0], atol=1e-4, rtol=0)
+        assert int(nxt[r]) == int(a_seq[0])
+        torch.testing.assert_close(step[r], a_logits[1], atol=1e-4, rtol=0)
+    s0 = stats[0]
+    assert s0.prompt_length == prompts[0]["input_ids"].shape[1] and s0.num_visual_tokens == 16  # the prompt as passed
+    assert s0.visual_tokens_per_layer == [6] * 8 and s0.vision_flops < s0.dense_vision_flops  # 4 dominant + 2 contextual
+    assert stats[1].visual_tokens_per_layer == [12] * 8 and not stats[2].pruning_applied
+    assert stats[2].padding_flops > 0 and out.logits.shape[1] == batch["input_ids"].shape[1] - 20  # row 1 lost 20
 
 
 def test_batch_of_one_shares_its_stats():

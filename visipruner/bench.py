@@ -508,7 +508,7 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
 
     def run(s: Setting):
         s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}",
-                               1 if isinstance(s.config, VisionZipConfig) else batch_size)  # VisionZip: one at a time
+                               batch_size)
         timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps, layer_time)
         if batch_size > 1:
             timing.update(time_batch(model, processor, questions, s.config, batch_size, repeats, batch_new_tokens))

@@ -191,6 +191,8 @@ class _Batch:
         self.prefilled = False
         self.generated = 0  # tokens generated before the current decode step
         self.key_layout: dict = {}  # layer -> per-row cache layout (decode); "firsts": the merge values
+        self.reduced_mask: torch.Tensor | None = None  # a prompt reduced before the LM: its (B, padded) mask
+        self.caller_padded = padded  # the caller's padded length (differs when the prompt was reduced)
 
     def row_positions(self, r: int, layer: int | None = None) -> torch.Tensor:
         """Row r's tokens present (in a layer, or now), as positions in its own unpadded prompt."""
@@ -305,14 +307,18 @@ class PruningHandle:
                     if st is not None:
                         start = bt.prompt_lengths[r] + bt.generated
                         st.decode_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-                return None
+                if bt.reduced_mask is None:
+                    return None
+                return args, self._reduced_decode_call(kwargs, bt.reduced_mask, bt.caller_padded, bt.generated,
+                                                       input_ids.shape[1])
             st = self._state
             if st is not None and st.prefilled:
                 st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-                if st.reduced_prompt:  # the caller's mask counts the unreduced prompt; batch 1, no padding
-                    kwargs["attention_mask"] = torch.ones(1, past + input_ids.shape[1], dtype=torch.long,
-                                                          device=input_ids.device)
-                    return args, kwargs
+                if st.reduced_prompt:
+                    n = st.layout.length
+                    return args, self._reduced_decode_call(
+                        kwargs, torch.ones(1, n, dtype=torch.long, device=input_ids.device), n + st.dense_offset,
+                        past - n, input_ids.shape[1])
             else:
                 self._state = None
             return None
@@ -333,15 +339,24 @@ class PruningHandle:
             raise ValueError(f"pruning needs a dynamic KV cache (pruned layers cache fewer tokens); got "
                              f"{type(cache).__name__}: generate without cache_implementation='static'")
         mask = kwargs.get("attention_mask")
-        if input_ids.shape[0] > 1 or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())):
-            self._batch = self._start_batch(input_ids, kwargs)
-            return None
-        original_length = int(input_ids.shape[1])
-        original_visual = int(adapter.visual_mask(input_ids[0]).sum())
+        batched = input_ids.shape[0] > 1 or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()))
+        caller_padded = int(input_ids.shape[1])  # the prompt as passed (the dense figures count it)
         changed = hasattr(self.method, "reduce_prompt")  # methods acting before the language model
         if changed:
+            lengths = self._row_lengths(input_ids, mask) if batched else [caller_padded]
+            visual = [int(adapter.visual_mask(input_ids[r, caller_padded - n:]).sum()) for r, n in enumerate(lengths)]
             kwargs = self.method.reduce_prompt(adapter.multimodal, adapter.image_token_id, kwargs)
             input_ids = kwargs["input_ids"]
+        if batched:
+            bt = self._batch = self._start_batch(input_ids, kwargs)
+            if not changed:
+                return None
+            bt.reduced_mask, bt.caller_padded = kwargs["attention_mask"], caller_padded
+            for r, st in enumerate(bt.rows):
+                if st is not None:
+                    st.dense_offset, st.original_visual = lengths[r] - bt.prompt_lengths[r], visual[r]
+                    st.reduced_prompt = True
+            return args, kwargs
         is_vis = adapter.visual_mask(input_ids[0])
         spans = adapter.spans(input_ids[0], kwargs)
         layout = PromptLayout(
@@ -352,9 +367,8 @@ class PruningHandle:
         )
         self.method.start(layout, self._num_layers)
         st = _PromptState(layout, self._num_layers, input_ids.device, self.method)
-        st.dense_offset = original_length - layout.length
-        st.original_visual = original_visual
-        st.reduced_prompt = changed
+        if changed:
+            st.dense_offset, st.original_visual, st.reduced_prompt = caller_padded - layout.length, visual[0], True
         self._state = st
         return (args, kwargs) if changed else None
 
@@ -603,22 +617,11 @@ class PruningHandle:
         import copy
 
         adapter = self.adapter
-        if hasattr(self.method, "reduce_prompt"):
-            raise ValueError(f"{self.method.name} acts before the language model and runs one prompt at a time; "
-                             "pass batch size 1")
-        if not adapter.supports_batches:
-            raise ValueError(f"pruning a batch is not supported for {adapter.family}; run prompts one at a time")
         B, N = input_ids.shape
-        mask = kwargs.get("attention_mask")
-        valid = (torch.ones_like(input_ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) or mask.dim() != 2
-                 else mask.bool())
-        rows, lengths, first = [], [], True
-        for r in range(B):
-            n = int(valid[r].sum())
-            if n == 0 or not bool(valid[r, N - n:].all()):
-                raise ValueError("pruning a padded batch needs left padding (tokenizer.padding_side = 'left'): "
-                                 f"row {r}'s attention_mask has zeros after its first token")
-            lengths.append(n)
+        lengths = self._row_lengths(input_ids, kwargs.get("attention_mask"))
+        rows, first = [], True
+        shared = {id(m): m for m in self.model.modules()}  # a row's copy of the method shares the model's modules
+        for r, n in enumerate(lengths):
             ids = input_ids[r, N - n:]
             is_vis = adapter.visual_mask(ids)
             if not bool(is_vis.any()):
@@ -628,12 +631,45 @@ class PruningHandle:
             layout = PromptLayout(length=n, visual_positions=is_vis.nonzero().squeeze(-1),
                                   image_spans=[(sp.start, sp.end) for sp in spans],
                                   span_kinds=[sp.kind for sp in spans])
-            method = self.method if first else copy.deepcopy(self.method)
+            method = self.method if first else copy.deepcopy(self.method, dict(shared))
             first = False
             method.start(layout, self._num_layers)
             st = _PromptState(layout, self._num_layers, input_ids.device, method)
             rows.append(st)
         return _Batch(rows, lengths, N, self._num_layers)
+
+    def _row_lengths(self, input_ids, mask) -> list[int]:
+        """Each row's unpadded length in a left-padded batch (a clear error for right padding)."""
+        N = input_ids.shape[1]
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) or mask.dim() != 2
+                 else mask.bool())
+        lengths = []
+        for r in range(input_ids.shape[0]):
+            n = int(valid[r].sum())
+            if n == 0 or not bool(valid[r, N - n:].all()):
+                raise ValueError("pruning a padded batch needs left padding (tokenizer.padding_side = 'left'): "
+                                 f"row {r}'s attention_mask has zeros after its first token")
+            lengths.append(n)
+        return lengths
+
+    @staticmethod
+    def _reduced_decode_call(kwargs: dict, reduced_mask, caller_prompt: int, generated: int, new: int) -> dict:
+        """A decode step after a prompt reduced before the language model: the caller's attention_mask
+        (and the positions it implies) count the prompt as passed; the cache holds the reduced one,
+        laid out by ``reduced_mask``."""
+        B, device = reduced_mask.shape[0], reduced_mask.device
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape[1] != caller_prompt + generated + new:
+                raise ValueError(f"decode step's attention_mask has {mask.shape[1]} columns; expected "
+                                 f"{caller_prompt + generated + new} (the prompt as passed, then the generated tokens)")
+            tail = mask[:, caller_prompt:].to(reduced_mask.dtype)
+        else:
+            tail = torch.ones(B, generated + new, dtype=reduced_mask.dtype, device=device)
+        kwargs = dict(kwargs, attention_mask=torch.cat([reduced_mask, tail], 1))
+        if kwargs.get("position_ids") is None:  # the model would count the reduced cache
+            kwargs["position_ids"] = (caller_prompt + generated + torch.arange(new, device=device))[None].expand(B, new)
+        return kwargs
 
     def _batch_layer_inputs(self, idx: int, bt: "_Batch", args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

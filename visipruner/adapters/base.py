@@ -36,8 +36,6 @@ class ModelAdapter:
     family = "?"
     # whether methods that act before the language model (VisionZip) can run on this family
     supports_pre_lm_methods = False
-    # whether a batch of prompts can be pruned (every row as if alone)
-    supports_batches = True
 
     def __init__(self, model: nn.Module, multimodal: nn.Module, language_model: nn.Module,
                  visual_token_ids: dict[str, int]):

@@ -127,12 +127,16 @@ class VisionZip(PruningMethod):
 
     @torch.no_grad()
     def reduce_prompt(self, multimodal, image_token_id: int, kwargs: dict) -> dict:
-        """Rewrite the LlavaModel call: fewer image tokens in input_ids, zipped features passed in."""
+        """Rewrite the LlavaModel call: fewer image tokens in input_ids, zipped features passed in.
+
+        A left-padded batch comes back left-padded to its longest reduced row, with the
+        attention_mask that says so (always set: with none, gapped positions would be taken for
+        packed sequences). Each image is scored, zipped and projected on its own, so a row's
+        features are those it gets alone."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         pixel_values = kwargs.get("pixel_values")
-        self_run = pixel_values is not None
-        if self_run:
+        if pixel_values is not None:
             self._captured = None
             multimodal.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         elif not (kwargs.get("mm_encoder_outputs") or {}).get("image"):
@@ -141,32 +145,49 @@ class VisionZip(PruningMethod):
             raise RuntimeError("VisionZip: the vision feature layer did not run for this prompt")
         layer_in, layer_out = self._captured
         self._captured = None
-        cls_attn, keys = cls_attention_and_keys(self._layer, layer_in)
         feats = layer_out[:, 1:]  # patches only (the CLS token is the one doing the scoring)
         n_dom, n_ctx = self.sizes(feats.shape[1])
-        zipped = torch.stack([zip_patches(feats[i], cls_attn[i], keys[i], n_dom, n_ctx) for i in range(feats.shape[0])])
-        image_features = multimodal.multi_modal_projector(zipped)
+        image_features = []
+        for i in range(feats.shape[0]):
+            cls_attn, keys = cls_attention_and_keys(self._layer, layer_in[i : i + 1])
+            zipped = zip_patches(feats[i], cls_attn[0], keys[0], n_dom, n_ctx)
+            image_features.append(multimodal.multi_modal_projector(zipped[None])[0])
         ids = kwargs["input_ids"]
         per_image = feats.shape[1] + (1 if multimodal.config.vision_feature_select_strategy == "full" else 0)
-        is_img = ids[0] == image_token_id
-        if int(is_img.sum()) != per_image * feats.shape[0]:
+        is_img = ids == image_token_id
+        per_row = is_img.sum(1)
+        if int(per_row.sum()) != per_image * feats.shape[0] or bool((per_row % per_image).any()):
             raise ValueError(
-                f"Image features and image tokens do not match: {int(is_img.sum())} image tokens for "
+                f"Image features and image tokens do not match: {per_row.tolist()} image tokens per row for "
                 f"{feats.shape[0]} image(s) of {per_image} features"
             )
-        # keep the first n_dom + n_ctx image tokens of each image's run
-        keep = torch.ones_like(is_img)
-        run_pos = torch.cumsum(is_img.long(), 0) - 1  # index among image tokens
-        keep[is_img] = (run_pos[is_img] % per_image) < (n_dom + n_ctx)
+        # keep the first n_dom + n_ctx image tokens of each image's run (images in row-major order)
+        run_pos = (torch.cumsum(is_img.flatten().long(), 0) - 1).view_as(ids)  # index among image tokens
+        keep = ~is_img | ((run_pos % per_image) < (n_dom + n_ctx))
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            keep &= mask.bool()  # the caller's padding goes; the rows are padded again below
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        text = ids[~is_img]
         kwargs = dict(kwargs)
-        kwargs["input_ids"] = ids[:, keep]
-        kwargs["position_ids"] = positions[:, keep]
+        kwargs.update(left_pad_kept(ids, positions.expand_as(ids), keep, int(text[0]) if text.numel() else 0))
         kwargs["pixel_values"] = None
-        # an explicit all-ones mask (batch 1, no padding): with none, gapped positions would be
-        # taken for packed sequences
-        kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(image_features))}
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
         return kwargs
+
+
+def left_pad_kept(ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, fill_id: int) -> dict:
+    """input_ids, position_ids and attention_mask of each row's kept tokens (``keep``, (B, N) bool),
+    right-aligned in the longest row's width; padding slots hold ``fill_id`` (a text token)."""
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    index = torch.zeros(ids.shape[0], width, dtype=torch.long, device=ids.device)
+    for r in range(ids.shape[0]):
+        kept = keep[r].nonzero().squeeze(-1)
+        index[r, width - kept.numel():] = kept
+    pad = torch.arange(width, device=ids.device)[None] < (width - lengths)[:, None]
+    return {"input_ids": ids.gather(1, index).masked_fill(pad, fill_id),
+            "position_ids": positions.gather(1, index).masked_fill(pad, 0),
+            "attention_mask": (~pad).long()}
