@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = "visipruner_scenes"
 
 
-def _lmms_eval(out: Path, method: str, processes: int = 1) -> Path:
+def _lmms_eval(out: Path, method: str, processes: int = 1, batch_size: int = 1) -> Path:
     """Run the stock CLI (as the README gives it); returns the output folder."""
-    args = ["-m", "lmms_eval", "--model", "visipruner", "--model_args", f"method={method}", "--tasks", TASK,
+    model_args = f"method={method}" + (f",batch_size={batch_size}" if batch_size != 1 else "")
+    args = ["-m", "lmms_eval", "--model", "visipruner", "--model_args", model_args, "--tasks", TASK,
             "--include_path", str(tasks_dir()), "--limit", str(LIMIT), "--output_path", str(out), "--log_samples"]
     if processes == 1:
         cmd = [sys.executable, *args]
@@ -191,11 +193,9 @@ def test_method_args(lm):
         VisiPrunerLMM.create_from_arg_string("method=unpruned,prune=yes")
 
 
-def test_config_file_and_batched_unpruned(lm, tmp_path):
-    """config=CFG.json is applied as saved; batch_size>1 (unpruned) answers as batch 1 does."""
+def test_config_file(lm, tmp_path):
+    """config=CFG.json is applied as saved."""
     from visipruner import FastVConfig
-    from visipruner.data.questions import load_questions
-    from visipruner.lmms.scenes_task import doc_to_visual
 
     cfg = tmp_path / "cfg.json"
     cfg.write_text(FastVConfig(layer=3, keep_ratio=0.25).to_json())
@@ -203,29 +203,146 @@ def test_config_file_and_batched_unpruned(lm, tmp_path):
     with pytest.raises(ValueError, match="holds a 'fastv' config"):
         method_config(lm.model, "visipruner", str(cfg))
 
-    qs = load_questions(ensure_data())[:3]
-    docs = [{"image": q.image, "question": q.question, "answer": q.answer, "id": q.id} for q in qs]
+
+def _batch_requests(lm, n: int = 5) -> list[Instance]:
+    """generate_until requests on scene questions: two generation settings interleaved (3 and 2
+    requests) and one prompt without an image, so batches mix prompt lengths and are padded."""
+    from visipruner.data.questions import load_questions
+    from visipruner.lmms.scenes_task import doc_to_visual
+
+    qs = load_questions(ensure_data())[:n]
+    docs = [{"image": q.image, "question": q.question, "answer": q.answer, "id": f"batch-{i}", "text_only": i == 3}
+            for i, q in enumerate(qs)]
     lm.task_dict = {"t": {"test": docs}}
-    gen = {"max_new_tokens": 6}
-    reqs = [Instance(request_type="generate_until", arguments=(q.question, dict(gen), doc_to_visual, i, "t", "test"),
-                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, q in enumerate(qs)]
-    one = lm.generate_until(reqs)
-    lm.batch_size_per_process = 3
+
+    def visual(doc):
+        return [] if doc["text_only"] else doc_to_visual(doc)
+
+    gens = ({"max_new_tokens": 6}, {"max_new_tokens": 3, "until": ["e"]})
+    return [Instance(request_type="generate_until", arguments=(d["question"], dict(gens[i % 2]), visual, i, "t", "test"),
+                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+
+
+def _answer_at(lm, requests, batch_size: int) -> tuple[list[str], list[dict]]:
+    """generate_until's answers at this batch size and the records it made, in the order made."""
+    lm.batch_size_per_process, start = batch_size, len(lm.records)
     try:
-        batched = lm.generate_until(reqs)
+        answers = lm.generate_until(requests)
     finally:
         lm.batch_size_per_process = 1
-    assert batched == one
+    return answers, lm.records[start:]
+
+
+def _per_request(records: list[dict]) -> dict[int, dict]:
+    """Each request's statistics, without the timings and batch sizes (which depend on the batching)."""
+    return {r["doc_id"]: {k: v for k, v in r.items() if k not in ("prefill_ms", "batch_prefill_ms", "batch_rows")}
+            for r in records}
+
+
+@contextmanager
+def _applied(lm, method: str):
+    """The plugin's model with ``method`` applied as ``method=...`` applies it (none for unpruned)."""
+    from visipruner.runtime import apply
+
+    cfg = method_config(lm.model, method, None)
+    lm.method_config, lm.method = cfg, method
+    lm.handle = apply(lm.model, cfg) if cfg is not None else None
+    try:
+        yield
+    finally:
+        if lm.handle is not None:
+            lm.handle.remove()
+        lm.method_config, lm.method, lm.handle, lm.batch_refusal = None, "unpruned", None, None
+
+
+@pytest.fixture(scope="module")
+def unpruned_alone(lm):
+    """The unpruned answers and records of _batch_requests at batch_size=1."""
+    return _answer_at(lm, _batch_requests(lm), 1)
+
+
+@pytest.mark.parametrize("method", ["unpruned", "visipruner", "fastv"])
+def test_batched_requests_answer_as_one_at_a_time(lm, unpruned_alone, method):
+    """batch_size=3: each request's answer and statistics equal batch_size=1's, in the requests' order."""
+    reqs = _batch_requests(lm)
+    with _applied(lm, method):
+        one, one_recs = unpruned_alone if method == "unpruned" else _answer_at(lm, reqs, 1)
+        three, three_recs = _answer_at(lm, reqs, 3)
+        assert lm.batch_refusal is None  # these methods batch on LLaVA
+        if method == "unpruned":  # the order: each request asked on its own
+            assert one == [lm.generate_until([r])[0] for r in reqs]
+    assert three == one
+    assert _per_request(three_recs) == _per_request(one_recs)
+    assert sorted(_per_request(three_recs)) == list(range(len(reqs)))
+    # really batched: settings {0, 2, 4} in one call of 3, {1, 3} in one of 2; rows of different lengths
+    assert {r["doc_id"]: r.get("batch_rows") for r in three_recs} == {0: 3, 2: 3, 4: 3, 1: 2, 3: 2}
+    assert all(r["batch_prefill_ms"] > 0 and r["prefill_ms"] is None for r in three_recs)
+    assert all(r["prefill_ms"] > 0 and "batch_rows" not in r for r in one_recs)
+    assert len({r["prompt_tokens"] for r in three_recs}) > 1
+    by_doc = _per_request(one_recs)
+    assert by_doc[3]["visual_tokens"] == 0 and by_doc[3]["prefill_flops_ratio"] == 1.0
+    if method != "unpruned":  # the method prunes every prompt with an image
+        assert all(by_doc[i]["prefill_flops_ratio"] < 1.0 for i in (0, 1, 2, 4))
+
+
+def test_batch_refused_by_the_runtime_falls_back_to_one_at_a_time(lm, unpruned_alone):
+    """A ValueError from a batched generate (the runtime refusing a batch) is warned about once; every
+    prompt is then answered alone, as at batch_size=1. VisionZip, then a refusal forced on this model."""
+    from loguru import logger
+
+    from visipruner.evaluate import collate_prompts
+
+    reqs = _batch_requests(lm)
+    logs: list[str] = []
+    sink = logger.add(lambda m: logs.append(str(m)), level="WARNING")
+    try:
+        with _applied(lm, "visionzip"):
+            # does the runtime refuse a VisionZip batch today? (asked directly, not by name)
+            ins = [lm._encode(r.args[2](lm.task_dict["t"]["test"][r.args[3]]), r.args[0]) for r in reqs[:2]]
+            try:
+                lm.model.generate(**collate_prompts(ins, lm.tokenizer.pad_token_id or 0), max_new_tokens=1)
+                refused = False
+            except ValueError:
+                refused = True
+            one, one_recs = _answer_at(lm, reqs, 1)
+            three, three_recs = _answer_at(lm, reqs, 3)
+            assert (lm.batch_refusal is not None) == refused
+        assert three == one and _per_request(three_recs) == _per_request(one_recs)
+        assert len([m for m in logs if "cannot run a batch" in m]) == int(refused)
+
+        logs.clear()
+        one, one_recs = unpruned_alone
+        generate = lm.model.generate
+
+        def refusing(**inputs):
+            if inputs["input_ids"].shape[0] > 1:
+                raise ValueError("pruning a batch is not supported here")
+            return generate(**inputs)
+
+        lm.model.generate = refusing  # this instance only
+        three, three_recs = _answer_at(lm, reqs, 3)
+    finally:
+        vars(lm.model).pop("generate", None)
+        logger.remove(sink)
+        lm.batch_refusal = None
+    assert three == one and _per_request(three_recs) == _per_request(one_recs)
+    assert all("batch_rows" not in r for r in three_recs)
+    warned = [m for m in logs if "cannot run a batch" in m]
+    assert len(warned) == 1 and "pruning a batch is not supported here" in warned[0]
 
 
 def test_two_processes_answer_as_one(runs, tmp_path):
-    out = _lmms_eval(tmp_path / "two", "visipruner", processes=2)
+    """Two processes, each answering its share in batches of 2 (batch_size=2), as one process alone."""
+    out = _lmms_eval(tmp_path / "two", "visipruner", processes=2, batch_size=2)
     one, two = _samples(runs["visipruner"]), _samples(out)
     assert sorted(two) == sorted(one) == list(range(LIMIT))
     assert [_answer(two[i]) for i in range(LIMIT)] == [_answer(one[i]) for i in range(LIMIT)]
     s1, s2 = _stats(runs["visipruner"]), _stats(out)
     assert s2["processes"] == 2 and s2["num_prompts"] == LIMIT
     assert s2["mean_prefill_flops_ratio"] == pytest.approx(s1["mean_prefill_flops_ratio"])
+    ratio = {r["doc_id"]: r["prefill_flops_ratio"] for r in s1["samples"]}
+    assert {r["doc_id"]: r["prefill_flops_ratio"] for r in s2["samples"]} == ratio
+    assert all(r["batch_rows"] == 2 for r in s2["samples"])
     assert _results(out)["results"][TASK]["exact_match,none"] == _results(runs["visipruner"])["results"][TASK]["exact_match,none"]
 
 

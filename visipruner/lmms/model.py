@@ -11,9 +11,12 @@
   ``visionzip``, ``sparsevlm``, ``random``, ``attention``); default ``visipruner``.
 - ``config``: a saved method config (JSON, ``cfg.to_json()``); default: ``recommended_config(model)``
   for visipruner, the published default for the peers. ``method`` may be left out with it.
-- ``batch_size``: prompts per ``generate`` call. The runtime prunes one prompt at a time, so
-  only ``method=unpruned`` batches (left padding); pruned methods run each prompt alone whatever
-  the batch size. ``--batch_size`` on the command line sets it too (``--model_args`` wins).
+- ``batch_size``: prompts per ``generate`` call, for every method: requests with the same
+  generation settings are sorted by length, left-padded into batches and answered in one call,
+  each row pruned as if alone (the runtime's ``handle.batch_stats`` gives each row's statistics),
+  and the answers come back in the requests' order. Where the runtime refuses to prune a batch
+  (a ``ValueError``: some methods or families), the plugin warns once and answers one prompt at
+  a time. ``--batch_size`` on the command line sets it too (``--model_args`` wins).
 - ``dtype``: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's; float32
   for the embedded model).
 - ``device``: default ``cuda`` when available, else ``cpu``; under ``accelerate launch`` each
@@ -22,7 +25,8 @@
 Prompts are built as ``visipruner eval`` builds them (the processor's chat template, images
 first) and decoded greedily unless the task asks to sample. Per prompt the plugin records the
 prefill FLOPs ratio, visual tokens per layer, the time to the first generated token (prefill
-latency: vision encoder and the prompt's forward) and the method's fusion/exit layers. When the
+latency: vision encoder and the prompt's forward; for a prompt answered in a batch of several,
+``batch_prefill_ms`` holds the batch's instead) and the method's fusion/exit layers. When the
 evaluation ends (lmms-eval's ``clean()``, reached by every rank), the records are gathered to
 rank 0, which writes ``visipruner_stats.json`` beside lmms-eval's results (``--output_path``).
 """
@@ -44,8 +48,8 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from .. import CONFIGS, config_from_json, recommended_config
-from ..bench import _gen_kwargs, generate_answer
-from ..evaluate import build_prompt, generate_answers
+from ..bench import _gen_kwargs
+from ..evaluate import build_prompt, collate_prompts, generate_rows
 from ..runtime import apply
 
 STATS_FILE = "visipruner_stats.json"
@@ -159,6 +163,7 @@ class VisiPrunerLMM(lmms):
         self.handle = apply(model, self.method_config) if self.method_config is not None else None
         self.output_path = output_path or _output_path_from_argv()
         self.records: list[dict] = []
+        self.batch_refusal: str | None = None  # why the runtime refused a batch (then: one prompt at a time)
         if self.rank == 0:
             logger.info(f"visipruner: method {self.method}, config "
                         f"{self.method_config.to_json() if self.method_config is not None else None}, {self._world_size} process(es)")
@@ -239,12 +244,13 @@ class VisiPrunerLMM(lmms):
         return text.strip()
 
     # ---------------------------------------------------------------------------- statistics
-    def _record(self, req: Instance, doc, inputs: dict, prefill_s: float | None) -> None:
+    def _record(self, req: Instance, doc, inputs: dict, s, prefill_s: float | None, rows: int = 1) -> None:
+        """One request's record: ``s`` is its row's PruneStats (None: unpruned), ``prefill_s`` the time to
+        the first generated token of the ``generate`` call that answered it together with ``rows - 1`` others."""
         if req.metadata.get("__padding_only__"):  # lmms-eval's filler to even out ranks
             return
         layers = self.model.config.get_text_config().num_hidden_layers
         n_vis = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
-        s = self.handle.last_stats if self.handle is not None else None
         rec = {"task": req.task_name, "doc_id": req.doc_id, "request_type": req.request_type,
                "prompt_tokens": int(inputs["input_ids"].shape[1]), "visual_tokens": n_vis}
         if s is not None and s.pruning_applied:
@@ -253,7 +259,10 @@ class VisiPrunerLMM(lmms):
                        exit_layer=s.exit_layer)
         else:
             rec.update(prefill_flops_ratio=1.0, avg_visual_tokens=float(n_vis), visual_tokens_per_layer=[n_vis] * layers)
-        rec["prefill_ms"] = prefill_s * 1e3 if prefill_s is not None else None
+        ms = prefill_s * 1e3 if prefill_s is not None else None
+        rec["prefill_ms"] = ms if rows == 1 else None  # a batch's latency is not one prompt's
+        if rows > 1:
+            rec.update(batch_rows=rows, batch_prefill_ms=ms)
         self.records.append(rec)
         if hasattr(doc, "get") and doc.get("id") is not None:
             _STATS_BY_DOC_ID[str(doc["id"])] = rec
@@ -311,58 +320,75 @@ class VisiPrunerLMM(lmms):
     def _bar(self, n, desc):
         return tqdm(total=n, desc=desc, disable=self.rank != 0, file=sys.stderr)
 
+    def _prompt(self, req: Instance, doc, visuals, text) -> tuple[Instance, object, dict]:
+        return req, doc, self._encode(self._images(visuals), text)
+
     @torch.no_grad()
-    def _answer(self, req: Instance, doc, images, text, gen_kwargs) -> str:
+    def _generate(self, prompts: list[tuple[Instance, object, dict]], gen_kwargs) -> list[str]:
+        """Answers to prompts sharing ``gen_kwargs``, in one left-padded ``generate`` call; records each."""
         kw, until = self._generation(gen_kwargs)
-        inputs = self._encode(images, text)
+        ins = [inputs for _, _, inputs in prompts]
+        batch = ins[0] if len(ins) == 1 else collate_prompts(ins, self.tokenizer.pad_token_id or 0)
         timer = _FirstTokenTimer() if kw.get("num_beams", 1) == 1 else None
         if timer is not None:
             kw["streamer"] = timer
-        answer = generate_answer(self.model, self.processor, inputs, kw)
-        self._record(req, doc, inputs, timer.seconds if timer is not None else None)
-        return self._cut(answer, until)
+        answers = generate_rows(self.model, self.processor, batch, kw)
+        if self.handle is not None:
+            stats = self.handle.batch_stats
+            step = len(stats) // len(prompts)  # beam search expands each row into num_beams rows
+            if step < 1 or len(stats) != step * len(prompts):
+                raise RuntimeError(f"the runtime gave {len(stats)} row statistics for a batch of {len(prompts)}")
+            stats = stats[::step]
+        else:
+            stats = [None] * len(prompts)
+        seconds = timer.seconds if timer is not None else None
+        for (req, doc, inputs), s in zip(prompts, stats):
+            self._record(req, doc, inputs, s, seconds, rows=len(prompts))
+        return [self._cut(a, until) for a in answers]
+
+    def _generate_batch(self, prompts: list[tuple[Instance, object, dict]], gen_kwargs) -> list[str]:
+        """As :meth:`_generate`; where the runtime refuses the batch (ValueError), warns once and
+        answers this and every later batch one prompt at a time."""
+        if len(prompts) > 1 and self.batch_refusal is None:
+            try:
+                return self._generate(prompts, gen_kwargs)
+            except ValueError as e:
+                self.batch_refusal = str(e)
+                logger.warning(f"visipruner: {self.method} cannot run a batch here ({e}); answering one prompt "
+                               "at a time from now on")
+        return [a for p in prompts for a in self._generate([p], gen_kwargs)]
+
+    def _batches(self, requests: list[Instance]) -> list[list[int]]:
+        """Request indices in batches of at most ``batch_size``: requests with the same generation
+        settings together (in order of first appearance), longest context first within them."""
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            kw, until = self._generation(req.args[1])
+            groups.setdefault((tuple(sorted(kw.items())), tuple(until)), []).append(i)
+        n = self.batch_size
+        out = []
+        for idx in groups.values():
+            if n > 1:
+                lengths = {i: len(self.tokenizer(requests[i].args[0], add_special_tokens=False)["input_ids"]) for i in idx}
+                idx = sorted(idx, key=lambda i: -lengths[i])  # stable: ties keep the requests' order
+            out.extend(idx[k:k + n] for k in range(0, len(idx), n))
+        return out
 
     @torch.no_grad()
     def generate_until(self, requests: list[Instance]) -> list[str]:
         out: list[str | None] = [None] * len(requests)
         bar = self._bar(len(requests), "visipruner generate")
-        batch = self.batch_size if self.method_config is None else 1  # pruning runs one prompt at a time
-        i = 0
-        while i < len(requests):
-            # a run of consecutive requests sharing generation kwargs (only unpruned batches)
-            j = i + 1
-            while j < len(requests) and j - i < batch and requests[j].args[1] == requests[i].args[1]:
-                j += 1
-            if j - i == 1:
-                ctx, gen_kwargs, doc_to_visual, doc_id, task, split = requests[i].args
+        for idx in self._batches(requests):
+            prompts = []
+            for i in idx:
+                ctx, _, doc_to_visual, doc_id, task, split = requests[i].args
                 doc = self._doc(task, split, doc_id)
-                out[i] = self._answer(requests[i], doc, self._images(doc_to_visual(doc)), ctx, gen_kwargs)
-            else:
-                out[i:j] = self._answer_batch(requests[i:j])
-            bar.update(j - i)
-            i = j
+                prompts.append(self._prompt(requests[i], doc, doc_to_visual(doc), ctx))
+            for i, answer in zip(idx, self._generate_batch(prompts, requests[idx[0]].args[1])):
+                out[i] = answer
+            bar.update(len(idx))
         bar.close()
         return out
-
-    def _answer_batch(self, requests: list[Instance]) -> list[str]:
-        """Unpruned, several prompts in one left-padded generate() (``visipruner eval``'s path)."""
-        from ..data.questions import Question
-
-        docs, images, questions = [], [], []
-        for req in requests:
-            ctx, _, doc_to_visual, doc_id, task, split = req.args
-            doc = self._doc(task, split, doc_id)
-            imgs = self._images(doc_to_visual(doc))
-            if len(imgs) != 1:
-                raise ValueError("batch_size > 1 takes one image per prompt; use batch_size=1 for this task")
-            docs.append(doc)
-            images.append(imgs[0])
-            questions.append(Question(image="", question=ctx, answer=""))
-        kw, until = self._generation(requests[0].args[1])
-        answers = generate_answers(self.model, self.processor, questions, images=images, **kw)
-        for req, doc, q, img in zip(requests, docs, questions, images):
-            self._record(req, doc, self._encode([img], q.question), None)  # latency is per batch: not recorded
-        return [self._cut(a, until) for a in answers]
 
     @torch.no_grad()
     def continuation_logprob(self, inputs: dict, continuation_ids: list[int]) -> tuple[float, bool, float]:
@@ -400,7 +426,7 @@ class VisiPrunerLMM(lmms):
             ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             logp, greedy, prefill_s = self.continuation_logprob(inputs, ids)
             out.append((logp, greedy))
-            self._record(req, doc, inputs, prefill_s)
+            self._record(req, doc, inputs, self.handle.last_stats if self.handle is not None else None, prefill_s)
             bar.update(1)
         bar.close()
         return out
@@ -426,7 +452,7 @@ class VisiPrunerLMM(lmms):
                     outputs = list(outputs)
                     if stop:
                         break
-                outputs.append(self._answer(req, doc, self._images(visuals), ctx, gen_kwargs))
+                outputs += self._generate([self._prompt(req, doc, visuals, ctx)], gen_kwargs)
                 k += 1
             out.append(outputs)
             bar.update(1)
