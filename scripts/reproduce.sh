@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Reruns every figure that README.md and docs/results/ quote, and rewrites docs/results/.
 #
-#   bash scripts/reproduce.sh                 # every step (about 1 h 15 min on 2 otherwise idle cores)
+#   bash scripts/reproduce.sh                 # every step (about 2 h on 2 otherwise idle cores)
 #   bash scripts/reproduce.sh --quick         # eval on the scene test split, quick bench, check cost,
 #                                             # prefill speed (about 35 min)
 #   bash scripts/reproduce.sh --steps bench,check_cost
 #   bash scripts/reproduce.sh --python /path/to/python   # default: .venv/bin/python (scripts/setup.sh)
 #
 # Steps, in order: data eval_test eval_dev eval_easyvqa calibrate front bench bench_half bench_timing
-# check_cost prefill_speed analysis. Inputs go to runs/ (git-ignored); each step's log to runs/reproduce/.
+# check_cost prefill_speed throughput throughput_gqa throughput_organism analysis. Inputs go to runs/ (git-ignored); each step's log to runs/reproduce/.
 # docs/results/MANIFEST.tsv gets one line per file written: file, step, command, commit, finish
 # time (UTC) and seconds. `calibrate` writes runs/calibrated_config.json; it does not replace the
 # shipped config (visipruner/models/organism/visipruner_config.json), which the bench uses.
@@ -16,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=.venv/bin/python
-STEPS=(data eval_test eval_dev eval_easyvqa calibrate front bench bench_half bench_timing check_cost prefill_speed analysis)
+STEPS=(data eval_test eval_dev eval_easyvqa calibrate front bench bench_half bench_timing check_cost prefill_speed
+       throughput throughput_gqa throughput_organism analysis)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) STEPS=(data eval_test bench check_cost prefill_speed) ;;
@@ -102,6 +103,15 @@ for step in "${STEPS[@]}"; do
     prefill_speed)
       run prefill_speed "$R/prefill_speed_1thread.json" "$PY" benchmarks/prefill_speed.py --threads 1 \
         --repeats 5 --decode-steps 8 --json "$R/prefill_speed_1thread.json" ;;
+    throughput)  # batched generation on the LLaVA-1.5-shaped random model (multi-head attention, as LLaVA-1.5)
+      run throughput "$R/throughput.json $R/throughput.png" "$PY" benchmarks/throughput.py --batch-sizes 1,4,16 \
+        --repeats 3 --threads 2 --json "$R/throughput.json" ;;
+    throughput_gqa)  # the same with grouped-query attention (8 KV heads for 16 query heads): a smaller cache
+      run throughput_gqa "$R/throughput_gqa.json $R/throughput_gqa.png" "$PY" benchmarks/throughput.py \
+        --batch-sizes 1,4,16 --kv-heads 8 --settings paper --repeats 3 --threads 2 --json "$R/throughput_gqa.json" ;;
+    throughput_organism)
+      run throughput_organism "$R/throughput_organism.json $R/throughput_organism.png" "$PY" benchmarks/throughput.py \
+        --organism --batch-sizes 1,4,16 --repeats 3 --threads 2 --json "$R/throughput_organism.json" ;;
     analysis)
       run analysis "$R/analysis/analysis.json $R/analysis/report.html $R/analysis/suggested_config.json" \
         "${CLI[@]}" analyze --model runs/organism_hf --data runs/calib/heldout.jsonl --limit 10 --stride 2 \
