@@ -66,6 +66,24 @@ def build_organism(model, processor, batch: int) -> dict:
     return collate_prompts(prompts, processor.tokenizer.pad_token_id or 0) if batch > 1 else prompts[0]
 
 
+def padded_prediction(model, stats) -> float:
+    """The FLOPs-predicted prefill speed-up of the batch as it runs padded: unpruned, every row at the
+    longest prompt's length; pruned, each row's executed FLOPs plus the padding the runtime added
+    (``padding_flops``: every layer at that layer's longest row)."""
+    from visipruner import flops
+
+    cfg = model.config.get_text_config()
+    dims = flops.Dims.from_config(cfg)
+
+    def unpruned(n):
+        return cfg.num_hidden_layers * flops.layer_flops(dims, n, flops.causal_pairs(n), flops.causal_pairs(n))
+
+    dense = len(stats) * unpruned(max(s.prompt_length for s in stats))
+    pruned = sum((s.prefill_flops if s.pruning_applied else unpruned(s.prompt_length)) + s.padding_flops
+                 for s in stats)
+    return dense / pruned
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", default="1,4,16")
@@ -131,6 +149,7 @@ def main(argv=None):
                    "decode_ms_unpruned": med(dense, 1) * 1e3, "decode_ms_pruned": med(pruned, 1) * 1e3,
                    "kv_bytes_unpruned": dense[0][2], "kv_bytes_pruned": pruned[0][2],
                    "predicted_prefill_speedup": predicted, "raw": {"unpruned": dense, "pruned": pruned}}
+            rec["predicted_prefill_speedup_padded"] = padded_prediction(model, stats)
             rec["realised_prefill_speedup"] = rec["prefill_s_unpruned"] / rec["prefill_s_pruned"]
             rec["realised_over_predicted"] = rec["realised_prefill_speedup"] / predicted
             for side in ("unpruned", "pruned"):
@@ -144,7 +163,7 @@ def main(argv=None):
             rec["kv_bytes_rows_ratio"] = rec["kv_bytes_rows_pruned"] / rec["kv_bytes_rows_unpruned"]
             results.append(rec)
             print(f"batch {b:>3} {name:<22} prefill {rec['prefill_s_unpruned']:.2f}->{rec['prefill_s_pruned']:.2f} s "
-                  f"(real/pred {rec['realised_over_predicted']:.2f}) decode {rec['decode_ms_unpruned']:.0f}->"
+                  f"(real/pred {rec['realised_over_predicted']:.2f}, padded {rec['realised_prefill_speedup'] / rec['predicted_prefill_speedup_padded']:.2f}) decode {rec['decode_ms_unpruned']:.0f}->"
                   f"{rec['decode_ms_pruned']:.0f} ms/step ({rec['decode_throughput_ratio']:.2f}x tokens/s) "
                   f"KV {rec['kv_bytes_ratio']:.2f}x (rows' own tokens {rec['kv_bytes_rows_ratio']:.2f}x)", flush=True)
         if not args.organism:
@@ -156,26 +175,43 @@ def main(argv=None):
         print(f"wrote {args.json}")
     png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
     if png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in settings:
-            rs = [r for r in results if r["setting"] == name]
-            ax.plot([r["batch"] for r in rs], [r["decode_tokens_per_s_pruned"] for r in rs], "o-", label=f"pruned: {name}")
-        rs = [r for r in results if r["setting"] == next(iter(settings))]
-        ax.plot([r["batch"] for r in rs], [r["decode_tokens_per_s_unpruned"] for r in rs], "s--k", label="unpruned")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("decode tokens / s")
-        ax.set_title(f"decode throughput, {L}-layer LLaVA-shaped model ({args.device})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
+        title = ("embedded model" if args.organism else
+                 f"{L}-layer LLaVA-shaped model, {args.kv_heads} KV heads / {args.heads} heads")
+        plot(results, png, f"{title} ({args.device}), {args.new_tokens} new tokens")
         print(f"wrote {png}")
 
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Decode tokens/s and KV-cache MiB against batch size, pruned (each setting) and unpruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    fig, (ax, kx) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, name in enumerate(settings):
+        rs = [r for r in results if r["setting"] == name]
+        b = [r["batch"] for r in rs]
+        ax.plot(b, [r["decode_tokens_per_s_pruned"] for r in rs], "o-", color=f"C{i}", label=f"pruned: {name}")
+        kx.plot(b, [r["kv_bytes_pruned"] / 2**20 for r in rs], "o-", color=f"C{i}", label=f"pruned: {name} (cache)")
+        kx.plot(b, [r["kv_bytes_rows_pruned"] / 2**20 for r in rs], "x:", color=f"C{i}",
+                label=f"pruned: {name} (rows' own tokens)")
+    rs = [r for r in results if r["setting"] == settings[0]]
+    b = [r["batch"] for r in rs]
+    ax.plot(b, [r["decode_tokens_per_s_unpruned"] for r in rs], "s--k", label="unpruned")
+    kx.plot(b, [r["kv_bytes_unpruned"] / 2**20 for r in rs], "s--k", label="unpruned")
+    for x, ylabel in ((ax, "decode tokens / s"), (kx, "KV cache after the last step (MiB)")):
+        x.set_xscale("log", base=2)
+        x.set_xlabel("batch size")
+        x.set_ylabel(ylabel)
+        x.legend(fontsize=7)
+        x.grid(alpha=0.3)
+    kx.set_yscale("log", base=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()

@@ -167,6 +167,8 @@ class _PromptState:
         self.reduced_prompt = False
         self.layer_input: torch.Tensor | None = None  # hidden states entering the current layer
         self.merge_values: list[torch.Tensor] | None = None  # layer-0 values of each span's first token
+        self.layer_counts: list[tuple[int, int, str | None]] | None = None  # per layer after prefill: (tokens,
+        # visual tokens, shallow mode), for decode FLOPs
 
     def pruned(self) -> bool:
         return self.positions.numel() < self.layout.length
@@ -800,14 +802,30 @@ class PruningHandle:
         layers compute every row's text query at once: softmax over all visible keys, visual keys'
         probabilities zeroed, each span's mass onto its first token (or renormalised without them)."""
         B, K, new = q.shape[0], k.shape[2], q.shape[2]
-        modes = {st.method.shallow_mode(layer) for st in bt.rows if st is not None}
-        mode = modes.pop() if len(modes) == 1 else None
-        if modes:
-            raise RuntimeError("rows of one batch disagree on the shallow stage; their configs must match")
+        if ("mode", layer) not in bt.key_layout:
+            modes = {st.method.shallow_mode(layer) for st in bt.rows if st is not None}
+            if len(modes) > 1:
+                raise RuntimeError("rows of one batch disagree on the shallow stage; their configs must match")
+            bt.key_layout[("mode", layer)] = modes.pop() if modes else None
+        mode = bt.key_layout[("mode", layer)]
         if not bt.layer_changed[layer] and mode is None and (mask is None or mask.shape[-1] == K):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the caller's layout
         Wl, t, dev = bt.layer_widths[layer], bt.generated, q.device
         prompt_pos, prompt_span = self._batch_key_layout(bt, layer, dev)
+        window = kwargs.get("sliding_window")
+        if mode is None and new == 1 and not window and K == Wl + t + new:
+            # one new token sees every cache entry of its row but the padding: the prompt part's padding
+            # is fixed per layer, the generated part all visible
+            if ("open", layer) not in bt.key_layout:
+                valid = prompt_pos >= 0
+                bt.key_layout[("open", layer)] = (valid, bool(valid.all()))
+            valid, everything = bt.key_layout[("open", layer)]
+            if everything:
+                return original(module, q, k, v, None, **kwargs)
+            see = torch.cat([valid, valid.new_ones(B, t + new)], 1)[:, None, None, :]
+            if self._original_impl == "eager":
+                see = torch.zeros(see.shape, dtype=q.dtype, device=dev).masked_fill(~see, torch.finfo(q.dtype).min)
+            return original(module, q, k, v, see, **kwargs)
         n = torch.tensor(bt.prompt_lengths, device=dev)[:, None]
         steps = torch.arange(t + new, device=dev)[None, :]
         full = Wl + t + new
@@ -815,7 +833,6 @@ class PruningHandle:
         key_span = torch.cat([prompt_span, torch.full((B, t + new), -1, dtype=torch.long, device=dev)], 1)[:, full - K:]
         q_pos = n + t + torch.arange(new, device=dev)[None, :]
         see = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])
-        window = kwargs.get("sliding_window")
         if window:
             see &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
         if mode is None:
@@ -907,10 +924,11 @@ class PruningHandle:
         new = int(st.decode_positions.numel())
         generated = total - st.layout.length
         pruned = dense = 0
-        for layer in range(self._num_layers):
-            kept = int(st.layer_positions[layer].numel()) + generated
-            n_vis = int((st.layer_visual_ids[layer] >= 0).sum())
-            mode = st.method.shallow_mode(layer)
+        if st.layer_counts is None:  # fixed once the prompt is prefilled
+            st.layer_counts = [(int(st.layer_positions[layer].numel()), int((st.layer_visual_ids[layer] >= 0).sum()),
+                                st.method.shallow_mode(layer)) for layer in range(self._num_layers)]
+        for layer, (kept, n_vis, mode) in enumerate(st.layer_counts):
+            kept += generated
             # causal within the step's new tokens: query i sees keys up to kept - new + i + 1
             causal = new * kept - new * (new - 1) // 2
             if mode is None:
