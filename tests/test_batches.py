@@ -146,8 +146,9 @@ def test_qwen3_vl_rows_get_their_own_deepstack_features(cfg):
     assert stats[0].tokens_per_layer[3] != stats[1].tokens_per_layer[3]  # the rows were repacked
 
 
-def test_batch_with_no_row_pruned_and_every_row_pruned_to_nothing():
-    model, prompts = _rows("llava")
+@pytest.mark.parametrize("name", BATCHED)
+def test_batch_with_no_row_pruned_and_every_row_pruned_to_nothing(name):
+    model, prompts = _rows(name)
     prompts = prompts[:2]
     batch = collate(prompts)
     dense = model(**batch).logits
@@ -267,9 +268,10 @@ def test_batch_of_one_shares_its_stats():
     assert h.batch_stats == [h.last_stats] and h.last_stats is h.batch_stats[0]
 
 
-@pytest.mark.parametrize("name, second, cfg", [
-    ("llava", None, VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e-3, exit_threshold=0.0)),
-    ("qwen3_vl", "video", QWEN3_DEEPSTACK)], ids=["llava", "qwen3_vl"])
+CACHED = [(n, None, TRIGGERING) for n in BATCHED if n != "qwen3_vl"] + [("qwen3_vl", "video", QWEN3_DEEPSTACK)]
+
+
+@pytest.mark.parametrize("name, second, cfg", CACHED, ids=[c[0] for c in CACHED])
 def test_cached_batched_generation_equals_recomputing_each_row_alone(name, second, cfg):
     from visipruner import Schedule
 
