@@ -43,20 +43,33 @@ from visipruner import Schedule, VisiPrunerConfig
 from visipruner.testing import IMAGE_TOKEN_ID, tiny_llava
 
 
-def build(args):
+def build(args, batch: int = 1, device: str = "cpu"):
+    """The random model, ``batch`` prompts (each: BOS, ``--prefix - 1`` text tokens, 576 image tokens,
+    ``--suffix`` text tokens) and their image features, on ``device``."""
     model = tiny_llava(
         0, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
         intermediate=args.intermediate, vocab=args.vocab, image_size=336, patch=14, vision_hidden=32,
-    )
+    ).to(device)
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([
+    ids = torch.stack([torch.cat([
         torch.tensor([1]), torch.randint(4, args.vocab, (args.prefix - 1,), generator=g),
         torch.full((576,), IMAGE_TOKEN_ID), torch.randint(4, args.vocab, (args.suffix,), generator=g),
-    ])[None]
-    pixels = torch.randn(1, 3, 336, 336, generator=g)
+    ]) for _ in range(batch)]).to(device)
+    pixels = torch.randn(batch, 3, 336, 336, generator=g).to(device)
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=pixels, return_dict=True)
     return model, ids, feats
+
+
+def paper_schedule(layers: int, keep: float) -> tuple[int, Schedule]:
+    """The 32-layer paper setting (shallow 6, fusion at 10, exit at 20) scaled to ``layers``: the
+    shallow-stage depth K and a forced schedule keeping a fixed random ``keep`` share of the 576
+    visual tokens at the fusion layer."""
+    K = max(1, round(6 * layers / 32))
+    fusion = max(K + 1, round(10 * layers / 32))
+    exit_ = max(fusion + 1, round(20 * layers / 32))
+    critical = torch.randperm(576, generator=torch.Generator().manual_seed(1))[: int(keep * 576)].tolist()
+    return K, Schedule(fusion, critical, exit_)
 
 
 def shipped_config() -> VisiPrunerConfig:
@@ -107,14 +120,12 @@ def main(argv=None):
 
     model, ids, feats = build(args)
     L = args.layers
-    K = max(1, round(6 * L / 32))  # shallow stage: 6 of 32 layers
-    fusion = max(K + 1, round(10 * L / 32))
-    exit_ = max(fusion + 1, round(20 * L / 32))
-    critical = torch.randperm(576, generator=torch.Generator().manual_seed(1))[: int(args.keep * 576)].tolist()
+    K, forced = paper_schedule(L, args.keep)
+    fusion, critical, exit_ = forced.fusion_layer, forced.critical_tokens, forced.exit_layer  # printed below
     settings = {
         "shallow only": (VisiPrunerConfig(stages=("shallow",), shallow_layers=K), None),
-        "fusion + exit": (VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=K), Schedule(fusion, critical, exit_)),
-        "all three stages": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, critical, exit_)),
+        "fusion + exit": (VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=K), forced),
+        "all three stages": (VisiPrunerConfig(shallow_layers=K), forced),
         "check every layer, never fuse": (VisiPrunerConfig(shallow_layers=K, layer_threshold=-1.0), None),
         "shipped thresholds, measured": (shipped_config(), None),
         "paper thresholds, measured": (VisiPrunerConfig(shallow_layers=K), None),

@@ -35,25 +35,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import visipruner  # noqa: E402
-from prefill_speed import model_arguments  # noqa: E402
-from visipruner import Schedule, VisiPrunerConfig  # noqa: E402
+from prefill_speed import build, model_arguments, paper_schedule, shipped_config  # noqa: E402
+from visipruner import VisiPrunerConfig  # noqa: E402
 from visipruner.evaluate import rows_kv_bytes, time_generation as run_once  # noqa: E402
-from visipruner.testing import IMAGE_TOKEN_ID, tiny_llava  # noqa: E402
-
-
-def build(args, batch: int):
-    model = tiny_llava(0, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                       intermediate=args.intermediate, vocab=args.vocab, image_size=336, patch=14, vision_hidden=32)
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.cat([torch.tensor([1]), torch.randint(4, args.vocab, (args.prefix - 1,), generator=g),
-                       torch.full((576,), IMAGE_TOKEN_ID), torch.randint(4, args.vocab, (args.suffix,), generator=g)])
-            for _ in range(batch)]
-    ids = torch.stack(rows).to(args.device)
-    model.to(args.device)
-    with torch.no_grad():
-        feats = model.model.get_image_features(
-            pixel_values=torch.randn(batch, 3, 336, 336, generator=g).to(args.device), return_dict=True)
-    return model, ids, feats
 
 
 def build_organism(model, processor, batch: int) -> dict:
@@ -63,7 +47,7 @@ def build_organism(model, processor, batch: int) -> dict:
 
     qs = default_questions(True)
     prompts = [_inputs(processor, qs[i % len(qs)], model) for i in range(batch)]
-    return collate_prompts(prompts, processor.tokenizer.pad_token_id or 0) if batch > 1 else prompts[0]
+    return collate_prompts(prompts, processor.tokenizer.pad_token_id)
 
 
 def padded_prediction(model, stats) -> float:
@@ -108,29 +92,24 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     L = args.layers
-    K = max(1, round(6 * L / 32))
-    fusion, exit_ = max(K + 1, round(10 * L / 32)), max(K + 2, round(20 * L / 32))
-    critical = torch.randperm(576, generator=torch.Generator().manual_seed(1))[: int(args.keep * 576)].tolist()
-    shipped = visipruner.config_from_json(open(os.path.join(
-        os.path.dirname(visipruner.__file__), "models", "organism", "visipruner_config.json")).read())
-    settings = {
-        "paper-like (forced)": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, critical, exit_)),
-        "calibrated thresholds": (shipped, None),
+    K, forced = paper_schedule(L, args.keep)
+    settings = {  # --settings key: (name, config, schedule)
+        "paper": ("paper-like (forced)", VisiPrunerConfig(shallow_layers=K), forced),
+        "calibrated": ("calibrated thresholds", shipped_config(), None),
     }
-    wanted = set(args.settings.split(","))
-    settings = {k: v for k, v in settings.items() if k.split("-")[0].split(" ")[0] in wanted}
+    settings = {name: (cfg, sched) for key, (name, cfg, sched) in settings.items() if key in args.settings.split(",")}
     if args.organism:
         from visipruner.models import load_organism
 
         organism, processor = load_organism(device=args.device)
-        settings = {"calibrated config (measured)": (shipped, None)}
+        settings = {"calibrated config (measured)": (shipped_config(), None)}
     results = []
     for b in sizes:
         if args.organism:
             model, inputs = organism, build_organism(organism, processor, b)
             inputs = {k: v.to(args.device) for k, v in inputs.items()}
         else:
-            model, ids, feats = build(args, b)
+            model, ids, feats = build(args, b, args.device)
             inputs = {"input_ids": ids, "mm_encoder_outputs": {"image": feats}}
         run_once(model, inputs, 2)  # warm-up
         for name, (cfg, sched) in settings.items():

@@ -206,10 +206,10 @@ def test_bench_and_calibrate_batched_answer_like_batch_one(tmp_path):
                 k: v for k, v in b.items() if k != "padding_flops"}
             assert a.get("padding_flops", 0) == 0
     prompts = [_inputs(proc, q, model) for q in qs]
-    ref = measure(model, proc, qs, prompts, None, None, progress=False)["answers"]
+    ref = measure(model, proc, prompts, None, None, progress=False)["answers"]
     cut = VisiPrunerConfig(shallow_layers=2, layer_threshold=1.0, tokens_threshold=1e9)  # all leave at fusion
-    m1 = measure(model, proc, qs, prompts, cut, ref, progress=False, batch_size=1)
-    m3 = measure(model, proc, qs, prompts, cut, ref, progress=False, batch_size=3)
+    m1 = measure(model, proc, prompts, cut, ref, progress=False, batch_size=1)
+    m3 = measure(model, proc, prompts, cut, ref, progress=False, batch_size=3)
     assert m1 == m3 and m1["flops_ratio"] < 1
 
 

@@ -175,11 +175,12 @@ def masked_rows_without_visual(
     Computed in chunks of rows, so at most (chunk x n) scores exist at once. Returns (b, H, r, d).
     """
     outs = []
+    kt, vf = k.float().transpose(-1, -2), v.float()  # once, not per chunk (a copy in half precision)
     for s in range(0, q.shape[2], chunk):
-        sc = torch.matmul(q[:, :, s : s + chunk].float(), k.float().transpose(-1, -2)) * scale
+        sc = torch.matmul(q[:, :, s : s + chunk].float(), kt) * scale
         sc = sc.masked_fill(~visible[s : s + chunk], NEG_INF)
         p = torch.softmax(sc, dim=-1).masked_fill(visual_keys, 0.0)
-        outs.append(torch.matmul(p, v.float()))
+        outs.append(torch.matmul(p, vf))
     return torch.cat(outs, dim=2).to(q.dtype)
 
 

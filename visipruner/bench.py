@@ -135,12 +135,6 @@ def _gen_kwargs(processor, max_new_tokens):
     return kw
 
 
-def generate_answer(model, processor, inputs, gen_kwargs) -> str:
-    """Greedy answer to one batch-1 prompt, decoded without the prompt and special tokens."""
-    gen = model.generate(**inputs, **gen_kwargs)
-    return processor.tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def _kv_bytes(model, tokens_per_layer: list[int]) -> int:
     from .evaluate import kv_bytes_per_token
 
@@ -152,44 +146,31 @@ def answer_all(model, processor, questions, config, max_new_tokens, progress_des
     """Each question's answer and what pruning did to its prompt. ``batch_size`` > 1 answers that many
     prompts per ``generate`` call (left-padded; each row pruned as if alone, so the answers and
     statistics are those of batch size 1)."""
-    from tqdm.auto import tqdm
-
     from .adapters import get_adapter
-    from .evaluate import collate_prompts, generate_rows, normalize_answer
+    from .evaluate import answer_batches, normalize_answer
 
     kw = _gen_kwargs(processor, max_new_tokens)
     visual = get_adapter(model).visual_mask
-    handle = apply(model, config) if config is not None else None
     num_layers = model.config.text_config.num_hidden_layers
     out = []
-    try:
-        bar = tqdm(total=len(questions), desc=progress_desc, file=sys.stderr, leave=False)
-        for at in range(0, len(questions), batch_size):
-            chunk = questions[at : at + batch_size]
-            inps = [_inputs(processor, q, model) for q in chunk]
-            batch = inps[0] if len(inps) == 1 else collate_prompts(inps, processor.tokenizer.pad_token_id or 0)
-            preds = generate_rows(model, processor, batch, kw)
-            stats = handle.batch_stats if handle is not None else [None] * len(chunk)
-            for q, inp, pred, s in zip(chunk, inps, preds, stats):
-                n = int(inp["input_ids"].shape[1])
-                n_vis = int(visual(inp["input_ids"]).sum())
-                rec = {"id": q.id, "family": q.family, "answer": q.answer, "prediction": pred,
-                       "correct": normalize_answer(pred) == normalize_answer(q.answer), "num_visual": n_vis}
-                if s is not None and s.pruning_applied:
-                    rec.update(avg_visual_tokens=s.avg_visual_tokens, prefill_flops_ratio=s.prefill_flops_ratio,
-                               prefill_flops_ratio_fastv=s.prefill_flops_fastv / s.dense_prefill_flops_fastv,
-                               kv_cache_bytes=_kv_bytes(model, s.tokens_per_layer),
-                               fusion_layer=s.fusion_layer, exit_layer=s.exit_layer,
-                               critical_tokens=len(s.critical_tokens), padding_flops=s.padding_flops)
-                else:
-                    rec.update(avg_visual_tokens=float(n_vis), prefill_flops_ratio=1.0, prefill_flops_ratio_fastv=1.0,
-                               kv_cache_bytes=_kv_bytes(model, [n] * num_layers))
-                out.append(rec)
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        if handle is not None:
-            handle.remove()
+    prompts = (_inputs(processor, q, model) for q in questions)
+    batches = answer_batches(model, processor, prompts, config, kw, batch_size, progress_desc, total=len(questions))
+    for inps, preds, stats in batches:
+        for q, inp, pred, s in zip(questions[len(out):], inps, preds, stats):
+            n = int(inp["input_ids"].shape[1])
+            n_vis = int(visual(inp["input_ids"]).sum())
+            rec = {"id": q.id, "family": q.family, "answer": q.answer, "prediction": pred,
+                   "correct": normalize_answer(pred) == normalize_answer(q.answer), "num_visual": n_vis}
+            if s is not None and s.pruning_applied:
+                rec.update(avg_visual_tokens=s.avg_visual_tokens, prefill_flops_ratio=s.prefill_flops_ratio,
+                           prefill_flops_ratio_fastv=s.prefill_flops_fastv / s.dense_prefill_flops_fastv,
+                           kv_cache_bytes=_kv_bytes(model, s.tokens_per_layer),
+                           fusion_layer=s.fusion_layer, exit_layer=s.exit_layer,
+                           critical_tokens=len(s.critical_tokens), padding_flops=s.padding_flops)
+            else:
+                rec.update(avg_visual_tokens=float(n_vis), prefill_flops_ratio=1.0, prefill_flops_ratio_fastv=1.0,
+                           kv_cache_bytes=_kv_bytes(model, [n] * num_layers))
+            out.append(rec)
     return out
 
 
@@ -293,9 +274,11 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
             feats = model.model.get_image_features(pixel_values=inp.pop("pixel_values"), return_dict=True)
             prompts.append((inp, feats))
 
-    def prefill(inp, feats, use_cache=False):
-        extra = {} if feats is None else {"mm_encoder_outputs": {"image": feats}}
-        return model(**inp, **extra, use_cache=use_cache, logits_to_keep=1)
+    def call_inputs(inp, feats):
+        return inp if feats is None else {**inp, "mm_encoder_outputs": {"image": feats}}
+
+    def prefill(inp, feats):
+        return model(**call_inputs(inp, feats), use_cache=False, logits_to_keep=1)
 
     seen = {}
 
@@ -313,15 +296,11 @@ def time_prefill_and_decode(model, processor, questions, config, repeats: int, d
 
     def decode_once(inp, feats, cfg):
         """ms per token of ``decode_steps`` greedy steps after an untimed prefill."""
+        from .evaluate import time_generation
+
         handle = apply(model, cfg) if cfg is not None else None
         try:
-            out = prefill(inp, feats, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for _ in range(decode_steps):
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-                tok = out.logits[:, -1:].argmax(-1)
-            return (time.perf_counter() - t) / decode_steps * 1e3
+            return time_generation(model, call_inputs(inp, feats), decode_steps + 1)[1] * 1e3
         finally:
             if handle is not None:
                 handle.remove()
@@ -399,7 +378,7 @@ def time_batch(model, processor, questions, config, batch_size: int, repeats: in
     from .evaluate import collate_prompts, rows_kv_bytes, time_generation
 
     inps = [_inputs(processor, q, model) for q in questions[:batch_size]]
-    batch = inps[0] if len(inps) == 1 else collate_prompts(inps, processor.tokenizer.pad_token_id or 0)
+    batch = collate_prompts(inps, processor.tokenizer.pad_token_id)
 
     def pruned_run(steps):
         if config is None:  # the unpruned setting: unpruned against itself (the noise floor)

@@ -202,31 +202,18 @@ def _grid(rec: Records, relative: bool):
 
 
 @torch.no_grad()
-def measure(model, processor, questions, prompts, config, reference_answers, max_new_tokens=4, progress=True,
+def measure(model, processor, prompts, config, reference_answers, max_new_tokens=4, progress=True,
             batch_size: int = 1):
     """Agreement with the unpruned answers and the real prefill FLOPs ratio of a config; ``batch_size``
     prompts per generate call (each row pruned as if alone: the same answers as one at a time)."""
-    from tqdm.auto import tqdm
-
     from .bench import _gen_kwargs
-    from .evaluate import collate_prompts, generate_rows, normalize_answer
+    from .evaluate import answer_batches, normalize_answer
 
-    kw = _gen_kwargs(processor, max_new_tokens)
     ratios, answers = [], []
-    handle = apply(model, config) if config is not None else None
-    try:
-        bar = tqdm(total=len(prompts), desc="rerun", disable=not progress, file=sys.stderr, leave=False)
-        for at in range(0, len(prompts), batch_size):
-            chunk = prompts[at : at + batch_size]
-            batch = chunk[0] if len(chunk) == 1 else collate_prompts(chunk, processor.tokenizer.pad_token_id or 0)
-            answers += generate_rows(model, processor, batch, kw)
-            if handle is not None:
-                ratios += [s.prefill_flops_ratio for s in handle.batch_stats]
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        if handle is not None:
-            handle.remove()
+    for _, chunk_answers, stats in answer_batches(model, processor, prompts, config,
+                                                  _gen_kwargs(processor, max_new_tokens), batch_size, "rerun", progress):
+        answers += chunk_answers
+        ratios += [s.prefill_flops_ratio for s in stats if s is not None]
     n = len(prompts)
     agree = sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, reference_answers or []))
     return {"agreement": agree / n if reference_answers else None,
@@ -328,7 +315,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
            if rerun_limit and rerun_limit < len(prompts) else np.arange(len(prompts)))
     rerun_q = [calib_questions[i] for i in idx]
     rerun_p = [prompts[i] for i in idx]
-    unpruned = measure(model, processor, rerun_q, rerun_p, None, None, progress=progress,
+    unpruned = measure(model, processor, rerun_p, None, None, progress=progress,
                        batch_size=batch_size)["answers"]
     results, done = [], set()
 
@@ -338,7 +325,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
             if key in done:
                 continue
             done.add(key)
-            m = measure(model, processor, rerun_q, rerun_p, c.config, unpruned, progress=progress,
+            m = measure(model, processor, rerun_p, c.config, unpruned, progress=progress,
                         batch_size=batch_size)
             results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
                             "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"],
@@ -385,10 +372,10 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
     }
     if heldout_questions:
         hp = [_inputs(processor, q, model) for q in heldout_questions]
-        ref = measure(model, processor, heldout_questions, hp, None, None, progress=progress,
+        ref = measure(model, processor, hp, None, None, progress=progress,
                       batch_size=batch_size)["answers"]
         cfg = VisiPrunerConfig.from_dict(chosen["config"])
-        m = measure(model, processor, heldout_questions, hp, cfg, ref, progress=progress,
+        m = measure(model, processor, hp, cfg, ref, progress=progress,
                     batch_size=batch_size)
         out["heldout"] = {"examples": len(heldout_questions), "agreement": m["agreement"],
                           "flops_ratio": m["flops_ratio"],

@@ -62,9 +62,7 @@ def generate_answers(model, processor, questions, max_new_tokens: int = 6, image
     if isinstance(eos, int) and eos >= 0 and eos != tok.unk_token_id:
         kw["eos_token_id"] = eos
     kw.update(generate_kwargs)
-    out = model.generate(**inputs, **kw)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return generate_rows(model, processor, inputs, kw)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -228,12 +226,16 @@ def _zero_pad(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def collate_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
+def collate_prompts(prompts: list[dict], pad_token_id: int | None = 0) -> dict:
     """One left-padded batch from single-prompt inputs (each ``input_ids`` of shape (1, n)), laid out as
     a processor with ``padding_side='left'`` lays it out; each row's tokens are its prompt's tokens.
     Per-image inputs are concatenated in prompt order, images zero-padded to a common shape as the
     processors pad them (see ``_zero_pad``); where images come one row per prompt (``pixel_attention_mask``:
-    Idefics3, SmolVLM) a prompt without images gets a row of padding."""
+    Idefics3, SmolVLM) a prompt without images gets a row of padding. One prompt is returned as it is;
+    ``pad_token_id`` None pads with 0."""
+    if len(prompts) == 1:
+        return dict(prompts[0])
+    pad_token_id = pad_token_id or 0
     n = max(int(p["input_ids"].shape[1]) for p in prompts)
     out = {}
     for key in _TOKEN_ALIGNED:
@@ -270,6 +272,35 @@ def generate_rows(model, processor, inputs: dict, gen_kwargs: dict) -> list[str]
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
+def answer_batches(model, processor, prompts, config, gen_kwargs: dict, batch_size: int = 1, desc: str = "answers",
+                   progress: bool = True, total: int | None = None):
+    """Greedy answers to single-prompt inputs (an iterable, consumed ``batch_size`` at a time, so a
+    generator builds each chunk's prompts only when needed; ``total``: its length for the progress
+    bar), one left-padded ``generate`` call per chunk, with ``config`` applied (None: unpruned; each
+    row pruned as if alone). Yields per chunk ``(prompts, answers, stats)``; ``stats``: the handle's
+    ``batch_stats`` (None per row when unpruned)."""
+    from itertools import islice
+
+    from tqdm.auto import tqdm
+
+    from . import apply
+
+    it = iter(prompts)
+    handle = apply(model, config) if config is not None else None
+    try:
+        bar = tqdm(total=total if total is not None else len(prompts), desc=desc, disable=not progress,
+                   file=sys.stderr, leave=False)
+        while chunk := list(islice(it, batch_size)):
+            answers = generate_rows(model, processor, collate_prompts(chunk, processor.tokenizer.pad_token_id),
+                                    gen_kwargs)
+            yield chunk, answers, handle.batch_stats if handle is not None else [None] * len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def kv_cache_bytes(cache) -> int:
     """Bytes a KV cache's tensors hold (keys and values of every layer, padding included)."""
     return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -278,9 +309,9 @@ def kv_cache_bytes(cache) -> int:
 
 def kv_bytes_per_token(model) -> int:
     """KV-cache bytes one token takes in one layer (keys and values)."""
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    from .flops import Dims
+
+    return 2 * Dims.from_config(model.config.get_text_config()).kv_dim * next(model.parameters()).element_size()
 
 
 def rows_kv_bytes(model, batch_stats, generated: int, pruned: bool = True) -> int:

@@ -196,12 +196,15 @@ class _Batch:
         self.reduced_mask: torch.Tensor | None = None  # a prompt reduced before the LM: its (B, padded) mask
         self.caller_padded = padded  # the caller's padded length (differs when the prompt was reduced)
 
-    def row_positions(self, r: int, layer: int | None = None) -> torch.Tensor:
-        """Row r's tokens present (in a layer, or now), as positions in its own unpadded prompt."""
-        st = self.rows[r]
-        if st is None:
-            return torch.arange(self.prompt_lengths[r])
-        return st.positions if layer is None else st.layer_positions[layer]
+    def slots(self, layer: int, device, caller: bool) -> torch.Tensor:
+        """(rows, width) of ``layer``'s input: each slot's token as a position in its row's own unpadded
+        prompt (``caller=False``) or in the caller's padded row (``caller=True``); -1 for padding."""
+        W = self.layer_widths[layer]
+        out = torch.full((len(self.rows), W), -1, dtype=torch.long, device=device)
+        for r, st in enumerate(self.rows):
+            pos = (torch.arange(self.prompt_lengths[r]) if st is None else st.layer_positions[layer]).to(device)
+            out[r, W - pos.numel():] = pos + (self.padded - self.prompt_lengths[r] if caller else 0)
+        return out
 
 
 class PruningHandle:
@@ -274,13 +277,7 @@ class PruningHandle:
         bt = self._batch
         if bt is None:
             return self._state.layer_positions[layer][None]
-        W = bt.layer_widths[layer]
-        dev = next(st.positions.device for st in bt.rows if st is not None)
-        slots = torch.full((len(bt.rows), W), -1, dtype=torch.long, device=dev)
-        for r in range(len(bt.rows)):
-            pos = bt.row_positions(r, layer).to(dev)
-            slots[r, W - pos.numel():] = pos + (bt.padded - bt.prompt_lengths[r])
-        return slots
+        return bt.slots(layer, next(st.positions.device for st in bt.rows if st is not None), caller=True)
 
     # ------------------------------------------------------------------------------- hooks
     def _on_model_call(self, module, args, kwargs):
@@ -359,18 +356,10 @@ class PruningHandle:
                     st.dense_offset, st.original_visual = lengths[r] - bt.prompt_lengths[r], visual[r]
                     st.reduced_prompt = True
             return args, kwargs
-        is_vis = adapter.visual_mask(input_ids[0])
-        spans = adapter.spans(input_ids[0], kwargs)
-        layout = PromptLayout(
-            length=int(input_ids.shape[1]),
-            visual_positions=is_vis.nonzero().squeeze(-1),
-            image_spans=[(sp.start, sp.end) for sp in spans],
-            span_kinds=[sp.kind for sp in spans],
-        )
-        self.method.start(layout, self._num_layers)
-        st = _PromptState(layout, self._num_layers, input_ids.device, self.method)
+        ids = input_ids[0]
+        st = self._prompt_state(ids, adapter.visual_mask(ids), kwargs, self.method)
         if changed:
-            st.dense_offset, st.original_visual, st.reduced_prompt = caller_padded - layout.length, visual[0], True
+            st.dense_offset, st.original_visual, st.reduced_prompt = caller_padded - st.layout.length, visual[0], True
         self._state = st
         return (args, kwargs) if changed else None
 
@@ -629,16 +618,19 @@ class PruningHandle:
             if not bool(is_vis.any()):
                 rows.append(None)
                 continue
-            spans = adapter.spans(ids, adapter.row_call_kwargs(kwargs, input_ids, r, N - n))
-            layout = PromptLayout(length=n, visual_positions=is_vis.nonzero().squeeze(-1),
-                                  image_spans=[(sp.start, sp.end) for sp in spans],
-                                  span_kinds=[sp.kind for sp in spans])
             method = self.method if first else copy.deepcopy(self.method, dict(shared))
             first = False
-            method.start(layout, self._num_layers)
-            st = _PromptState(layout, self._num_layers, input_ids.device, method)
-            rows.append(st)
+            rows.append(self._prompt_state(ids, is_vis, adapter.row_call_kwargs(kwargs, input_ids, r, N - n), method))
         return _Batch(rows, lengths, N, self._num_layers)
+
+    def _prompt_state(self, ids, is_vis, call_kwargs, method) -> _PromptState:
+        """One prompt's layout (``ids`` unpadded, ``is_vis`` its visual-token mask, its spans from the
+        adapter and its call arguments) and state, with ``method`` started on it."""
+        spans = self.adapter.spans(ids, call_kwargs)
+        layout = PromptLayout(length=int(ids.shape[0]), visual_positions=is_vis.nonzero().squeeze(-1),
+                              image_spans=[(sp.start, sp.end) for sp in spans], span_kinds=[sp.kind for sp in spans])
+        method.start(layout, self._num_layers)
+        return _PromptState(layout, self._num_layers, ids.device, method)
 
     def _row_lengths(self, input_ids, mask) -> list[int]:
         """Each row's unpadded length in a left-padded batch (a clear error for right padding)."""
@@ -710,13 +702,10 @@ class PruningHandle:
             return ((hidden,) + tuple(args[1:]), kwargs) if modified and args else (
                 (args, dict(kwargs, hidden_states=hidden)) if modified else None)
         # what the model hands every layer (rotary tables, positions, mask) follows the repacked rows
-        orig = torch.empty(B, bt.width, dtype=torch.long, device=hidden.device)
-        valid = torch.zeros(B, bt.width, dtype=torch.bool, device=hidden.device)
-        for r in range(B):
-            pos = bt.row_positions(r).to(hidden.device) + (bt.padded - bt.prompt_lengths[r])
-            pad = bt.width - pos.numel()
-            orig[r] = torch.cat([pos[:1].expand(pad), pos])
-            valid[r, pad:] = True
+        orig = bt.slots(idx, hidden.device, caller=True)
+        valid = orig >= 0
+        first = torch.tensor([bt.width - n for n in bt.lengths], device=hidden.device)[:, None]
+        orig = torch.where(valid, orig, orig.gather(1, first))  # padding slots: the row's first token
         cos, sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = tuple(_gather_tokens(t, orig) for t in (cos, sin))
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
@@ -783,16 +772,12 @@ class PruningHandle:
         """Per row, this layer's prompt cache entries: original positions (-1: padding), whether each is
         visual, and the span each visual one belongs to (-1: none); built once per layer."""
         if layer not in bt.key_layout:
-            W = bt.layer_widths[layer]
-            pos = torch.full((len(bt.rows), W), -1, dtype=torch.long, device=device)
+            pos = bt.slots(layer, device, caller=False)
             span = torch.full_like(pos, -1)
             for r, st in enumerate(bt.rows):
-                p = bt.row_positions(r, layer).to(device)
-                pos[r, W - p.numel():] = p
                 if st is not None:
                     for g, (a, b) in enumerate(st.layout.image_spans):
-                        inside = (p >= a) & (p < b)
-                        span[r, W - p.numel():][inside] = g
+                        span[r][(pos[r] >= a) & (pos[r] < b)] = g
             bt.key_layout[layer] = (pos, span)
         return bt.key_layout[layer]
 

@@ -328,7 +328,7 @@ class VisiPrunerLMM(lmms):
         """Answers to prompts sharing ``gen_kwargs``, in one left-padded ``generate`` call; records each."""
         kw, until = self._generation(gen_kwargs)
         ins = [inputs for _, _, inputs in prompts]
-        batch = ins[0] if len(ins) == 1 else collate_prompts(ins, self.tokenizer.pad_token_id or 0)
+        batch = collate_prompts(ins, self.tokenizer.pad_token_id)
         timer = _FirstTokenTimer() if kw.get("num_beams", 1) == 1 else None
         if timer is not None:
             kw["streamer"] = timer
