@@ -219,6 +219,10 @@ def test_cli_loader_detects_a_mobilevlm_folder(v2):
           Question(image=str(path), question="how many shapes are there?", answer="2")]
     res = evaluate(model, processor, qs, batch_size=2, max_new_tokens=3, progress=False)
     assert res["overall"]["n"] == 2 and len(res["predictions"]) == 2
+    # lmms-eval's dtype=auto and an eager attention request reach the MobileVLM loader too
+    auto, _ = load_model_dir(folder, dtype="auto", attn_implementation="eager")
+    assert next(auto.parameters()).dtype == torch.float32
+    assert auto.config.text_config._attn_implementation == "eager"
 
 
 # ------------------------------------------------------------------ processor

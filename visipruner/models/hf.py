@@ -47,7 +47,9 @@ def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32, a
     from .mobilevlm import is_mobilevlm_dir, load_mobilevlm
 
     if is_mobilevlm_dir(path):  # the MobileVLM code's own layout, not a transformers class
-        return load_mobilevlm(path, dtype=dtype, device=device)
+        # no transformers "auto" here: the loader's default (float32) stands for it
+        return load_mobilevlm(path, dtype=None if dtype == "auto" else dtype, device=device,
+                              attn_implementation=attn_implementation)
     cls, _ = model_class_for(path)
     model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
                                 local_files_only=True)

@@ -255,9 +255,4 @@ def load_organism(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     return model, processor
 
 
-def load_model_dir(path: str | os.PathLike, device="cpu", dtype=torch.float32):
-    """Load a saved model folder (``save_pretrained`` output) of any supported family, or a MobileVLM
-    folder, with its processor."""
-    from .hf import load_model_dir as load
-
-    return load(path, device=device, dtype=dtype)
+from .hf import load_model_dir  # noqa: E402,F401  (a saved folder of any supported family, or MobileVLM's)
