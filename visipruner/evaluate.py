@@ -49,13 +49,16 @@ def prepare_batch(processor, questions, images=None):
         tok.padding_side = old
 
 
+def to_model(model, inputs) -> dict:
+    """Processor outputs on the model's device, the pixels in its dtype."""
+    p = next(model.parameters())
+    return {k: (v.to(p.device, p.dtype) if k == "pixel_values" else v.to(p.device)) for k, v in inputs.items()}
+
+
 @torch.no_grad()
 def generate_answers(model, processor, questions, max_new_tokens: int = 6, images=None, **generate_kwargs) -> list[str]:
     """Greedy answers to a batch of questions (``images``: one PIL image per question, default: loaded)."""
-    inputs = prepare_batch(processor, questions, images)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    inputs = to_model(model, prepare_batch(processor, questions, images))
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -47,9 +47,10 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .. import CONFIGS, config_from_json, recommended_config
-from ..bench import _gen_kwargs
-from ..evaluate import build_prompt, collate_prompts, generate_rows
+from .. import CONFIGS, recommended_config
+from ..bench import _gen_kwargs, default_configs
+from ..evaluate import build_prompt, collate_prompts, generate_rows, to_model
+from ..inputs import method_config as read_method_config
 from ..runtime import apply
 
 STATS_FILE = "visipruner_stats.json"
@@ -71,10 +72,7 @@ def sample_stats(doc) -> dict | None:
 def method_config(model, method: str | None, config: str | None):
     """The method config to apply (None: unpruned) from the ``method`` / ``config`` model args."""
     if config:
-        path = Path(config)
-        if not path.is_file():
-            raise ValueError(f"config={config}: no such file (a method config saved as JSON)")
-        cfg = config_from_json(path.read_text())
+        cfg = read_method_config("config", config)
         if method not in (None, "", cfg.method):
             raise ValueError(f"method={method} but config={config} holds a {cfg.method!r} config")
         return cfg
@@ -83,9 +81,8 @@ def method_config(model, method: str | None, config: str | None):
         raise ValueError(f"unknown method={method}; choose from {', '.join(METHODS)}")
     if method == "unpruned":
         return None
-    if method in ("visipruner", "attention"):
-        rec = recommended_config(model)
-        return rec if method == "visipruner" else CONFIGS["attention"].from_dict({**rec.to_dict(), "method": "attention"})
+    if method in ("visipruner", "attention"):  # the attention baseline takes VisiPruner's thresholds
+        return default_configs(recommended_config(model))[method]
     return CONFIGS[method]()  # the published default
 
 
@@ -214,9 +211,7 @@ class VisiPrunerLMM(lmms):
 
     def _encode(self, images, text) -> dict:
         prompt = build_prompt(self.processor, text, num_images=len(images))
-        inp = self.processor(images=images or None, text=[prompt], return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inp.items()}
+        return to_model(self.model, self.processor(images=images or None, text=[prompt], return_tensors="pt"))
 
     def _generation(self, gen_kwargs: dict | None) -> tuple[dict, list[str]]:
         """HF generate() kwargs and stop strings from a task's generation_kwargs."""
