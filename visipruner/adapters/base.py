@@ -93,6 +93,21 @@ class ModelAdapter:
             )
 
 
+def row_items(tokens_per_row: list[int], item_tokens: list[int], row: int, what: str) -> slice:
+    """Which of a batch's items (images, videos), listed in row order, belong to row ``row``: each row
+    takes items until their ``item_tokens`` cover its ``tokens_per_row``. ``what`` names the list in
+    the error raised when the items run out."""
+    at = first = 0
+    for r in range(row + 1):  # the items of the rows before, then this row's
+        first, need = at, tokens_per_row[r]
+        while need > 0:
+            if at == len(item_tokens):
+                raise ValueError(f"{what} has {len(item_tokens)} items; the batch's tokens need more")
+            need -= item_tokens[at]
+            at += 1
+    return slice(first, at)
+
+
 def frame_spans(run: tuple[int, int], frame_tokens: int, kind: str = "video") -> list[Span]:
     """Split a run of video tokens into frames of ``frame_tokens`` tokens each."""
     s, e = run

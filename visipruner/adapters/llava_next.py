@@ -20,7 +20,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from . import register
-from .base import ModelAdapter, Span, frame_spans, runs
+from .base import ModelAdapter, Span, frame_spans, row_items, runs
 from .llava import check_text_model
 
 class LlavaNextAdapter(ModelAdapter):
@@ -92,16 +92,9 @@ class LlavaNextAdapter(ModelAdapter):
                 start = sum(counts[:k])
                 out.update(image_sizes=sizes[start : start + counts[k]], batch_num_images=torch.tensor([counts[k]]))
             return out
-        at = 0
-        for r in range(row + 1):  # the images of the rows before, then this row's
-            first, need = at, with_images[r]
-            while need > 0:
-                if at == len(sizes):
-                    raise ValueError(f"image_sizes has {len(sizes)} images; the batch's image tokens need more")
-                need -= self.image_tokens(sizes[at].tolist())
-                at += 1
-        if at > first:
-            out["image_sizes"] = sizes[first:at]
+        mine = row_items(with_images, [self.image_tokens(s) for s in sizes.tolist()], row, "image_sizes")
+        if mine.stop > mine.start:
+            out["image_sizes"] = sizes[mine]
         return out
 
     def spans(self, input_ids: torch.Tensor, call_kwargs: dict) -> list[Span]:

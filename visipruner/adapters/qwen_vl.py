@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import ModelAdapter, Span, frame_spans, runs
+from .base import ModelAdapter, Span, frame_spans, row_items, runs
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -46,19 +46,9 @@ class QwenVLAdapter(ModelAdapter):
             video = self.visual_token_ids.get("video")
             per_row = [int((input_ids[r] == video).sum()) for r in range(input_ids.shape[0])]
             sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in torch.as_tensor(grids).tolist()]
-            at = 0
-            for r in range(row):  # the grids of the rows before
-                need = per_row[r]
-                while need > 0:
-                    need -= sizes[at]
-                    at += 1
-            mine, need = [], per_row[row]
-            while need > 0:
-                mine.append(grids[at])
-                need -= sizes[at]
-                at += 1
-            if mine:
-                out["video_grid_thw"] = torch.stack([torch.as_tensor(g) for g in mine])
+            mine = row_items(per_row, sizes, row, "video_grid_thw")
+            if mine.stop > mine.start:
+                out["video_grid_thw"] = torch.stack([torch.as_tensor(grids[i]) for i in range(mine.start, mine.stop)])
         return out
 
     @property
