@@ -9,6 +9,7 @@ normalisation ``visipruner eval`` uses, so the two report the same accuracy on t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,8 +55,7 @@ def ensure_data(n: int = DEFAULT_QUESTIONS, seed: int = 0, root: str | os.PathLi
         split_file = scenes.write_split(str(tmp), SPLIT, n=n, seed=seed)
         qs = load_questions(split_file)
         # image paths as they will be after the rename; lmms-eval's json loader keeps strings as-is
-        qs = [q.__class__(image=str(final / Path(q.image).relative_to(tmp)), question=q.question, answer=q.answer,
-                          family=q.family, id=q.id) for q in qs]
+        qs = [dataclasses.replace(q, image=str(final / Path(q.image).relative_to(tmp))) for q in qs]
         write_questions(tmp / "questions.jsonl", qs, relative_to_file=False)
         try:
             os.rename(tmp, final)
