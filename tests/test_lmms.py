@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def _lmms_eval(out: Path, method: str, processes: int = 1, batch_size: int = 1) 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    if not glob.glob(str(out / "**" / "*_results.json"), recursive=True):
+        # lmms-eval logs some errors (an import that fails, a task that cannot load) and still
+        # exits 0: show its own error lines, not only a missing file.
+        log = p.stdout + p.stderr
+        errors = [ln for ln in log.splitlines() if re.search(r"error|exception|traceback", ln, re.I)]
+        pytest.fail(f"{' '.join(cmd)} exited 0 but wrote no results file; lmms-eval said:\n"
+                    + "\n".join(errors[-20:] or log.splitlines()[-40:]))
     return out
 
 
