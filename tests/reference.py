@@ -117,7 +117,7 @@ def bidirectional_blocks(model, extra_inputs, n):
 
 @torch.no_grad()
 def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_rule=None, selection="influence",
-                      *, extra_inputs=None, spans=None) -> RefResult:
+                      *, extra_inputs=None, spans=None, input_keep=None) -> RefResult:
     """Run the VisiPruner semantics on a batch-1 prompt; ``cfg`` a VisiPrunerConfig-like object.
 
     With ``schedule`` (fusion_layer, critical_tokens, exit_layer) the decisions are forced
@@ -130,6 +130,8 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
     ``extra_inputs``: the family's other processor outputs (grids, sizes, token types).
     ``spans``: [start, end) of each image / video frame (the shallow stage's merge targets);
     default each maximal run of visual tokens.
+    ``input_keep``: visual ids kept before the language model (CDPruner, DivPrune); the others are
+    deleted from the input embeddings before layer 0, every kept token keeping its position.
     """
     lm = text_model(model)
     tcfg = lm.config
@@ -169,6 +171,10 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
         image_of[s:e] = g
     blocks = bidirectional_blocks(model, extra_inputs or {}, n)
     gemma_like = hasattr(lm.layers[0], "pre_feedforward_layernorm")
+
+    if input_keep is not None:
+        keep = (vis_id < 0) | torch.isin(vis_id, torch.as_tensor(input_keep, dtype=torch.long))
+        h, pos, vis_id, image_of = h[keep], pos[keep], vis_id[keep], image_of[keep]
 
     res = RefResult(logits=None, positions=None)
     fusion = exit_ = None

@@ -12,7 +12,9 @@ from .attention import Influence
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
 from .methods import (
     CONFIGS,
+    CDPrunerConfig,
     DARTConfig,
+    DivPruneConfig,
     Decision,
     FastVConfig,
     PDropConfig,
@@ -32,8 +34,10 @@ from .runtime import PruneStats, PruningHandle, apply
 
 __all__ = [
     "AttentionSelectConfig",
+    "CDPrunerConfig",
     "CONFIGS",
     "DARTConfig",
+    "DivPruneConfig",
     "Decision",
     "FastVConfig",
     "MethodConfig",

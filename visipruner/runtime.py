@@ -301,7 +301,7 @@ class PruningHandle:
                 if not bt.prefilled or input_ids.shape[0] != len(bt.rows):
                     self._batch = None
                     return None
-                bt.generated = past - bt.padded
+                bt.generated = past - bt.layer_widths[0]  # layer 0's cache: the prompt as layer 0 ran it
                 for r, st in enumerate(bt.rows):
                     if st is not None:
                         start = bt.prompt_lengths[r] + bt.generated
@@ -312,7 +312,8 @@ class PruningHandle:
                                                        input_ids.shape[1])
             st = self._state
             if st is not None and st.prefilled:
-                st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+                start = past - int(st.layer_positions[0].numel()) + st.layout.length  # layer 0 may hold fewer
+                st.decode_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
                 if st.reduced_prompt:
                     n = st.layout.length
                     return args, self._reduced_decode_call(
@@ -410,6 +411,8 @@ class PruningHandle:
 
     def _prefill_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        if idx == 0:
+            self._select_at_input(st, hidden[0])
         if st.pending_merges:
             hidden = self._merge(hidden, st)
         if st.pending_keep is not None:
@@ -435,6 +438,19 @@ class PruningHandle:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    @staticmethod
+    def _select_at_input(st: _PromptState, hidden: torch.Tensor) -> None:
+        """Methods choosing before the language model (CDPruner, DivPrune): they see the prompt's
+        layer-0 input (``hidden``, (n, d), the row's own tokens) and their choice is removed before
+        layer 0 runs. The instruction: the text tokens after the first visual token."""
+        if not getattr(st.method, "acts_at_input", False):
+            return
+        is_vis = st.visual_ids >= 0
+        first = int(st.layout.visual_positions[0])
+        after = ~is_vis & (torch.arange(is_vis.numel(), device=is_vis.device) > first)
+        text = after if bool(after.any()) else ~is_vis
+        st.pending_keep = st.method.select_at_input(hidden[is_vis], hidden[text]).to(st.visual_ids.device)
 
     @staticmethod
     def _merge(hidden: torch.Tensor, st: _PromptState) -> torch.Tensor:
@@ -673,6 +689,8 @@ class PruningHandle:
             if st is None:
                 continue
             off = W - bt.lengths[r]
+            if idx == 0:
+                self._select_at_input(st, hidden[r, off:])
             if st.pending_merges:
                 if not modified:
                     hidden, modified = hidden.clone(), True
@@ -894,7 +912,7 @@ class PruningHandle:
             stats.dense_prefill_flops_fastv += F_.fastv_layer_flops(dims, n0)
         if self.vision_dims is not None:
             images = st.original_visual // self.vision_dims.tokens_per_image
-            stats.vision_flops = F_.vision_flops(self.vision_dims, images, stats.visual_tokens_per_layer[0])
+            stats.vision_flops = F_.vision_flops(self.vision_dims, images, st.layout.num_visual)  # what was projected
             stats.dense_vision_flops = F_.vision_flops(self.vision_dims, images, st.original_visual)
         summary = st.method.summary()
         stats.fusion_layer = summary.pop("fusion_layer", None)

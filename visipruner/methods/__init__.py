@@ -1,14 +1,16 @@
 """Pruning methods: each a small object deciding what the shared runtime removes."""
 
 from .base import Decision, PromptLayout, PruningMethod, Schedule
+from .cdpruner import CDPruner, CDPrunerConfig
 from .dart import DART, DARTConfig
+from .divprune import DivPrune, DivPruneConfig
 from .sparsevlm import SparseVLM, SparseVLMConfig
 from .layer_drop import FastVConfig, PDropConfig, RandomConfig, ScoredLayerDrop, VTWConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .visipruner import VisiPruner
 
 __all__ = [
-    "DART", "DARTConfig", "Decision", "FastVConfig", "PDropConfig", "PromptLayout", "PruningMethod", "RandomConfig",
+    "CDPruner", "CDPrunerConfig", "DART", "DARTConfig", "DivPrune", "DivPruneConfig", "Decision", "FastVConfig", "PDropConfig", "PromptLayout", "PruningMethod", "RandomConfig",
     "Schedule", "ScoredLayerDrop", "SparseVLM", "SparseVLMConfig", "VTWConfig", "VisiPruner", "VisionZip", "VisionZipConfig",
 ]
 
@@ -18,7 +20,7 @@ from ..config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig  # no
 CONFIGS: dict[str, type[MethodConfig]] = {
     c.method: c
     for c in (VisiPrunerConfig, AttentionSelectConfig, FastVConfig, PDropConfig, VTWConfig, RandomConfig, DARTConfig, VisionZipConfig,
-              SparseVLMConfig)
+              SparseVLMConfig, CDPrunerConfig, DivPruneConfig)
 }
 
 
