@@ -33,10 +33,10 @@ import torch
 
 from . import apply
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
-from .methods import DARTConfig, FastVConfig, PDropConfig, RandomConfig, SparseVLMConfig, VisionZipConfig, VTWConfig
+from .methods import CDPrunerConfig, DARTConfig, DivPruneConfig, FastVConfig, PDropConfig, RandomConfig, SparseVLMConfig, VisionZipConfig, VTWConfig
 from .methods.layer_drop import _depth_scaled
 
-PEERS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "sparsevlm", "random", "attention")
+PEERS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "sparsevlm", "cdpruner", "divprune", "random", "attention")
 
 
 @dataclass
@@ -98,6 +98,9 @@ def matched_configs(num_layers: int, fraction: float, visipruner_cfg: VisiPruner
                                      contextual_ratio=round(fraction * 30 / 192, 4)),
         "sparsevlm": SparseVLMConfig(keep_fractions=tuple(round(min(1.0, svlm_scale * f), 4) for f in svlm.keep_fractions)),
         "random": RandomConfig(layer=2, keep_ratio=one_layer(2)),
+        # before the LLM (every layer sees the kept tokens): the fraction itself
+        "cdpruner": CDPrunerConfig(keep_ratio=round(min(1.0, max(1e-4, fraction)), 4)),
+        "divprune": DivPruneConfig(keep_ratio=round(min(1.0, max(1e-4, fraction)), 4)),
         "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
     }
 
@@ -112,6 +115,8 @@ def default_configs(visipruner_cfg: VisiPrunerConfig) -> dict[str, MethodConfig]
         "visionzip": VisionZipConfig(),
         "sparsevlm": SparseVLMConfig(),
         "random": RandomConfig(),
+        "cdpruner": CDPrunerConfig(),
+        "divprune": DivPruneConfig(),
         "attention": AttentionSelectConfig(**{k: v for k, v in visipruner_cfg.to_dict().items() if k != "method"}),
     }
 
@@ -465,7 +470,8 @@ def summarise(setting: Setting, reference: list[dict] | None, timing: dict) -> d
 
 def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods=("visipruner",) + PEERS,
               matched: bool = True, timing_prompts: int = 4, repeats: int = 3, decode_steps: int = 8,
-              max_new_tokens: int = 6, batch_size: int = 1, batch_new_tokens: int = 16) -> list[dict]:
+              max_new_tokens: int = 6, batch_size: int = 1, batch_new_tokens: int = 16,
+              batch_timing: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
     L = model.config.text_config.num_hidden_layers
@@ -476,7 +482,7 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
     length = int(_inputs(processor, timing_q[0], model)["input_ids"].shape[1])
     layer_time = fit_layer_time(model, length, repeats)
     base_timing = time_prefill_and_decode(model, processor, timing_q, None, repeats, decode_steps)
-    if batch_size > 1:
+    if batch_timing and batch_size > 1:
         base_timing.update(time_batch(model, processor, questions, None, batch_size, repeats, batch_new_tokens))
     rows.append(summarise(unpruned, None, {**base_timing, "prefill_latency_ratio": 1.0,
                                            "layer_time_fit_s": list(layer_time.coef),
@@ -489,7 +495,7 @@ def run_bench(model, processor, questions, visipruner_cfg: VisiPrunerConfig, met
         s.records = answer_all(model, processor, questions, s.config, max_new_tokens, f"{s.method}/{s.setting}",
                                batch_size)
         timing = time_prefill_and_decode(model, processor, timing_q, s.config, repeats, decode_steps, layer_time)
-        if batch_size > 1:
+        if batch_timing and batch_size > 1:
             timing.update(time_batch(model, processor, questions, s.config, batch_size, repeats, batch_new_tokens))
         rows.append(summarise(s, unpruned.records, timing))
         bar.update(1)
@@ -642,6 +648,11 @@ def default_questions(quick: bool, root: str | Path | None = None):
 def _run(args) -> int:
     from . import inputs
 
+    quick = QUICK if args.quick else FULL
+    for name, value in quick.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    budgets = _budgets(args.budgets) if args.budgets else None
     for flag, value in (("--limit", args.limit), ("--timing-prompts", args.timing_prompts), ("--repeats", args.repeats),
                         ("--decode-steps", args.decode_steps), ("--threads", args.threads),
                         ("--batch-size", args.batch_size), ("--batch-new-tokens", args.batch_new_tokens)):
@@ -666,7 +677,10 @@ def _run(args) -> int:
     if args.methods is None:  # every method, except those that refuse this model (said, not silent)
         methods = tuple(m for m in methods if _applies(model, m, cfg))
     print(f"bench: {len(questions)} questions, {len(methods)} methods, VisiPruner config {cfg.to_json()}", file=sys.stderr)
-    rows = run_bench(model, processor, questions, cfg, methods, matched=not args.no_matched,
+    if budgets:
+        return _run_budgets(args, model, processor, questions, cfg, methods, budgets)
+    rows = run_bench(model, processor, questions, cfg, methods, matched=not (args.no_matched or args.quick),
+                     batch_timing=not args.quick,
                      timing_prompts=args.timing_prompts, repeats=args.repeats, decode_steps=args.decode_steps,
                      batch_size=args.batch_size, batch_new_tokens=args.batch_new_tokens)
     print_table(rows)
@@ -682,6 +696,41 @@ def _run(args) -> int:
     return 0
 
 
+# --quick: the README's main job, about 5 minutes on 2 idle cores whatever the number of methods (light
+# timing, no matched runs); without it, the full comparison
+QUICK = {"timing_prompts": 1, "repeats": 1, "decode_steps": 4, "batch_size": 4}
+FULL = {"timing_prompts": 4, "repeats": 3, "decode_steps": 8, "batch_size": 4}
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"bench: --budgets takes comma-separated fractions such as 0.11,0.22,0.33; got {text!r}")
+    bad = [v for v in values if not 0 < v <= 1]
+    if not values or bad:
+        raise SystemExit(f"bench: --budgets fractions must be in (0, 1]; got {text!r}")
+    return values
+
+
+def _run_budgets(args, model, processor, questions, cfg, methods, budgets) -> int:
+    from .budgets import plot_budgets, print_budget_table, run_budgets
+
+    rows = run_budgets(model, processor, questions, cfg, [m for m in methods if m != "attention"], budgets,
+                       batch_size=args.batch_size)
+    print_budget_table(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if png:
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
+        plot_budgets(rows, png)
+        print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="compare pruning methods: accuracy, FLOPs, latency",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -693,14 +742,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", help=f"comma-separated subset of visipruner,{','.join(PEERS)}")
     p.add_argument("--visipruner-config", help="VisiPruner config JSON (default: recommended for the model)")
     p.add_argument("--no-matched", action="store_true", help="skip the matched-budget runs")
-    p.add_argument("--batch-size", type=int, default=4,
+    p.add_argument("--budgets", help="comma-separated budgets, fractions of the visual tokens (e.g. 0.11,0.22,0.33): "
+                   "each method's accuracy as %% of the unpruned model's at each budget, with 90%% bootstrap "
+                   "intervals, and a plot of %% retained against budget (no timing)")
+    p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per generate call for the accuracy runs (each row pruned as if alone); above 1, "
                         "each setting's throughput on one batch of this size is also timed (batch tok/s, batch KV)")
     p.add_argument("--batch-new-tokens", type=int, default=16,
                    help="greedy steps of the batched throughput timing")
-    p.add_argument("--timing-prompts", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--timing-prompts", type=int, default=None, help="prompts timed per setting (default 4; --quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per prompt (default 3; --quick 1)")
+    p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (default 8; --quick 4)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="write every number here (a list of records)")
     p.add_argument("--png", help="accuracy vs prefill FLOPs plot (default: next to --json)")

@@ -1,0 +1,148 @@
+"""`visipruner bench --budgets`: every method at the field's fixed token budgets.
+
+The field compares token pruning at fixed budgets (64 / 128 / 192 of LLaVA-1.5's 576 visual
+tokens, i.e. 11% / 22% / 33%) and reports each method's score as a percentage of the unpruned
+model's. A budget ``b`` is a fraction of the prompt's visual tokens, held on average over the
+language model's layers: methods acting before the language model (CDPruner, DivPrune,
+VisionZip) keep ``b`` of them at every layer; methods acting inside it get the configuration
+whose average visual tokens per layer is ``b`` (``bench.matched_configs``; e.g. FastV at layer 2
+keeps a little less than ``b`` after it), and VisiPruner keeps the budget's most influential
+tokens at its fusion layer (its budget mode, ``VisiPrunerConfig(keep_ratio=...)``).
+
+% retained = accuracy / unpruned accuracy on the same questions, with a 90% bootstrap interval
+(questions resampled, pruned and unpruned answers kept in pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from .config import MethodConfig, VisiPrunerConfig
+from .methods import CDPrunerConfig, DivPruneConfig
+
+BUDGETS = (0.11, 0.22, 0.33)
+
+
+def visipruner_budget_config(cfg: VisiPrunerConfig, budget: float) -> VisiPrunerConfig | None:
+    """``cfg`` in budget mode, or None when this VisiPrunerConfig has no budget mode."""
+    if "keep_ratio" not in {f.name for f in dataclasses.fields(VisiPrunerConfig)}:
+        return None
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "keep_ratio", "keep_tokens")}
+    return VisiPrunerConfig(**fields, keep_ratio=budget)
+
+
+def budget_configs(num_layers: int, budget: float, visipruner_cfg: VisiPrunerConfig, methods) -> dict[str, MethodConfig]:
+    """Each method's config at ``budget`` (a fraction of the prompt's visual tokens)."""
+    from .bench import matched_configs
+
+    out = {name: cfg for name, cfg in matched_configs(num_layers, budget, visipruner_cfg).items() if name != "attention"}
+    out["cdpruner"] = CDPrunerConfig(keep_ratio=budget)
+    out["divprune"] = DivPruneConfig(keep_ratio=budget)
+    vp = visipruner_budget_config(visipruner_cfg, budget)
+    if vp is not None:
+        out["visipruner"] = vp
+    return {name: cfg for name, cfg in out.items() if name in methods}
+
+
+def retained(correct, correct_unpruned, draws: int = 2000) -> tuple[float, list[float]]:
+    """Accuracy as % of the unpruned accuracy, and its 90% bootstrap interval (paired resampling)."""
+    from .bench import INTERVAL, _bootstrap_rng
+
+    c, u = np.asarray(correct, float), np.asarray(correct_unpruned, float)
+    if u.sum() == 0:
+        raise ValueError("the unpruned model answered no question correctly: % retained is undefined")
+    idx = _bootstrap_rng().integers(0, len(c), size=(draws, len(c)))
+    den = u[idx].sum(1)
+    ratios = 100.0 * c[idx].sum(1)[den > 0] / den[den > 0]
+    lo, hi = np.percentile(ratios, INTERVAL)
+    return float(100.0 * c.sum() / u.sum()), [float(lo), float(hi)]
+
+
+def run_budgets(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods, budgets=BUDGETS,
+                max_new_tokens: int = 6, batch_size: int = 1, unpruned_records=None) -> list[dict]:
+    """One row per (method, budget) plus the unpruned row: accuracy, % retained with its interval,
+    agreement with the unpruned answers, average visual fraction per layer, prefill FLOPs ratio."""
+    from .bench import Setting, answer_all, summarise
+
+    L = model.config.text_config.num_hidden_layers
+    unpruned = Setting("unpruned", "budget", None)
+    unpruned.records = unpruned_records or answer_all(model, processor, questions, None, max_new_tokens, "unpruned",
+                                                      batch_size)
+    base = [r["correct"] for r in unpruned.records]
+    row = summarise(unpruned, None, {})
+    row.update(budget=1.0, retained_pct=100.0, retained_ci=[100.0, 100.0])
+    rows = [row]
+    if "visipruner" in methods and visipruner_budget_config(visipruner_cfg, 0.5) is None:
+        print("bench: visipruner has no budget mode in this version (VisiPrunerConfig has no keep_ratio); "
+              "left out of --budgets", file=sys.stderr)
+    for b in budgets:
+        for name, cfg in budget_configs(L, b, visipruner_cfg, methods).items():
+            s = Setting(name, "budget", cfg)
+            s.records = answer_all(model, processor, questions, cfg, max_new_tokens, f"{name}@{b:g}", batch_size)
+            row = summarise(s, unpruned.records, {})
+            row["budget"] = b
+            row["retained_pct"], row["retained_ci"] = retained([r["correct"] for r in s.records], base)
+            rows.append(row)
+    return rows
+
+
+def print_budget_table(rows: list[dict]) -> None:
+    """Methods down, budgets across: % retained ±half-width of the 90% interval (as the field's tables)."""
+    budgets = sorted({r["budget"] for r in rows if r["method"] != "unpruned"})
+    un = next(r for r in rows if r["method"] == "unpruned")
+    print(f"% of the unpruned accuracy ({un['accuracy']:.3f} on {un['n']} questions), 90% bootstrap interval")
+    head = f"{'method':<12}" + "".join(f"{f'{b:.0%} tokens':>18}" for b in budgets)
+    print(head)
+    print("-" * len(head))
+    for m in sorted({r["method"] for r in rows if r["method"] != "unpruned"}):
+        cells = []
+        for b in budgets:
+            r = next((x for x in rows if x["method"] == m and x["budget"] == b), None)
+            if r is None:
+                cells.append(f"{'-':>18}")
+                continue
+            lo, hi = r["retained_ci"]
+            cells.append(f"{r['retained_pct']:>8.1f} [{lo:5.1f},{hi:5.1f}]")
+        print(f"{m:<12}" + "".join(f"{c:>18}" for c in cells))
+
+
+def plot_budgets(rows: list[dict], path: str) -> None:
+    """% retained against budget, one line per method, 90% intervals as error bars; methods are
+    offset a little along x so their bars do not cover each other, and named in a legend outside
+    the axes (no labels on the points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows if r["method"] != "unpruned"})
+    budgets = sorted({r["budget"] for r in rows if r["method"] != "unpruned"})
+    step = min(np.diff(budgets)) if len(budgets) > 1 else 0.1
+    width = 0.5 * step
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>pPX*h"
+    for i, m in enumerate(methods):
+        pts = sorted((r["budget"], r["retained_pct"], r["retained_ci"]) for r in rows if r["method"] == m)
+        off = (i - (len(methods) - 1) / 2) * width / max(1, len(methods) - 1)
+        xs = [100 * (b + off) for b, _, _ in pts]
+        ys = [y for _, y, _ in pts]
+        err = [[y - ci[0] for _, y, ci in pts], [ci[1] - y for _, y, ci in pts]]
+        ax.errorbar(xs, ys, yerr=err, color=cmap(i % 20), marker=markers[i % len(markers)], ms=5, lw=1.2,
+                    capsize=2.5, label=m)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
+    ax.set_xlabel("visual tokens kept (fraction of the prompt's, average per layer)")
+    ax.set_ylabel("% of the unpruned accuracy")
+    un = next((r for r in rows if r["method"] == "unpruned"), None)
+    if un is not None:
+        ax.set_title(f"accuracy retained at fixed budgets ({un['n']} questions; bars: 90% bootstrap intervals)",
+                     fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
