@@ -192,3 +192,26 @@ def test_budget_is_one_of_ratio_or_tokens_and_in_range(make):
             make(**bad)
     cfg = make(keep_tokens=64)
     assert visipruner.config_from_json(cfg.to_json()) == cfg
+
+
+def test_mobilevlm_selects_among_its_pooled_tokens(tmp_path):
+    """MobileVLM (LDP projector pools the patch grid: VisionZip refuses it) takes CDPruner and DivPrune:
+    they choose among the projector's output tokens, which is what its language model gets."""
+    from visipruner.models import load_mobilevlm
+
+    from test_mobilevlm import prompt_inputs, write_checkpoint
+
+    model, processor = load_mobilevlm(write_checkpoint(tmp_path))
+    inputs = prompt_inputs(processor)
+    got = language_model_inputs(model, inputs["input_ids"], inputs["pixel_values"])
+    h, ids = got["inputs_embeds"][0], inputs["input_ids"][0]
+    is_vis = ids == model.config.image_token_id
+    text = ~is_vis & (torch.arange(len(ids)) > int(is_vis.nonzero()[0]))
+    for cfg, expected in ((CDPrunerConfig(keep_tokens=20), sorted(reference_cdpruner(h[is_vis], h[text], 20))),
+                          (DivPruneConfig(keep_tokens=20), sorted(reference_divprune(h[is_vis], 20)))):
+        with visipruner.apply(model, cfg) as hd:
+            out = model(**inputs).logits[0]
+        assert hd.method.kept == expected, cfg.method
+        ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], NO_STAGES, input_keep=expected)
+        torch.testing.assert_close(out, ref.logits, atol=1e-4, rtol=0, msg=cfg.method)
+        assert hd.last_stats.visual_tokens_per_layer[0] == 20 and hd.last_stats.num_visual_tokens == 144

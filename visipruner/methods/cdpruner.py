@@ -49,7 +49,7 @@ class CDPrunerConfig(MethodConfig):
     method = "cdpruner"
 
     def __post_init__(self):
-        check_budget(self)
+        check_budget(self, DEFAULT_RATIO)
 
     def build(self):
         return CDPruner(self)
@@ -109,6 +109,6 @@ class CDPruner(InputSelection):
     name = "cdpruner"
 
     def select(self, visual: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
-        k = budget_tokens(self.config, visual.shape[0], DEFAULT_RATIO)
+        k = budget_tokens(self.config, visual.shape[0])
         r = instruction_relevance(visual, instruction)
         return greedy_dpp_map(conditional_kernel(visual, r), k, r.argsort(descending=True, stable=True))

@@ -13,20 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import Influence
-from ..config import MethodConfig, check_float, check_int
+from ..config import MethodConfig, check_int
 from .base import PromptLayout, PruningMethod
+from .budget import check_budget
 
 
 @dataclass
 class DARTConfig(MethodConfig):
     layer: int = field(default=2, metadata={"help": "K: duplicates are removed after this layer."})
-    keep_ratio: float = field(default=0.222, metadata={"help": "Fraction of visual tokens kept (0.222 = 128 of 576)."})
+    keep_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of visual tokens kept (default 0.222 = 128 of 576)."})
     pivots: int = field(default=8, metadata={"help": "Number of pivot tokens (largest hidden-state norm)."})
+    keep_tokens: int | None = field(default=None, metadata={"help": "Visual tokens kept, instead of keep_ratio."})
     method = "dart"
 
     def __post_init__(self):
         check_int("layer", self.layer, 0, None)
-        check_float("keep_ratio", self.keep_ratio, 0.0, 1.0)
+        check_budget(self, 0.222, allow_none_kept=True)
         check_int("pivots", self.pivots, 1, None)
 
     def build(self):
@@ -51,7 +54,8 @@ class DART(PruningMethod):
         if layer != self.config.layer or present.numel() == 0:
             return None
         h = influence.hidden.float()
-        keep_n = int(torch.tensor(self.config.keep_ratio * present.numel()).ceil())
+        keep_n = (min(self.config.keep_tokens, present.numel()) if self.config.keep_tokens is not None
+                  else int(torch.tensor(self.config.keep_ratio * present.numel()).ceil()))
         p = min(self.config.pivots, keep_n)
         pivots = h.norm(dim=-1).argsort(descending=True, stable=True)[:p]
         sim = F.normalize(h, dim=-1) @ F.normalize(h[pivots], dim=-1).T  # (m, p)

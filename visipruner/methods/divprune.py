@@ -33,7 +33,7 @@ class DivPruneConfig(MethodConfig):
     method = "divprune"
 
     def __post_init__(self):
-        check_budget(self)
+        check_budget(self, DEFAULT_RATIO)
 
     def build(self):
         return DivPrune(self)
@@ -64,4 +64,4 @@ class DivPrune(InputSelection):
     name = "divprune"
 
     def select(self, visual: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
-        return max_min_greedy(visual, budget_tokens(self.config, visual.shape[0], DEFAULT_RATIO))
+        return max_min_greedy(visual, budget_tokens(self.config, visual.shape[0]))

@@ -21,6 +21,7 @@ import torch
 from ..attention import Influence
 from ..config import MethodConfig, check_float, check_int
 from .base import PromptLayout, PruningMethod
+from .budget import check_budget
 
 
 def _depth_scaled(layers_of_32: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -28,11 +29,12 @@ def _depth_scaled(layers_of_32: tuple[int, ...], num_layers: int) -> tuple[int, 
 
 
 class ScoredLayerDrop(PruningMethod):
-    """At each of ``layers`` keep ``ceil(ratio * present)`` visual tokens with the highest score."""
+    """At each of ``layers`` keep ``ceil(ratio * present)`` visual tokens with the highest score
+    (``tokens``: that many instead, at most those present)."""
 
-    def __init__(self, config, layers, ratios, score: str, seed: int = 0):
+    def __init__(self, config, layers, ratios, score: str, seed: int = 0, tokens: int | None = None):
         self.config = config
-        self._layers, self._ratios, self.score, self.seed = layers, ratios, score, seed
+        self._layers, self._ratios, self.score, self.seed, self.tokens = layers, ratios, score, seed, tokens
         self.plan: dict[int, float] = {}
         self.dropped_at: dict[int, int] = {}
 
@@ -51,7 +53,8 @@ class ScoredLayerDrop(PruningMethod):
     def decide(self, layer: int, influence: Influence | None, present: torch.Tensor) -> torch.Tensor | None:
         if layer not in self.plan or present.numel() == 0:
             return None
-        keep_n = int(torch.tensor(self.plan[layer] * present.numel()).ceil())
+        keep_n = (min(self.tokens, present.numel()) if self.tokens is not None
+                  else int(torch.tensor(self.plan[layer] * present.numel()).ceil()))
         if self.score == "attention":
             order = influence.attention.argsort(descending=True, stable=True)
         else:
@@ -71,15 +74,17 @@ def _check_ratio(name, value):
 @dataclass
 class FastVConfig(MethodConfig):
     layer: int = field(default=2, metadata={"help": "K: visual tokens are pruned after this layer."})
-    keep_ratio: float = field(default=0.5, metadata={"help": "R: fraction of visual tokens kept, by last-token attention."})
+    keep_ratio: float | None = field(
+        default=None, metadata={"help": "R: fraction of visual tokens kept, by last-token attention (default 0.5)."})
+    keep_tokens: int | None = field(default=None, metadata={"help": "Visual tokens kept, instead of keep_ratio."})
     method = "fastv"
 
     def __post_init__(self):
         check_int("layer", self.layer, 0, None)
-        _check_ratio("keep_ratio", self.keep_ratio)
+        check_budget(self, 0.5, allow_none_kept=True)
 
     def build(self):
-        return ScoredLayerDrop(self, (self.layer,), (self.keep_ratio,), "attention")
+        return ScoredLayerDrop(self, (self.layer,), (self.keep_ratio,), "attention", tokens=self.keep_tokens)
 
 
 @dataclass
@@ -118,14 +123,16 @@ class VTWConfig(MethodConfig):
 @dataclass
 class RandomConfig(MethodConfig):
     layer: int = field(default=2, metadata={"help": "Visual tokens are pruned after this layer."})
-    keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of visual tokens kept, uniformly at random."})
+    keep_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of visual tokens kept, uniformly at random (default 0.5)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random choice (per prompt, reset each prompt)."})
+    keep_tokens: int | None = field(default=None, metadata={"help": "Visual tokens kept, instead of keep_ratio."})
     method = "random"
 
     def __post_init__(self):
         check_int("layer", self.layer, 0, None)
-        _check_ratio("keep_ratio", self.keep_ratio)
+        check_budget(self, 0.5, allow_none_kept=True)
         check_int("seed", self.seed, 0, None)
 
     def build(self):
-        return ScoredLayerDrop(self, (self.layer,), (self.keep_ratio,), "random", seed=self.seed)
+        return ScoredLayerDrop(self, (self.layer,), (self.keep_ratio,), "random", seed=self.seed, tokens=self.keep_tokens)

@@ -1,0 +1,104 @@
+"""`bench --budgets`: every method at fixed token budgets, % of the unpruned accuracy with intervals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visipruner import VisiPrunerConfig
+from visipruner.budgets import budget_configs, plot_budgets, print_budget_table, retained, run_budgets
+from visipruner.testing import tiny_llava
+
+from fakes import FakeProcessor, FakeQuestion
+
+torch.set_grad_enabled(False)
+METHODS = ("fastv", "pdrop", "vtw", "dart", "visionzip", "sparsevlm", "cdpruner", "divprune", "random", "visipruner")
+
+
+def test_retained_is_the_accuracy_ratio_with_a_paired_interval():
+    pct, (lo, hi) = retained([1, 1, 0, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 1, 1, 0])
+    assert pct == pytest.approx(100 * 6 / 6)
+    assert lo <= pct <= hi and lo < 100 < hi or (lo, hi) == (100.0, 100.0) or lo <= 100 <= hi
+    pct, (lo, hi) = retained([1, 0, 0, 0] * 5, [1, 1, 1, 1] * 5)
+    assert pct == pytest.approx(25.0) and lo < 25.0 < hi and hi < 60
+    with pytest.raises(ValueError, match="unpruned model answered no question"):
+        retained([1, 0], [0, 0])
+
+
+def test_budgets_flag_takes_fractions_in_range():
+    from visipruner.bench import _budgets
+
+    assert _budgets("0.11, 0.22,0.33") == (0.11, 0.22, 0.33)
+    for bad in ("0,0.2", "0.2,1.5", "a,b", ""):
+        with pytest.raises(SystemExit, match="--budgets"):
+            _budgets(bad)
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_every_method_keeps_its_budget_when_run(budget):
+    """Each method's budget config, run: its average visual tokens per layer is the budget (within a
+    layer's share for methods acting inside the model; exactly ceil(b * n) before it)."""
+    import visipruner
+    from visipruner.testing import random_prompt
+
+    model = tiny_llava(0, layers=16, image_size=64)  # 64 visual tokens
+    inputs = random_prompt(model, seed=0)
+    cfgs = budget_configs(16, budget, VisiPrunerConfig(shallow_layers=2), METHODS)
+    assert {"cdpruner", "divprune", "fastv", "visionzip"} <= set(cfgs) and "attention" not in cfgs
+    for name, cfg in cfgs.items():
+        with visipruner.apply(model, cfg) as h:
+            model(**inputs)
+        measured = h.last_stats.avg_visual_tokens / 64
+        if name in ("cdpruner", "divprune"):
+            assert h.last_stats.visual_tokens_per_layer == [16 * 4 * budget] * 16 or measured == budget, name
+        else:
+            assert measured == pytest.approx(budget, abs=1 / 16 + 1 / 64), name
+
+
+def test_run_budgets_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    from visipruner.bench import answer_all
+
+    model = tiny_llava(0, layers=8, image_size=64)
+    processor = FakeProcessor(model)
+    questions = [FakeQuestion(i) for i in range(4)]
+    for q, r in zip(questions, answer_all(model, processor, questions, None, 2, "unpruned")):
+        q.answer = r["prediction"]  # the unpruned model is right on every question: % retained is defined
+    rows = run_budgets(model, processor, questions, VisiPrunerConfig(shallow_layers=2), ("fastv", "cdpruner", "divprune"),
+                       budgets=(0.25, 0.5), max_new_tokens=2)
+    un = rows[0]
+    assert un["method"] == "unpruned" and un["accuracy"] == 1.0 and un["retained_pct"] == 100.0
+    assert {(r["method"], r["budget"]) for r in rows[1:]} == {(m, b) for m in ("fastv", "cdpruner", "divprune")
+                                                           for b in (0.25, 0.5)}
+    for r in rows[1:]:
+        assert r["retained_pct"] == pytest.approx(100 * r["accuracy"])  # unpruned accuracy is 1
+        lo, hi = r["retained_ci"]
+        assert lo <= r["retained_pct"] <= hi
+        assert r["prefill_flops_ratio"] < 1.0
+    print_budget_table(rows)
+    out = capsys.readouterr().out
+    assert "25% tokens" in out and "50% tokens" in out and "cdpruner" in out
+    plot_budgets(rows, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("make,layer", [("FastVConfig", 2), ("DARTConfig", 2), ("RandomConfig", 2),
+                                        ("CDPrunerConfig", None), ("DivPruneConfig", None)])
+def test_keep_tokens_is_the_count_kept_and_excludes_keep_ratio(make, layer):
+    import visipruner
+    from visipruner.testing import random_prompt
+
+    cls = getattr(visipruner, make)
+    with pytest.raises(ValueError, match="not both"):
+        cls(keep_ratio=0.3, keep_tokens=10)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        cls(keep_ratio=1.2)
+    with pytest.raises(ValueError, match="keep_tokens"):
+        cls(keep_tokens=-1)
+    assert cls().keep_ratio is not None and cls(keep_tokens=5).keep_ratio is None  # the published default
+    model = tiny_llava(0, layers=6, image_size=64)  # 64 visual tokens
+    with visipruner.apply(model, cls(keep_tokens=10)) as h:
+        model(**random_prompt(model, seed=1))
+    after = h.last_stats.visual_tokens_per_layer[(layer or -1) + 1]
+    assert after == 10 and h.last_stats.visual_tokens_per_layer[-1] == 10
+    cfg = cls(keep_tokens=10)
+    assert visipruner.config_from_json(cfg.to_json()) == cfg
