@@ -116,6 +116,19 @@ def bidirectional_blocks(model, extra_inputs, n):
 
 
 @torch.no_grad()
+def _budget(cfg, num_visual):
+    """Budget mode's token count, from the config's fields (written out here, not cfg.budget)."""
+    ratio, tokens = getattr(cfg, "keep_ratio", None), getattr(cfg, "keep_tokens", None)
+    if tokens is not None:
+        return min(tokens, num_visual)
+    if ratio is not None:  # ceil(ratio * n), at least one token
+        n = int(ratio * num_visual)
+        if n < ratio * num_visual - 1e-9:
+            n += 1
+        return max(1, min(n, num_visual))
+    return None
+
+
 def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_rule=None, selection="influence",
                       *, extra_inputs=None, spans=None, input_keep=None) -> RefResult:
     """Run the VisiPruner semantics on a batch-1 prompt; ``cfg`` a VisiPrunerConfig-like object.
@@ -264,10 +277,15 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
                 res.norms[li] = nrm.clone()
                 res.output_norms[li] = float(out_last.norm())
                 if middle_open:
-                    if float(cs.min()) < cfg.layer_threshold:
+                    fallback = getattr(cfg, "fusion_fallback_layer", None)
+                    if float(cs.min()) < cfg.layer_threshold or (fallback is not None and li >= fallback):
                         fusion = li
                         score = nrm / out_last.norm() if cfg.relative_tokens_threshold else nrm
                         chosen = score > cfg.tokens_threshold
+                        budget = _budget(cfg, int(is_img.sum()))
+                        if budget is not None:  # the `budget` largest ||c_j||, earlier token first on ties
+                            ranked = sorted(range(len(nrm)), key=lambda j: (-float(nrm[j]), j))
+                            chosen = torch.tensor([j in ranked[:budget] for j in range(len(nrm))])
                         if selection == "attention":
                             n_sel = int(chosen.sum())
                             chosen = torch.zeros_like(chosen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,25 @@ class VisiPrunerConfig(MethodConfig):
             "renormalised over the other keys (a true skip). Not the exact method; off by default."
         },
     )
+    keep_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Budget mode: at the fusion layer keep the ceil(keep_ratio * visual tokens) most influential "
+            "tokens (largest ||c_j||) instead of those over tokens_threshold. In (0, 1]; None: thresholds."
+        },
+    )
+    keep_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Budget mode with a token count: keep this many most influential tokens at fusion (at most "
+                  "the prompt's visual tokens). >= 1; None: thresholds. Not together with keep_ratio."},
+    )
+    fusion_fallback_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "If the layer threshold has not fired by this layer, fusion happens here (critical set chosen "
+            "as usual: tokens_threshold or the budget). > shallow_layers; None: only the layer threshold decides."
+        },
+    )
 
     method = "visipruner"
 
@@ -125,6 +145,30 @@ class VisiPrunerConfig(MethodConfig):
             raise ValueError(f"relative_tokens_threshold must be a bool, got {self.relative_tokens_threshold!r}")
         if not isinstance(self.shallow_renormalise, bool):
             raise ValueError(f"shallow_renormalise must be a bool, got {self.shallow_renormalise!r}")
+        if self.keep_ratio is not None and self.keep_tokens is not None:
+            raise ValueError("give one budget: keep_ratio or keep_tokens, not both")
+        if self.keep_ratio is not None:
+            check_float("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True)
+        if self.keep_tokens is not None:
+            check_int("keep_tokens", self.keep_tokens, 1, None)
+        if self.fusion_fallback_layer is not None:
+            check_int("fusion_fallback_layer", self.fusion_fallback_layer, self.shallow_layers + 1, None)
+        if (self.budgeted or self.fusion_fallback_layer is not None) and "middle" not in self.stages:
+            raise ValueError("keep_ratio / keep_tokens / fusion_fallback_layer act at the fusion layer: "
+                             f"add 'middle' to stages (got {self.stages})")
+
+    @property
+    def budgeted(self) -> bool:
+        """Budget mode: the critical set is a number of tokens, not those over tokens_threshold."""
+        return self.keep_ratio is not None or self.keep_tokens is not None
+
+    def budget(self, num_visual: int) -> int | None:
+        """Tokens kept at fusion for a prompt with ``num_visual`` visual tokens (None: thresholds)."""
+        if self.keep_tokens is not None:
+            return min(self.keep_tokens, num_visual)
+        if self.keep_ratio is not None:
+            return min(num_visual, max(1, math.ceil(self.keep_ratio * num_visual - 1e-9)))  # 1e-9: 0.1 * 30 is 3
+        return None
 
     @property
     def enabled(self) -> bool:

@@ -5,7 +5,9 @@ queries onto the image's first token; layers 1..K-1 zero text-to-vision probabil
 Stage 2 (middle): from layer K+1, the first layer whose last-token influence
 ``min_j cos(o - c_j, o)`` drops below ``layer_threshold`` is the fusion layer; tokens with
 ``||c_j|| > tokens_threshold`` are critical and are the only visual tokens kept after it
-(``||c_j|| / ||o||`` with ``relative_tokens_threshold``, a scale-free variant).
+(``||c_j|| / ||o||`` with ``relative_tokens_threshold``, a scale-free variant). Budget mode
+(``keep_ratio`` / ``keep_tokens``) keeps the budget's largest ``||c_j||`` instead; with
+``fusion_fallback_layer`` fusion happens there if the layer threshold has not fired before.
 Stage 3 (deep): after the fusion layer, a layer with ``min_j cos >= exit_threshold`` over the
 critical tokens has no visual impact; after ``exit_patience`` such layers (cumulative, as the
 reference code counts, or consecutive) every visual token is removed.
@@ -43,6 +45,7 @@ class VisiPruner(PruningMethod):
         self.min_cos: dict[int, float] = {}  # per checked layer, for analysis
         self.num_critical_candidates: dict[int, int] = {}
         self.remaining = layout.num_visual if layout is not None else 0
+        self.num_visual = self.remaining
         if self.schedule is not None and layout is not None:
             bad = [i for i in self.schedule.critical_tokens if not 0 <= i < layout.num_visual]
             if bad:
@@ -80,9 +83,15 @@ class VisiPruner(PruningMethod):
         if self._has("middle") and self.fusion_layer is None:
             score = influence.norm / influence.output_norm if cfg.relative_tokens_threshold else influence.norm
             self.num_critical_candidates[layer] = int((score > cfg.tokens_threshold).sum())
-            if influence.min_cos < cfg.layer_threshold:
+            fallback = cfg.fusion_fallback_layer is not None and layer >= cfg.fusion_fallback_layer
+            if influence.min_cos < cfg.layer_threshold or fallback:
                 self.fusion_layer = layer
-                selected = score > cfg.tokens_threshold
+                budget = cfg.budget(self.num_visual)
+                if budget is None:
+                    selected = score > cfg.tokens_threshold
+                else:  # the budget's most influential tokens (ties: earlier token first)
+                    selected = torch.zeros_like(score, dtype=torch.bool)
+                    selected[influence.norm.argsort(descending=True, stable=True)[:budget]] = True
                 if self.selection == "attention":  # same count, chosen by attention (ablation)
                     top = influence.attention.argsort(descending=True, stable=True)[: int(selected.sum())]
                     selected = torch.zeros_like(selected)
