@@ -49,8 +49,12 @@ def test_every_method_keeps_its_budget_when_run(budget):
         with visipruner.apply(model, cfg) as h:
             model(**inputs)
         measured = h.last_stats.avg_visual_tokens / 64
-        if name in ("cdpruner", "divprune"):
-            assert h.last_stats.visual_tokens_per_layer == [16 * 4 * budget] * 16 or measured == budget, name
+        if name in ("cdpruner", "divprune"):  # before the language model: the budget at every layer
+            assert h.last_stats.visual_tokens_per_layer == [int(64 * budget)] * 16, name
+        elif name == "visipruner":  # budget mode: the budget's tokens from fusion (threshold or fallback) on
+            assert cfg.keep_ratio == budget and cfg.fusion_fallback_layer == 8
+            fusion = h.last_stats.fusion_layer
+            assert fusion is not None and h.last_stats.visual_tokens_per_layer[fusion + 1] == int(64 * budget)
         else:
             assert measured == pytest.approx(budget, abs=1 / 16 + 1 / 64), name
 

@@ -7,7 +7,9 @@ language model's layers: methods acting before the language model (CDPruner, Div
 VisionZip) keep ``b`` of them at every layer; methods acting inside it get the configuration
 whose average visual tokens per layer is ``b`` (``bench.matched_configs``; e.g. FastV at layer 2
 keeps a little less than ``b`` after it), and VisiPruner keeps the budget's most influential
-tokens at its fusion layer (its budget mode, ``VisiPrunerConfig(keep_ratio=...)``).
+tokens at its fusion layer (its budget mode, ``VisiPrunerConfig(keep_ratio=...)``, with a fusion
+fallback at half depth unless the config names one), then its deep stage as configured: its
+average visual tokens per layer is reported next to its score, not matched.
 
 % retained = accuracy / unpruned accuracy on the same questions, with a 90% bootstrap interval
 (questions resampled, pruned and unpruned answers kept in pairs).
@@ -26,11 +28,15 @@ from .methods import CDPrunerConfig, DivPruneConfig
 BUDGETS = (0.11, 0.22, 0.33)
 
 
-def visipruner_budget_config(cfg: VisiPrunerConfig, budget: float) -> VisiPrunerConfig | None:
-    """``cfg`` in budget mode, or None when this VisiPrunerConfig has no budget mode."""
+def visipruner_budget_config(cfg: VisiPrunerConfig, budget: float, num_layers: int) -> VisiPrunerConfig | None:
+    """``cfg`` in budget mode, or None when this VisiPrunerConfig has no budget mode. A config without
+    a fusion fallback layer gets half the depth (as VTW's default), so that every prompt is pruned
+    to the budget even where the layer threshold does not fire."""
     if "keep_ratio" not in {f.name for f in dataclasses.fields(VisiPrunerConfig)}:
         return None
     fields = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "keep_ratio", "keep_tokens")}
+    if fields.get("fusion_fallback_layer") is None:
+        fields["fusion_fallback_layer"] = max(cfg.shallow_layers + 1, num_layers // 2)
     return VisiPrunerConfig(**fields, keep_ratio=budget)
 
 
@@ -41,7 +47,7 @@ def budget_configs(num_layers: int, budget: float, visipruner_cfg: VisiPrunerCon
     out = {name: cfg for name, cfg in matched_configs(num_layers, budget, visipruner_cfg).items() if name != "attention"}
     out["cdpruner"] = CDPrunerConfig(keep_ratio=budget)
     out["divprune"] = DivPruneConfig(keep_ratio=budget)
-    vp = visipruner_budget_config(visipruner_cfg, budget)
+    vp = visipruner_budget_config(visipruner_cfg, budget, num_layers)
     if vp is not None:
         out["visipruner"] = vp
     return {name: cfg for name, cfg in out.items() if name in methods}
@@ -75,7 +81,7 @@ def run_budgets(model, processor, questions, visipruner_cfg: VisiPrunerConfig, m
     row = summarise(unpruned, None, {})
     row.update(budget=1.0, retained_pct=100.0, retained_ci=[100.0, 100.0])
     rows = [row]
-    if "visipruner" in methods and visipruner_budget_config(visipruner_cfg, 0.5) is None:
+    if "visipruner" in methods and visipruner_budget_config(visipruner_cfg, 0.5, L) is None:
         print("bench: visipruner has no budget mode in this version (VisiPrunerConfig has no keep_ratio); "
               "left out of --budgets", file=sys.stderr)
     for b in budgets:
