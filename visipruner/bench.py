@@ -716,12 +716,16 @@ def _budgets(text: str) -> tuple[float, ...]:
 def _run_budgets(args, model, processor, questions, cfg, methods, budgets) -> int:
     from .budgets import plot_budgets, print_budget_table, run_budgets
 
+    def save(rows):  # after every setting: a long run that is stopped keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+
     rows = run_budgets(model, processor, questions, cfg, [m for m in methods if m != "attention"], budgets,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, on_row=save)
     print_budget_table(rows)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        save(rows)
         print(f"wrote {args.json}", file=sys.stderr)
     png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if png:

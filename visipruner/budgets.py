@@ -68,9 +68,10 @@ def retained(correct, correct_unpruned, draws: int = 2000) -> tuple[float, list[
 
 
 def run_budgets(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods, budgets=BUDGETS,
-                max_new_tokens: int = 6, batch_size: int = 1, unpruned_records=None) -> list[dict]:
+                max_new_tokens: int = 6, batch_size: int = 1, unpruned_records=None, on_row=None) -> list[dict]:
     """One row per (method, budget) plus the unpruned row: accuracy, % retained with its interval,
-    agreement with the unpruned answers, average visual fraction per layer, prefill FLOPs ratio."""
+    agreement with the unpruned answers, average visual fraction per layer, prefill FLOPs ratio.
+    ``on_row(rows)`` is called after each row (e.g. to save what a long run has so far)."""
     from .bench import Setting, answer_all, summarise
 
     L = model.config.text_config.num_hidden_layers
@@ -92,6 +93,8 @@ def run_budgets(model, processor, questions, visipruner_cfg: VisiPrunerConfig, m
             row["budget"] = b
             row["retained_pct"], row["retained_ci"] = retained([r["correct"] for r in s.records], base)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -113,6 +116,22 @@ def print_budget_table(rows: list[dict]) -> None:
             lo, hi = r["retained_ci"]
             cells.append(f"{r['retained_pct']:>8.1f} [{lo:5.1f},{hi:5.1f}]")
         print(f"{m:<12}" + "".join(f"{c:>18}" for c in cells))
+    print("average visual tokens per layer (fraction of the prompt's) / prefill FLOPs ratio")
+    for m in sorted({r["method"] for r in rows if r["method"] != "unpruned"}):
+        cells = []
+        for b in budgets:
+            r = next((x for x in rows if x["method"] == m and x["budget"] == b), None)
+            cells.append("-" if r is None else f"{r['avg_visual_fraction']:.3f} / {r['prefill_flops_ratio']:.3f}")
+        print(f"{m:<12}" + "".join(f"{c:>18}" for c in cells))
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """The table and plot again from a ``bench --budgets`` JSON (``python -m visipruner.budgets IN.json OUT.png``)."""
+    import json
+
+    rows = json.loads(open(json_path).read())
+    print_budget_table(rows)
+    plot_budgets(rows, png_path)
 
 
 def plot_budgets(rows: list[dict], path: str) -> None:
@@ -129,16 +148,16 @@ def plot_budgets(rows: list[dict], path: str) -> None:
     step = min(np.diff(budgets)) if len(budgets) > 1 else 0.1
     width = 0.5 * step
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    cmap = plt.get_cmap("tab20")
-    markers = "osD^v<>pPX*h"
+    cmap = plt.get_cmap("tab10")
+    markers, styles = "osD^v<>pPX*h", ("-", "--", ":", "-.")
     for i, m in enumerate(methods):
         pts = sorted((r["budget"], r["retained_pct"], r["retained_ci"]) for r in rows if r["method"] == m)
         off = (i - (len(methods) - 1) / 2) * width / max(1, len(methods) - 1)
         xs = [100 * (b + off) for b, _, _ in pts]
         ys = [y for _, y, _ in pts]
         err = [[y - ci[0] for _, y, ci in pts], [ci[1] - y for _, y, ci in pts]]
-        ax.errorbar(xs, ys, yerr=err, color=cmap(i % 20), marker=markers[i % len(markers)], ms=5, lw=1.2,
-                    capsize=2.5, label=m)
+        ax.errorbar(xs, ys, yerr=err, color=cmap(i % 10), marker=markers[i % len(markers)], ms=5, lw=1.2,
+                    ls=styles[(i // 10) % len(styles)], capsize=2.5, label=m)
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
     ax.set_xlabel("visual tokens kept (fraction of the prompt's, average per layer)")
@@ -152,3 +171,7 @@ def plot_budgets(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    replot(sys.argv[1], sys.argv[2])
