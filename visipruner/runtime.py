@@ -14,8 +14,10 @@ How it stays a Hugging Face model (no class patching, no forks):
   shorter sequence and store shorter KV caches; kept tokens keep their original positions.
 
 In decode steps each layer attends to its own cache, whatever length it has; new tokens take
-positions after the unpruned prompt (the cache's layer 0 is never pruned, so the model's own
-position bookkeeping gives that).
+positions after the unpruned prompt: the cache's layer 0 holds the whole prompt, so the model's
+own position bookkeeping gives that, except after a method that selects before layer 0 (CDPruner,
+DivPrune), where the positions generate() passes are required (a decode call without them is
+refused).
 """
 
 from __future__ import annotations
@@ -292,6 +294,7 @@ class PruningHandle:
         adapter = self.adapter
         has_visual = bool(adapter.visual_mask(input_ids).any())
         if past > 0:  # decode step (or continuation) of the current prompt
+            self._check_decode_positions(kwargs)
             if has_visual and self.method.enabled and any(
                     isinstance(kwargs.get(k), torch.Tensor) for k in ("pixel_values", "pixel_values_videos")):
                 raise ValueError("images after the prompt was prefilled (chunked prefill) are not supported")
@@ -363,6 +366,19 @@ class PruningHandle:
             st.dense_offset, st.original_visual, st.reduced_prompt = caller_padded - st.layout.length, visual[0], True
         self._state = st
         return (args, kwargs) if changed else None
+
+    def _check_decode_positions(self, kwargs) -> None:
+        """A method that selected before layer 0 left layer 0's KV cache shorter than the prompt, and a
+        model counts new tokens' positions from that cache unless it is given them: refuse that."""
+        bt, st = self._batch, self._state
+        rows = [r for r in bt.rows if r is not None] if bt is not None and bt.prefilled else (
+            [st] if st is not None and st.prefilled else [])
+        shortened = any(getattr(r.method, "acts_at_input", False) and r.layer_positions[0] is not None
+                        and r.layer_positions[0].numel() < r.layout.length for r in rows)
+        if shortened and kwargs.get("position_ids") is None:
+            raise ValueError(f"{self.method.name} removed visual tokens before layer 0, so layer 0's KV cache is shorter "
+                             "than the prompt and positions cannot be counted from it: pass position_ids (and the "
+                             "attention_mask) to each decode step, as generate() does, or use generate()")
 
     def _on_model_return(self, module, args, kwargs, output):
         bt = self._batch
