@@ -741,7 +741,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help="a saved Llava directory (default: the embedded model)")
     p.add_argument("--data", help="question file (JSONL); default: the embedded model's test set (scene test "
                    "split + easy-vqa test, nothing tuned on it)")
-    p.add_argument("--quick", action="store_true", help="a small subset of the test set (32 questions; about 20 min on 2 idle cores with every method and timing)")
+    p.add_argument("--quick", action="store_true", help="the main job: a small subset of the test set (32 questions), every method at its default, "
+                   "timing on one prompt once, no matched-budget runs and no batched timing")
     p.add_argument("--limit", type=int, help="use only the first N questions")
     p.add_argument("--methods", help=f"comma-separated subset of visipruner,{','.join(PEERS)}")
     p.add_argument("--visipruner-config", help="VisiPruner config JSON (default: recommended for the model)")
