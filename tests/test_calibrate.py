@@ -126,6 +126,11 @@ def test_front_and_choice():
              {"agreement": 0.97, "flops_ratio": 0.45, "examples": 200, **src(0.97, 0.97)}]
     assert choose(mixed, ("agreement", 0.95), margin=False)["flops_ratio"] == 0.45
     assert choose(mixed, ("flops", 0.5))["flops_ratio"] == 0.45
+    # a config that leaves one source unpruned is passed over when pruning is required
+    mixed[1]["by_source"]["photos"]["pruned_rate"] = 0.05
+    mixed.append({"agreement": 0.96, "flops_ratio": 0.48, "examples": 200, **src(0.96, 0.96)})
+    assert choose(mixed, ("agreement", 0.95), margin=False)["flops_ratio"] == 0.45
+    assert choose(mixed, ("agreement", 0.95), margin=False, min_pruned=0.9)["flops_ratio"] == 0.48
     with pytest.raises(ValueError, match="'agreement' or 'flops'"):
         parse_target("accuracy=0.9")
     assert parse_target("flops=0.4") == ("flops", 0.4)

@@ -110,6 +110,7 @@ CASES = [
     ("calibrate --data {d}/good.jsonl --target agreement=0.9 --heldout-limit 5", "--heldout-limit needs --heldout"),
     ("calibrate --data {d}/good.jsonl --target agreement=0.9 --fallback-layers 6,x", "--fallback-layers: expected layer"),
     ("calibrate --data {d}/good.jsonl --target agreement=0.9 --budgets 0.2,1.5", "--budgets: expected keep ratios"),
+    ("calibrate --data {d}/good.jsonl --target agreement=0.9 --min-pruned 1.5", "--min-pruned must be in [0, 1]"),
     ("calibrate --data a={d}/good.jsonl --data b={d}/missing.jsonl --target agreement=0.9",
      "--data: {d}/missing.jsonl: no such file"),
     ("analyze --data {d}/badjson.jsonl --out {d}/o", "bad question file (--data): {d}/badjson.jsonl:2: invalid JSON"),

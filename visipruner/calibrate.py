@@ -341,15 +341,24 @@ def family(config: dict) -> str:
     return "relative" if config["relative_tokens_threshold"] else "absolute"
 
 
-def choose(finalists: list[dict], target: tuple[str, float], margin: bool = True) -> dict:
+def _least_pruned(f: dict) -> float:
+    """The finalist's pruning rate on its least pruned source (1.0 when not measured)."""
+    parts = list(f.get("by_source", {}).values()) or [f]
+    rates = [p.get("pruned_rate") for p in parts]
+    return min((r for r in rates if r is not None), default=1.0)
+
+
+def choose(finalists: list[dict], target: tuple[str, float], margin: bool = True, min_pruned: float = 0.0) -> dict:
     """The finalist that meets the target most cheaply (agreement) or agrees most (flops).
 
     For an agreement target, ``margin`` asks the agreement to clear the target by one standard
     error, so that the choice still meets it on examples calibration never saw; when no finalist
     does, the cheapest one meeting the bare target is taken, then the most agreeing one.
-    With several calibration sources every agreement here is the worst source's.
+    With several calibration sources every agreement here is the worst source's. ``min_pruned``:
+    only finalists that prune at least that share of the prompts of every source (when any does).
     """
     kind, value = target
+    finalists = [f for f in finalists if _least_pruned(f) >= min_pruned] or finalists
     if kind == "agreement":
         safe = [f for f in finalists if _worst(f, margin) >= value]
         ok = safe or [f for f in finalists if _worst(f, False) >= value]
@@ -394,7 +403,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
               finalists: int = 3, rerun_limit: int | None = 60, progress=True, variants=None,
               refine: int = 1, margin: bool = True, refine_points: int = 1, batch_size: int = 1,
               sources: list[str] | None = None, heldout_sources: list[str] | None = None,
-              fallbacks=None, budgets=DEFAULT_BUDGETS) -> dict:
+              fallbacks=None, budgets=DEFAULT_BUDGETS, min_pruned: float = 0.0) -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
     ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
@@ -402,7 +411,8 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
     ``heldout_sources``: a source name per question (e.g. its file); finalists are then judged by
     their worst source's agreement, and the held-out check is reported per source.
     ``fallbacks``: fusion fallback layers to search (default ``default_fallbacks``; ``[None]``: none);
-    ``budgets``: keep ratios searched in budget mode (``()``: none).
+    ``budgets``: keep ratios searched in budget mode (``()``: none). ``min_pruned``: the chosen
+    config must prune at least this share of each source's prompts in the reruns (see ``choose``).
     """
     from .bench import _inputs
 
@@ -477,7 +487,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
         if not batch:
             break
         rerun(batch, r)
-    chosen = choose(results, target, margin)
+    chosen = choose(results, target, margin, min_pruned)
     out = {
         "target": {"kind": target[0], "value": target[1]},
         "variants": [{"shallow_layers": k, "shallow_stage": sh} for k, sh in variants],
@@ -556,6 +566,8 @@ def _run(args) -> int:
         raise inputs.InputError("--heldout-limit needs --heldout")
     fallbacks = parse_fallbacks(args.fallback_layers) if args.fallback_layers is not None else None
     budgets = parse_budgets(args.budgets)
+    if not 0 <= args.min_pruned <= 1:
+        raise inputs.InputError(f"--min-pruned must be in [0, 1], got {args.min_pruned}")
     inputs.model_dir("--model", args.model)
     inputs.output_file("--out", args.out)
     inputs.output_file("--json", args.json)
@@ -572,7 +584,7 @@ def _run(args) -> int:
                        margin=not args.no_margin, refine_points=args.refine_points, batch_size=args.batch_size,
                        sources=sources if len(args.data) > 1 else None,
                        heldout_sources=heldout_sources if args.heldout and len(args.heldout) > 1 else None,
-                       fallbacks=fallbacks, budgets=budgets)
+                       fallbacks=fallbacks, budgets=budgets, min_pruned=args.min_pruned)
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
           f"on {result['rerun_examples']} examples; search took {result['search_seconds'] / 60:.1f} min")
     print(f"{'front':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'fallback':>9}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}"
@@ -627,6 +639,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "fallback (default: none and 6, 9, 12, 16 of 32 scaled to depth)")
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="keep ratios searched in budget mode, comma-separated ('' for none)")
+    p.add_argument("--min-pruned", type=float, default=0.0,
+                   help="choose only a config that prunes at least this share of each source's prompts (e.g. 0.9)")
     p.add_argument("--finalists", type=int, default=3, help="first-round finalists rerun per threshold family")
     p.add_argument("--refine", type=int, default=1, help="refinement rounds around the target")
     p.add_argument("--refine-points", type=int, default=1, help="finalists added per threshold family per round")
