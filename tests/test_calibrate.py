@@ -119,6 +119,9 @@ def test_front_and_choice():
     assert choose(fin[:3], ("agreement", 0.985))["flops_ratio"] == 0.6  # no safe one: the bare target
     assert choose(fin, ("flops", 0.5))["agreement"] == 0.97
     assert choose(fin, ("agreement", 1.01 - 0.001))["agreement"] == 1.0  # best available when unmet
+    # 15 of 15 is not a certainty: its smoothed error (0.06) keeps it from being "safe" at 0.95
+    small = [{"agreement": 1.0, "flops_ratio": 0.4, "examples": 15}, {"agreement": 0.99, "flops_ratio": 0.6, "examples": 400}]
+    assert choose(small, ("agreement", 0.95))["flops_ratio"] == 0.6
     # several sources: the worst source decides (0.99 overall hides a source at 0.90)
     src = lambda a, b: {"by_source": {"scenes": {"agreement": a, "examples": 100},  # noqa: E731
                                       "photos": {"agreement": b, "examples": 100}}}

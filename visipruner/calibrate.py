@@ -322,9 +322,12 @@ def read_sources(specs: list[str], flag: str, limit: int | None):
 
 
 def _margin(f: dict) -> float:
-    """One standard error of a measured agreement (binomial, over the rerun examples)."""
-    a, n = f["agreement"], max(1, f["examples"])
-    return math.sqrt(max(a * (1 - a), 0.0) / n)
+    """One standard error of a measured agreement (binomial, over the rerun examples), with the
+    rate smoothed by one agreement and one disagreement: 15 of 15 is not a certainty (unsmoothed,
+    its error would be 0 and the margin would vanish exactly where the sample is smallest)."""
+    n = max(1, f["examples"])
+    a = (f["agreement"] * n + 1) / (n + 2)
+    return math.sqrt(a * (1 - a) / n)
 
 
 def _worst(f: dict, margin: bool) -> float:
