@@ -15,6 +15,11 @@ How it stays cheap:
    with the unpruned answers and the real FLOPs, pick the one meeting the target, and confirm it
    on held-out examples calibration never saw.
 
+Under shift: ``--data`` / ``--heldout`` take several ``NAME=FILE`` sources; finalists are judged
+by their worst source (``--min-pruned`` also asks each source to be pruned), the held-out check is
+reported per source, and the search includes fusion fallback layers and budget mode
+(``--fallback-layers``, ``--budgets``). See docs/calibrate.md, "Under shift".
+
 Where records cannot stand in for a rerun: after the fusion layer removes tokens, every later
 layer's hidden states change, so the recorded cosines used for the exit decision (and the
 risk of later layers) come from the unpruned run, not the pruned one. The fusion decision and
