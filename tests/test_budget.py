@@ -130,3 +130,26 @@ def test_budget_round_trips_through_json():
     assert visipruner.config_from_json(cfg.to_json()) == cfg
     assert cfg.budget(576) == 64 and VisiPrunerConfig(keep_ratio=0.1).budget(30) == 3
     assert VisiPrunerConfig(keep_tokens=64).budget(10) == 10 and VisiPrunerConfig().budget(576) is None
+
+
+def test_diversity_experiment_is_the_greedy_log_det_set():
+    """scripts/diverse_variant.py (the experiment docs/calibrate.md reports): its incremental
+    Cholesky picks, step by step, the token that most increases log det L_S, checked by brute force."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from diverse_variant import greedy_dpp
+
+    g = torch.Generator().manual_seed(0)
+    q, x = torch.rand(12, generator=g) + 0.1, torch.randn(12, 6, generator=g)
+    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    L = q.double()[:, None] * (xn @ xn.T) * q.double()[None]
+    chosen = []
+    for _ in range(5):
+        chosen.append(max((j for j in range(12) if j not in chosen),
+                          key=lambda j: float(torch.logdet(L[chosen + [j]][:, chosen + [j]]))))
+    assert greedy_dpp(q, x, 5).tolist() == chosen
+    # past the kernel's rank (6) the rest comes by influence
+    rest = greedy_dpp(q, x, 12).tolist()
+    assert sorted(rest) == list(range(12)) and rest[:5] == chosen

@@ -79,6 +79,33 @@ def test_recorded_predictions_match_the_runtime_with_late_fusion_and_exit(relati
     assert counts["a"] >= 6 and counts["b"] >= 4 and counts["late_fusion"] >= 2, counts
 
 
+@pytest.mark.parametrize("shallow", [True, False])
+def test_recorded_predictions_match_the_runtime_with_fallback_and_budget(shallow):
+    """Fusion at the fallback layer (the layer threshold never fires) or by the threshold before it,
+    keeping a budget: the predicted FLOPs, fusion rate and kept count are the runtime's."""
+    L, K = 10, 2
+    model = tiny_llava(1, layers=L)
+    prompts = [random_prompt(model, seed=s, images=1 + s % 2) for s in range(3)]
+    rec = record(model, prompts, K=K, progress=False, shallow=shallow)
+    dims = Dims.from_config(model.config.text_config)
+    cands = score_candidates(rec, dims, [-1.0, 1.0], [0.0], [1.5], [1], relative=False, fallbacks=[None, 6],
+                             budgets=[0.25])
+    by = {(c.config.layer_threshold, c.config.fusion_fallback_layer, c.config.keep_ratio): c for c in cands}
+    assert len(cands) == 8 and by[(-1.0, None, 0.25)].fusion_rate == 0.0 and by[(-1.0, 6, 0.25)].fusion_rate == 1.0
+    for (lt, fb, ratio), cand in by.items():
+        flops = []
+        for inp in prompts:
+            with visipruner.apply(model, cand.config) as h:
+                model(**inp)
+            s = h.last_stats
+            fusion = K + 1 if lt == 1.0 else fb
+            assert s.fusion_layer == fusion and s.exit_layer is None
+            if fusion is not None and ratio is not None:
+                assert len(s.critical_tokens) == cand.config.budget(s.num_visual_tokens)
+            flops.append(s.prefill_flops_ratio)
+        assert cand.flops_ratio == pytest.approx(np.mean(flops), rel=1e-9), cand.config
+
+
 def test_front_and_choice():
     cfg = visipruner.VisiPrunerConfig()
     cands = [Candidate(cfg, f, r, 1.0) for f, r in [(0.3, 5.0), (0.4, 2.0), (0.5, 3.0), (0.6, 1.0), (0.9, 0.0)]]
@@ -92,6 +119,21 @@ def test_front_and_choice():
     assert choose(fin[:3], ("agreement", 0.985))["flops_ratio"] == 0.6  # no safe one: the bare target
     assert choose(fin, ("flops", 0.5))["agreement"] == 0.97
     assert choose(fin, ("agreement", 1.01 - 0.001))["agreement"] == 1.0  # best available when unmet
+    # 15 of 15 is not a certainty: its smoothed error (0.06) keeps it from being "safe" at 0.95
+    small = [{"agreement": 1.0, "flops_ratio": 0.4, "examples": 15}, {"agreement": 0.99, "flops_ratio": 0.6, "examples": 400}]
+    assert choose(small, ("agreement", 0.95))["flops_ratio"] == 0.6
+    # several sources: the worst source decides (0.99 overall hides a source at 0.90)
+    src = lambda a, b: {"by_source": {"scenes": {"agreement": a, "examples": 100},  # noqa: E731
+                                      "photos": {"agreement": b, "examples": 100}}}
+    mixed = [{"agreement": 0.99, "flops_ratio": 0.4, "examples": 200, **src(1.0, 0.90)},
+             {"agreement": 0.97, "flops_ratio": 0.45, "examples": 200, **src(0.97, 0.97)}]
+    assert choose(mixed, ("agreement", 0.95), margin=False)["flops_ratio"] == 0.45
+    assert choose(mixed, ("flops", 0.5))["flops_ratio"] == 0.45
+    # a config that leaves one source unpruned is passed over when pruning is required
+    mixed[1]["by_source"]["photos"]["pruned_rate"] = 0.05
+    mixed.append({"agreement": 0.96, "flops_ratio": 0.48, "examples": 200, **src(0.96, 0.96)})
+    assert choose(mixed, ("agreement", 0.95), margin=False)["flops_ratio"] == 0.45
+    assert choose(mixed, ("agreement", 0.95), margin=False, min_pruned=0.9)["flops_ratio"] == 0.48
     with pytest.raises(ValueError, match="'agreement' or 'flops'"):
         parse_target("accuracy=0.9")
     assert parse_target("flops=0.4") == ("flops", 0.4)

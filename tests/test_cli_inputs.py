@@ -108,6 +108,11 @@ CASES = [
      "{d}/emptyimg.jsonl:2: key 'image'"),
     ("calibrate --data {d}/good.jsonl --target agreement=0.9 --limit 0", "--limit must be >= 1, got 0"),
     ("calibrate --data {d}/good.jsonl --target agreement=0.9 --heldout-limit 5", "--heldout-limit needs --heldout"),
+    ("calibrate --data {d}/good.jsonl --target agreement=0.9 --fallback-layers 6,x", "--fallback-layers: expected layer"),
+    ("calibrate --data {d}/good.jsonl --target agreement=0.9 --budgets 0.2,1.5", "--budgets: expected keep ratios"),
+    ("calibrate --data {d}/good.jsonl --target agreement=0.9 --min-pruned 1.5", "--min-pruned must be in [0, 1]"),
+    ("calibrate --data a={d}/good.jsonl --data b={d}/missing.jsonl --target agreement=0.9",
+     "--data: {d}/missing.jsonl: no such file"),
     ("analyze --data {d}/badjson.jsonl --out {d}/o", "bad question file (--data): {d}/badjson.jsonl:2: invalid JSON"),
     ("analyze --data {d}/good.jsonl --out {d}/o --limit 0", "--limit must be >= 1, got 0"),
     ("analyze --data {d}/good.jsonl --out {d}/o --tolerance 0", "--tolerance must be > 0, got 0.0"),
@@ -134,6 +139,8 @@ def test_bad_input_is_one_line_exit_2_before_the_model_loads(files, capsys, line
     "eval --data {d}/good.jsonl --model {d}/model",  # with a config.json: see below
     "bench --data {d}/good.jsonl --methods visipruner,fastv",
     "calibrate --data {d}/good.jsonl --target flops=0.5 --shallow-layers 2,2:off --heldout {d}/good.jsonl",
+    "calibrate --data a={d}/good.jsonl --data b={d}/good.jsonl --target flops=0.5 --fallback-layers none,6 "
+    "--budgets 0.2 --heldout a={d}/good.jsonl --heldout b={d}/good.jsonl",
     "analyze --data {d}/good.jsonl --out {d}/o --config {d}/vp.json",
 ])
 def test_good_input_reaches_the_model_loader(files, line):
@@ -176,6 +183,8 @@ def test_installed_command_exits_2_with_one_line(files):
 @pytest.mark.parametrize("line, needle", [
     ("calibrate --data {d}/good.jsonl --target agreement=0.9 --shallow-layers 2,4",
      "--shallow-layers: K must be below the model's 4 layers, got '2,4'"),
+    ("calibrate --data {d}/good.jsonl --target agreement=0.9 --fallback-layers 3,4",
+     "--fallback-layers: layers must be below the model's 4 layers, got '3,4'"),
     ("analyze --data {d}/good.jsonl --out {d}/o --config {d}/k4.json",
      "config.shallow_layers=4 must be below the model's 4 layers"),
 ])

@@ -283,3 +283,25 @@ def test_relation_questions_cover_every_aligned_pair_both_ways():
         for fam, q, a in scenes.scene_questions(sc, rng):
             if fam == "relation":
                 assert (q, a) in qs
+
+
+def test_photo_questions(tmp_path, monkeypatch):
+    """scikit-image's bundled photos: deterministic crops and questions, splits by photo, files that
+    the question reader accepts; a missing scikit-image is named with the fix."""
+    from visipruner.data import photos
+
+    assert not set(photos.SPLITS["calib"]) & set(photos.SPLITS["test"])
+    for split, names in photos.SPLITS.items():
+        assert all(photos.photo_path(n).is_file() for n in names), split
+    img, rec = photos.make_question(0, "test", 3)
+    img2, rec2 = photos.make_question(0, "test", 3)
+    assert rec == rec2 and img.tobytes() == img2.tobytes() and img.size == (192, 192)
+    assert rec["id"].endswith(photos.SPLITS["test"][3]) and rec["family"].startswith("photo_")
+    assert photos.make_question(1, "test", 3)[0].tobytes() != img.tobytes()  # another seed, another crop
+    path = photos.write_split(str(tmp_path), "calib", n=12)
+    qs = load_questions(path, verify_images=True)
+    assert len(qs) == 12 and {q.id.rsplit("-", 1)[-1] for q in qs} <= set(photos.SPLITS["calib"])
+    assert len({q.id.split("-", 4)[-1] for q in qs}) == len(photos.SPLITS["calib"])  # every photo used
+    monkeypatch.setattr(photos.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="scikit-image==0.25.2"):
+        photos.make_question(0, "test", 0)

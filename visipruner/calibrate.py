@@ -15,6 +15,11 @@ How it stays cheap:
    with the unpruned answers and the real FLOPs, pick the one meeting the target, and confirm it
    on held-out examples calibration never saw.
 
+Under shift: ``--data`` / ``--heldout`` take several ``NAME=FILE`` sources; finalists are judged
+by their worst source (``--min-pruned`` also asks each source to be pruned), the held-out check is
+reported per source, and the search includes fusion fallback layers and budget mode
+(``--fallback-layers``, ``--budgets``). See docs/calibrate.md, "Under shift".
+
 Where records cannot stand in for a rerun: after the fusion layer removes tokens, every later
 layer's hidden states change, so the recorded cosines used for the exit decision (and the
 risk of later layers) come from the unpruned run, not the pruned one. The fusion decision and
@@ -114,8 +119,12 @@ class Candidate:
     fusion_rate: float  # fraction of examples where fusion triggers
 
 
-def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs, patiences, relative: bool):
-    """Predicted FLOPs ratio and risk of every candidate, from the records alone (vectorised)."""
+def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs, patiences, relative: bool,
+                     fallbacks=(None,), budgets=()):
+    """Predicted FLOPs ratio and risk of every candidate, from the records alone (vectorised).
+
+    ``fallbacks``: fusion fallback layers (None: none); ``budgets``: keep ratios scored as budget
+    mode (the budget's largest ``||c_j||`` kept at fusion) besides the ``token_thrs``."""
     E, L, m = rec.cos.shape
     K = rec.K
     per_token = dense_token_flops(dims, 1)
@@ -139,12 +148,21 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
     rel_infl = rec.norm / rec.onorm[..., None]  # (E, L, m)
     layers = np.arange(L)
     out = []
-    for lt in layer_thrs:
+    rules = [("threshold", tt) for tt in token_thrs] + [("budget", r) for r in budgets]
+    for lt, fb in ((lt, fb) for lt in layer_thrs for fb in fallbacks):
         below = min_cos < lt
-        fused = below.any(axis=1)
-        fusion = np.where(fused, below.argmax(axis=1), L)  # L = never
-        for tt in token_thrs:
-            S = score[np.arange(E), np.minimum(fusion, L - 1)] > tt  # (E, m)
+        fusion = np.where(below.any(axis=1), below.argmax(axis=1), L)  # L = never
+        if fb is not None:
+            fusion = np.minimum(fusion, fb)
+        fused = fusion < L
+        at = np.minimum(fusion, L - 1)
+        ranks = np.argsort(np.argsort(-rec.norm[np.arange(E), at], axis=1, kind="stable"), axis=1, kind="stable")
+        for kind, tt in rules:
+            if kind == "threshold":
+                S = score[np.arange(E), at] > tt  # (E, m)
+            else:  # the budget's most influential tokens (ties: earlier token first, as the runtime)
+                k = np.array([VisiPrunerConfig(keep_ratio=tt).budget(int(n)) for n in rec.n_visual])
+                S = ranks < k[:, None]
             S &= fused[:, None]
             s_count = S.sum(axis=1)
             cos_S = np.where(S[:, None, :], rec.cos, np.inf)
@@ -171,9 +189,11 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
                     flops = costs.sum(axis=1) + shallow + infl.sum(axis=1)
                     risk = np.where(after & (layers[None] <= exit_l[:, None]), removed_nonS, 0).sum(axis=1) + np.where(
                         layers[None] > exit_l[:, None], all_infl, 0).sum(axis=1)
-                    cfg = VisiPrunerConfig(stages=stages, shallow_layers=K, layer_threshold=float(lt), tokens_threshold=float(tt),
+                    budget = dict(keep_ratio=float(tt)) if kind == "budget" else dict(tokens_threshold=float(tt))
+                    cfg = VisiPrunerConfig(stages=stages, shallow_layers=K, layer_threshold=float(lt),
                                            exit_threshold=float(min(et, 1.0)), exit_patience=int(p),
-                                           relative_tokens_threshold=relative)
+                                           relative_tokens_threshold=relative and kind == "threshold",
+                                           fusion_fallback_layer=None if fb is None else int(fb), **budget)
                     out.append(Candidate(cfg, float((flops / dense).mean()), float(risk.mean()), float(fused.mean())))
     return out
 
@@ -203,21 +223,42 @@ def _grid(rec: Records, relative: bool):
 
 @torch.no_grad()
 def measure(model, processor, prompts, config, reference_answers, max_new_tokens=4, progress=True,
-            batch_size: int = 1):
-    """Agreement with the unpruned answers and the real prefill FLOPs ratio of a config; ``batch_size``
-    prompts per generate call (each row pruned as if alone: the same answers as one at a time)."""
+            batch_size: int = 1, sources: list[str] | None = None):
+    """Agreement with the unpruned answers, the real prefill FLOPs ratio of a config and the share of
+    prompts with an image that it actually pruned (``pruned_rate``); ``batch_size`` prompts per
+    generate call (each row pruned as if alone: the same answers as one at a time). ``sources``
+    (one name per prompt): the same figures per source too (``by_source``)."""
     from .bench import _gen_kwargs
     from .evaluate import answer_batches, normalize_answer
 
-    ratios, answers = [], []
+    ratios, answers, pruned = [], [], []
     for _, chunk_answers, stats in answer_batches(model, processor, prompts, config,
                                                   _gen_kwargs(processor, max_new_tokens), batch_size, "rerun", progress):
         answers += chunk_answers
         ratios += [s.prefill_flops_ratio for s in stats if s is not None]
+        # pruning happened: some layer ran with fewer visual tokens than the prompt has
+        pruned += [min(s.visual_tokens_per_layer) < s.num_visual_tokens if s is not None and s.num_visual_tokens
+                   else None for s in stats]
     n = len(prompts)
-    agree = sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, reference_answers or []))
-    return {"agreement": agree / n if reference_answers else None,
-            "flops_ratio": float(np.mean(ratios)) if ratios else 1.0, "answers": answers}
+    agree = [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, reference_answers or [])]
+    out = {"agreement": sum(agree) / n if reference_answers else None,
+           "flops_ratio": float(np.mean(ratios)) if ratios else 1.0, "answers": answers,
+           "pruned_rate": _rate(pruned)}
+    if sources is not None and reference_answers:
+        out["by_source"] = {}
+        for name in dict.fromkeys(sources):
+            rows = [i for i, src in enumerate(sources) if src == name]
+            out["by_source"][name] = {
+                "examples": len(rows), "agreement": sum(agree[i] for i in rows) / len(rows),
+                "flops_ratio": float(np.mean([ratios[i] for i in rows])) if len(ratios) == n else 1.0,
+                "pruned_rate": _rate([pruned[i] for i in rows])}
+    return out
+
+
+def _rate(flags: list) -> float | None:
+    """Share of True among the flags that are not None (prompts with an image); None if none."""
+    flags = [f for f in flags if f is not None]
+    return float(np.mean(flags)) if flags else None
 
 
 def parse_target(text: str) -> tuple[str, float]:
@@ -244,26 +285,95 @@ def parse_variants(text: str) -> list[tuple[int, bool]]:
     return out
 
 
+def parse_fallbacks(text: str) -> list[int | None]:
+    """'none,6,9' -> [None, 6, 9]."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part != "none" and not part.isdigit():
+            raise InputError(f"--fallback-layers: expected layer numbers or 'none', got {part!r}")
+        out.append(None if part == "none" else int(part))
+    if not out:
+        raise InputError("--fallback-layers: no values given")
+    return out
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """'0.1,0.2' -> (0.1, 0.2); each in (0, 1]."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            value = float(part)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 1:
+            raise InputError(f"--budgets: expected keep ratios in (0, 1], got {part!r}")
+        out.append(value)
+    return tuple(out)
+
+
+def read_sources(specs: list[str], flag: str, limit: int | None):
+    """Questions of one or more ``[NAME=]FILE`` specs, and the source name of each question."""
+    from . import inputs
+
+    questions, names = [], []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        qs = inputs.read_questions(path, flag, limit=limit)
+        questions += qs
+        names += [name] * len(qs)
+    return questions, names
+
+
 def _margin(f: dict) -> float:
-    """One standard error of a measured agreement (binomial, over the rerun examples)."""
-    a, n = f["agreement"], max(1, f["examples"])
-    return math.sqrt(max(a * (1 - a), 0.0) / n)
+    """One standard error of a measured agreement (binomial, over the rerun examples), with the
+    rate smoothed by one agreement and one disagreement: 15 of 15 is not a certainty (unsmoothed,
+    its error would be 0 and the margin would vanish exactly where the sample is smallest)."""
+    n = max(1, f["examples"])
+    a = (f["agreement"] * n + 1) / (n + 2)
+    return math.sqrt(a * (1 - a) / n)
 
 
-def choose(finalists: list[dict], target: tuple[str, float], margin: bool = True) -> dict:
+def _worst(f: dict, margin: bool) -> float:
+    """The finalist's agreement on its worst source (less one standard error there with ``margin``):
+    a config for several sources must hold on each, not on their average."""
+    parts = list(f.get("by_source", {}).values()) or [f]
+    return min(p["agreement"] - (_margin(p) if margin else 0.0) for p in parts)
+
+
+def family(config: dict) -> str:
+    """A candidate's front: 'budget' (keep_ratio), 'relative' or 'absolute' token threshold."""
+    if config.get("keep_ratio") is not None or config.get("keep_tokens") is not None:
+        return "budget"
+    return "relative" if config["relative_tokens_threshold"] else "absolute"
+
+
+def _least_pruned(f: dict) -> float:
+    """The finalist's pruning rate on its least pruned source (1.0 when not measured)."""
+    parts = list(f.get("by_source", {}).values()) or [f]
+    rates = [p.get("pruned_rate") for p in parts]
+    return min((r for r in rates if r is not None), default=1.0)
+
+
+def choose(finalists: list[dict], target: tuple[str, float], margin: bool = True, min_pruned: float = 0.0) -> dict:
     """The finalist that meets the target most cheaply (agreement) or agrees most (flops).
 
     For an agreement target, ``margin`` asks the agreement to clear the target by one standard
     error, so that the choice still meets it on examples calibration never saw; when no finalist
     does, the cheapest one meeting the bare target is taken, then the most agreeing one.
+    With several calibration sources every agreement here is the worst source's. ``min_pruned``:
+    only finalists that prune at least that share of the prompts of every source (when any does).
     """
     kind, value = target
+    finalists = [f for f in finalists if _least_pruned(f) >= min_pruned] or finalists
     if kind == "agreement":
-        safe = [f for f in finalists if f["agreement"] - (_margin(f) if margin else 0.0) >= value]
-        ok = safe or [f for f in finalists if f["agreement"] >= value]
-        return min(ok, key=lambda f: f["flops_ratio"]) if ok else max(finalists, key=lambda f: f["agreement"])
+        safe = [f for f in finalists if _worst(f, margin) >= value]
+        ok = safe or [f for f in finalists if _worst(f, False) >= value]
+        return min(ok, key=lambda f: f["flops_ratio"]) if ok else max(finalists, key=lambda f: _worst(f, False))
     ok = [f for f in finalists if f["flops_ratio"] <= value]
-    return max(ok, key=lambda f: (f["agreement"], -f["flops_ratio"])) if ok else min(finalists, key=lambda f: f["flops_ratio"])
+    return (max(ok, key=lambda f: (_worst(f, False), -f["flops_ratio"])) if ok
+            else min(finalists, key=lambda f: f["flops_ratio"]))
 
 
 def _nearest(front: list[Candidate], targets, exclude=()) -> list[Candidate]:
@@ -287,13 +397,30 @@ def default_variants(num_layers: int) -> list[tuple[int, bool]]:
     return [(k, True) for k in ks] + [(ks[0], False)]
 
 
+def default_fallbacks(num_layers: int, K: int) -> list[int | None]:
+    """Fusion fallback layers searched by default: none, and 6 / 9 / 12 / 16 of 32 scaled to depth
+    (those past K): fusion is guaranteed by then on inputs whose influence never crosses the layer
+    threshold (photos for a model calibrated on drawings)."""
+    return [None] + sorted({round(x * num_layers / 32) for x in (6, 9, 12, 16)} - set(range(K + 1)))
+
+
+DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.5)
+
+
 def calibrate(model, processor, calib_questions, target, heldout_questions=None, shallow_layers=None,
               finalists: int = 3, rerun_limit: int | None = 60, progress=True, variants=None,
-              refine: int = 1, margin: bool = True, refine_points: int = 1, batch_size: int = 1) -> dict:
+              refine: int = 1, margin: bool = True, refine_points: int = 1, batch_size: int = 1,
+              sources: list[str] | None = None, heldout_sources: list[str] | None = None,
+              fallbacks=None, budgets=DEFAULT_BUDGETS, min_pruned: float = 0.0) -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
     ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
-    stage on) is the older spelling. Default: ``default_variants(depth)``.
+    stage on) is the older spelling. Default: ``default_variants(depth)``. ``sources`` /
+    ``heldout_sources``: a source name per question (e.g. its file); finalists are then judged by
+    their worst source's agreement, and the held-out check is reported per source.
+    ``fallbacks``: fusion fallback layers to search (default ``default_fallbacks``; ``[None]``: none);
+    ``budgets``: keep ratios searched in budget mode (``()``: none). ``min_pruned``: the chosen
+    config must prune at least this share of each source's prompts in the reruns (see ``choose``).
     """
     from .bench import _inputs
 
@@ -306,15 +433,19 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
     cands = []
     for K, shallow in variants:
         rec = record(model, prompts, K, progress, shallow=shallow)
+        fb = default_fallbacks(L, K) if fallbacks is None else [f for f in fallbacks if f is None or f > K]
         for relative in (False, True):
-            cands += score_candidates(rec, dims, *_grid(rec, relative), relative=relative)
-    fronts = {rel: pareto_front([c for c in cands if c.config.relative_tokens_threshold == rel]) for rel in (False, True)}
+            cands += score_candidates(rec, dims, *_grid(rec, relative), relative=relative, fallbacks=fb,
+                                      budgets=() if relative else budgets)
+    names = ("absolute", "relative", "budget")
+    fronts = {name: pareto_front([c for c in cands if family(c.config.to_dict()) == name]) for name in names}
     # reruns use an evenly strided subset (the whole set with rerun_limit 0/None), so every part of
     # a calibration file made of blocks (one data set after another) is represented
     idx = (np.unique(np.linspace(0, len(prompts) - 1, rerun_limit).round().astype(int))
            if rerun_limit and rerun_limit < len(prompts) else np.arange(len(prompts)))
     rerun_q = [calib_questions[i] for i in idx]
     rerun_p = [prompts[i] for i in idx]
+    rerun_s = [sources[i] for i in idx] if sources else None
     unpruned = measure(model, processor, rerun_p, None, None, progress=progress,
                        batch_size=batch_size)["answers"]
     results, done = [], set()
@@ -326,26 +457,34 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
                 continue
             done.add(key)
             m = measure(model, processor, rerun_p, c.config, unpruned, progress=progress,
-                        batch_size=batch_size)
+                        batch_size=batch_size, sources=rerun_s)
             results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
                             "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"],
-                            "examples": len(rerun_q), "round": round_})
+                            "pruned_rate": m["pruned_rate"], "examples": len(rerun_q), "round": round_,
+                            **({"by_source": m["by_source"]} if "by_source" in m else {})})
 
-    # round 0: finalists spread evenly in predicted FLOPs along each threshold family's front
-    rerun([c for front in fronts.values() if front
-           for c in _nearest(front, np.linspace(front[0].flops_ratio, front[-1].flops_ratio, finalists))], 0)
-    # refinement: more front points where the target is crossed (agreement) or just under it (FLOPs)
+    # round 0: finalists spread evenly in predicted FLOPs along each threshold family's front (for a
+    # FLOPs target, over the part of it from 0.8x the target up to the target: nothing above can win)
     kind, value = target
+
+    def spread(front):
+        lo, hi = front[0].flops_ratio, front[-1].flops_ratio
+        if kind == "flops":
+            lo, hi = max(lo, 0.8 * value), max(min(hi, 0.98 * value), lo)
+        return np.linspace(lo, hi, finalists)
+
+    rerun([c for front in fronts.values() if front for c in _nearest(front, spread(front))], 0)
+    # refinement: more front points where the target is crossed (agreement) or just under it (FLOPs)
     for r in range(1, refine + 1):
         batch = []
-        for rel, front in fronts.items():
-            mine = [f for f in results if f["config"]["relative_tokens_threshold"] == rel]
+        for name, front in fronts.items():
+            mine = [f for f in results if family(f["config"]) == name]
             if not mine:
                 continue
             if kind == "agreement":  # bisect between the cheapest pass and the dearest fail below it
-                passing = [f for f in mine if f["agreement"] >= value]
+                passing = [f for f in mine if _worst(f, False) >= value]
                 hi = min((f["predicted_flops_ratio"] for f in passing), default=front[-1].flops_ratio)
-                lo = max((f["predicted_flops_ratio"] for f in mine if f["agreement"] < value
+                lo = max((f["predicted_flops_ratio"] for f in mine if _worst(f, False) < value
                           and f["predicted_flops_ratio"] < hi), default=front[0].flops_ratio)
                 targets = np.linspace(lo, hi, refine_points + 2)[1:-1]
             else:  # agreement grows with FLOPs: look just under the target
@@ -356,14 +495,14 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
         if not batch:
             break
         rerun(batch, r)
-    chosen = choose(results, target, margin)
+    chosen = choose(results, target, margin, min_pruned)
     out = {
         "target": {"kind": target[0], "value": target[1]},
         "variants": [{"shallow_layers": k, "shallow_stage": sh} for k, sh in variants],
         "candidates_scored": len(cands),
-        "front": {("relative" if rel else "absolute"): [
+        "front": {name: [
             {"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
-             "fusion_rate": c.fusion_rate} for c in front] for rel, front in fronts.items()},
+             "fusion_rate": c.fusion_rate} for c in front] for name, front in fronts.items()},
         "finalists": results,
         "chosen": chosen,
         "calibration_examples": len(calib_questions),
@@ -376,12 +515,14 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
                       batch_size=batch_size)["answers"]
         cfg = VisiPrunerConfig.from_dict(chosen["config"])
         m = measure(model, processor, hp, cfg, ref, progress=progress,
-                    batch_size=batch_size)
+                    batch_size=batch_size, sources=heldout_sources)
+        meets = lambda r: (r["agreement"] >= target[1]) if target[0] == "agreement" else (r["flops_ratio"] <= target[1])  # noqa: E731
         out["heldout"] = {"examples": len(heldout_questions), "agreement": m["agreement"],
-                          "flops_ratio": m["flops_ratio"],
-                          "meets_target": (m["agreement"] >= target[1]) if target[0] == "agreement"
-                          else (m["flops_ratio"] <= target[1]),
+                          "flops_ratio": m["flops_ratio"], "pruned_rate": m["pruned_rate"],
+                          "meets_target": meets(m) and all(meets(r) for r in m.get("by_source", {}).values()),
                           "seconds": time.perf_counter() - t_start - out["search_seconds"]}
+        if "by_source" in m:
+            out["heldout"]["by_source"] = m["by_source"]
     return out
 
 
@@ -398,9 +539,10 @@ def plot(result: dict, path: str) -> None:
     a1.set_ylabel("recorded influence removed (risk)")
     a1.set_title("Pareto front from records", fontsize=9)
     a1.legend(fontsize=8)
+    style = {"absolute": ("o", "C0"), "relative": ("s", "C1"), "budget": ("^", "C2")}
     for f in result["finalists"]:
-        rel = f["config"]["relative_tokens_threshold"]
-        a2.scatter(f["flops_ratio"], f["agreement"], marker="s" if rel else "o", color="C1" if rel else "C0")
+        marker, color = style[family(f["config"])]
+        a2.scatter(f["flops_ratio"], f["agreement"], marker=marker, color=color)
     c = result["chosen"]
     a2.scatter(c["flops_ratio"], c["agreement"], s=150, facecolors="none", edgecolors="red", label="chosen")
     if "heldout" in result:
@@ -408,7 +550,7 @@ def plot(result: dict, path: str) -> None:
         a2.scatter(h["flops_ratio"], h["agreement"], marker="*", s=150, color="red", label="held-out")
     a2.set_xlabel("prefill FLOPs / unpruned (rerun)")
     a2.set_ylabel("agreement with unpruned answers")
-    a2.set_title("finalists rerun (o absolute, s relative threshold)", fontsize=9)
+    a2.set_title("finalists rerun (o absolute, s relative threshold, ^ budget)", fontsize=9)
     a2.legend(fontsize=8)
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
@@ -430,33 +572,49 @@ def _run(args) -> int:
         inputs.at_least(flag, value, low)
     if args.heldout_limit is not None and not args.heldout:
         raise inputs.InputError("--heldout-limit needs --heldout")
+    fallbacks = parse_fallbacks(args.fallback_layers) if args.fallback_layers is not None else None
+    budgets = parse_budgets(args.budgets)
+    if not 0 <= args.min_pruned <= 1:
+        raise inputs.InputError(f"--min-pruned must be in [0, 1], got {args.min_pruned}")
     inputs.model_dir("--model", args.model)
     inputs.output_file("--out", args.out)
     inputs.output_file("--json", args.json)
-    questions = inputs.read_questions(args.data, limit=args.limit)
-    heldout = inputs.read_questions(args.heldout, "--heldout", limit=args.heldout_limit) if args.heldout else None
+    questions, sources = read_sources(args.data, "--data", args.limit)
+    heldout, heldout_sources = read_sources(args.heldout, "--heldout", args.heldout_limit) if args.heldout else (None, None)
     model, processor = _load_model(args)
     L = model.config.text_config.num_hidden_layers
     if variants and max(k for k, _ in variants) >= L:
         raise InputError(f"--shallow-layers: K must be below the model's {L} layers, got {args.shallow_layers!r}")
+    if fallbacks and max((f for f in fallbacks if f is not None), default=0) >= L:
+        raise InputError(f"--fallback-layers: layers must be below the model's {L} layers, got {args.fallback_layers!r}")
     result = calibrate(model, processor, questions, target, heldout, finalists=args.finalists,
                        rerun_limit=args.rerun_limit, variants=variants, refine=args.refine,
-                       margin=not args.no_margin, refine_points=args.refine_points, batch_size=args.batch_size)
+                       margin=not args.no_margin, refine_points=args.refine_points, batch_size=args.batch_size,
+                       sources=sources if len(args.data) > 1 else None,
+                       heldout_sources=heldout_sources if args.heldout and len(args.heldout) > 1 else None,
+                       fallbacks=fallbacks, budgets=budgets, min_pruned=args.min_pruned)
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
           f"on {result['rerun_examples']} examples; search took {result['search_seconds'] / 60:.1f} min")
-    print(f"{'threshold':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}{'FLOPs':>7}{'agree':>7}")
+    print(f"{'front':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'fallback':>9}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}"
+          f"{'FLOPs':>7}{'agree':>7}{'worst':>7}{'pruned':>7}")
     for f in result["finalists"]:
         c = f["config"]
         k = f"{c['shallow_layers']}{'' if 'shallow' in c['stages'] else '-'}"
-        print(f"{'relative' if c['relative_tokens_threshold'] else 'absolute':<10}{k:>5}"
-              f"{c['layer_threshold']:>9.5f}{c['tokens_threshold']:>11.5f}{c['exit_threshold']:>9.5f}{c['exit_patience']:>4}"
-              f"{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}")
+        tokens = f"keep {c['keep_ratio']:.2f}" if c.get("keep_ratio") is not None else f"{c['tokens_threshold']:.5f}"
+        fb = "-" if c.get("fusion_fallback_layer") is None else str(c["fusion_fallback_layer"])
+        print(f"{family(c):<10}{k:>5}{c['layer_threshold']:>9.5f}{tokens:>11}{fb:>9}{c['exit_threshold']:>9.5f}"
+              f"{c['exit_patience']:>4}{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}"
+              f"{_worst(f, False):>7.3f}{f['pruned_rate'] if f['pruned_rate'] is not None else float('nan'):>7.2f}")
     ch = result["chosen"]
     print(f"chosen: FLOPs {ch['flops_ratio']:.3f}, agreement {ch['agreement']:.3f} on calibration")
     if "heldout" in result:
         h = result["heldout"]
         print(f"held-out ({h['examples']} examples): agreement {h['agreement']:.3f}, FLOPs {h['flops_ratio']:.3f}, "
-              f"target {'met' if h['meets_target'] else 'NOT met'} ({h['seconds'] / 60:.1f} min)")
+              f"pruned {h['pruned_rate']:.0%}, target {'met' if h['meets_target'] else 'NOT met'} "
+              f"({h['seconds'] / 60:.1f} min)")
+        for name, r in h.get("by_source", {}).items():
+            print(f"  {name}: {r['examples']} examples, agreement {r['agreement']:.3f}, FLOPs {r['flops_ratio']:.3f}, "
+                  f"pruned {r['pruned_rate']:.0%}")
     cfg = VisiPrunerConfig.from_dict(ch["config"])
     for path in (args.out, args.json):
         if path:
@@ -474,14 +632,23 @@ def _run(args) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("calibrate", help="find VisiPruner thresholds for a model and a target",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="calibration question file (JSONL)")
+    p.add_argument("--data", required=True, action="append",
+                   help="calibration question file (JSONL); repeat for several sources (NAME=FILE names one): "
+                   "the choice must then hold on each source")
     p.add_argument("--target", required=True, help="agreement=0.99 (at least) or flops=0.4 (at most, vs unpruned)")
     p.add_argument("--model", help="a saved Llava directory (default: the embedded model)")
-    p.add_argument("--heldout", help="question file the chosen config is confirmed on")
-    p.add_argument("--limit", type=int, help="use the first N calibration examples")
+    p.add_argument("--heldout", action="append",
+                   help="question file the chosen config is confirmed on; repeat (NAME=FILE) for a report per source")
+    p.add_argument("--limit", type=int, help="use the first N calibration examples of each --data file")
     p.add_argument("--heldout-limit", type=int)
     p.add_argument("--shallow-layers", help="comma-separated K values to search; 'K:off' records K without the shallow "
                    "stage (default: 2 and 4 of 32 scaled to depth, and 2:off)")
+    p.add_argument("--fallback-layers", help="fusion fallback layers to search, comma-separated, 'none' for no "
+                   "fallback (default: none and 6, 9, 12, 16 of 32 scaled to depth)")
+    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                   help="keep ratios searched in budget mode, comma-separated ('' for none)")
+    p.add_argument("--min-pruned", type=float, default=0.0,
+                   help="choose only a config that prunes at least this share of each source's prompts (e.g. 0.9)")
     p.add_argument("--finalists", type=int, default=3, help="first-round finalists rerun per threshold family")
     p.add_argument("--refine", type=int, default=1, help="refinement rounds around the target")
     p.add_argument("--refine-points", type=int, default=1, help="finalists added per threshold family per round")
