@@ -4,7 +4,7 @@ Each pruned prefill gives a record (a dict): ``prompt_fingerprint`` (``fingerpri
 token ids)``: match it to a request with ``RequestOutput.prompt_token_ids``), ``prompt_tokens``,
 ``visual_tokens``, ``method``, ``fusion_layer``, ``exit_layer``, ``critical_tokens`` (count),
 ``visual_tokens_per_layer``, ``prefill_flops_ratio`` (executed / dense prefill FLOPs of the language
-model). Where it goes:
+model), ``details`` (the method's own figures, e.g. VisiPruner's min cos per checked layer). Where it goes:
 
 * a log line ``visipruner: {json}`` at INFO on the ``visipruner.vllm`` logger (the server's log);
 * a JSONL file, one line per record, when the model's HF config names one (``visipruner_record``);
@@ -52,6 +52,8 @@ class Recorder:
             "critical_token_ids": list(stats.critical_tokens),
             "visual_tokens_per_layer": list(stats.visual_tokens_per_layer),
             "prefill_flops_ratio": round(stats.prefill_flops_ratio, 6),
+            "details": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v)
+                        for k, v in stats.method.items()},  # e.g. VisiPruner's min cos per checked layer
         }
         line = json.dumps(rec)
         logger.info("visipruner: %s", line)

@@ -1,0 +1,276 @@
+"""The vLLM plugin (visipruner/vllm) on vLLM's CPU backend, against stock vLLM and the HF runtime.
+
+A tiny random LLaVA (head dimension 32, 64 visual tokens per image) is saved as a model folder with
+each method's config; each engine runs in this process (eager, no prefix caching, no chunked
+prefill: the settings the plugin requires). Per request the plugin must take the same decisions and
+give the same tokens and log-probs as ``visipruner.apply`` on the same HF weights and prompt, alone
+or among other requests (continuous batching), and serve a folder without a config like stock vLLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import visipruner
+
+try:
+    import vllm  # noqa: F401
+except ImportError as e:  # CI installs it (scripts/setup.sh --vllm): there a missing vLLM fails
+    if os.environ.get("CI") == "true":
+        raise ImportError(f"CI runs the vLLM tests: install vLLM with scripts/setup.sh --vllm ({e})") from e
+    pytest.skip("vLLM is not installed (bash scripts/setup.sh --vllm)", allow_module_level=True)
+
+from visipruner import FastVConfig, Schedule, VisiPrunerConfig  # noqa: E402
+from visipruner.testing import tiny_llava_with_processor  # noqa: E402
+from visipruner.vllm.folders import save_for_vllm  # noqa: E402
+from visipruner.vllm.records import RECENT, fingerprint  # noqa: E402
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM's own switch: the engine in this process
+
+LAYERS, IMAGE = 6, 64  # 6 decoder layers; (64 / 8)^2 = 64 visual tokens per image
+ENGINE = dict(dtype="float32", enforce_eager=True, enable_prefix_caching=False, enable_chunked_prefill=False,
+              max_model_len=512, max_num_batched_tokens=2048, seed=0, gpu_memory_utilization=0.1,
+              kv_cache_memory_bytes=2**27, limit_mm_per_prompt={"image": 2})
+QUESTIONS = ["what color is the shape ?", "how many red circle there ?", "is there a blue square ?",
+             "what shape is in the image ?", "a green triangle ?", "how many ?",
+             "what color is the circle in image a ?", "yes or no ?", "is the shape red , blue or green ?",
+             "how many square there , 0 1 2 3 or 4 ?"]
+# (images, max_tokens) per request: images and text only, different lengths and answer lengths
+SHAPES = [(1, 6), (0, 4), (2, 8), (1, 3), (1, 9), (0, 7), (2, 5), (1, 10), (1, 4), (0, 6)]
+
+
+def _image(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(IMAGE, IMAGE, 3) * 255).astype("uint8"))
+
+
+class Request:
+    def __init__(self, i: int):
+        n_images, self.max_tokens = SHAPES[i]
+        self.images = [_image(10 * i + j) for j in range(n_images)]
+        self.prompt = ("<|im_start|>user\n" + "<image>\n" * n_images + QUESTIONS[i]
+                       + "<|im_end|>\n<|im_start|>assistant\n")
+
+    def vllm_prompt(self) -> dict:
+        return {"prompt": self.prompt, **({"multi_modal_data": {"image": self.images}} if self.images else {})}
+
+
+REQUESTS = [Request(i) for i in range(len(SHAPES))]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The HF model and processor; the language model re-drawn with larger weights, so that greedy
+    answers vary from token to token (the default init answers one token over and over)."""
+    model, proc = tiny_llava_with_processor(0, layers=LAYERS, hidden=128, image_size=IMAGE)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else 0.15))
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * 0.1)
+    return model, proc
+
+
+@pytest.fixture(scope="module")
+def folder(tiny, tmp_path_factory):
+    """``folder(name, config=None, schedule=None, record=None)``: the tiny model saved for vLLM."""
+    model, proc = tiny
+
+    def make(name, **kwargs):
+        return save_for_vllm(model, proc, tmp_path_factory.mktemp(name), **kwargs)
+
+    return make
+
+
+def _engine(path, **overrides):
+    from vllm import LLM
+
+    return LLM(model=str(path), **{**ENGINE, **overrides})
+
+
+def _params(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
+
+
+def _answer(out) -> tuple[list[int], list[float]]:
+    c = out.outputs[0]
+    return list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
+
+
+def _vllm_alone(llm, requests) -> list:
+    return [llm.generate([r.vllm_prompt()], _params(r.max_tokens), use_tqdm=False)[0] for r in requests]
+
+
+def _vllm_staggered(llm, requests) -> list:
+    """All requests through vLLM's scheduler at once, the second half submitted while the first decodes."""
+    eng = llm.llm_engine
+    half = len(requests) // 2
+    for i, r in enumerate(requests[:half]):
+        eng.add_request(str(i), r.vllm_prompt(), _params(r.max_tokens))
+    done, steps = {}, 0
+    while eng.has_unfinished_requests() or steps <= 2:
+        if steps == 2:  # the first half is decoding by now
+            for i, r in enumerate(requests[half:], half):
+                eng.add_request(str(i), r.vllm_prompt(), _params(r.max_tokens))
+        for out in eng.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+        steps += 1
+    return [done[i] for i in range(len(requests))]
+
+
+def _hf(tiny, request, config=None, schedule=None):
+    """(tokens, log-probs, PruneStats or None, prompt ids) of greedy decoding with ``visipruner.apply``."""
+    model, proc = tiny
+    inputs = proc(text=request.prompt, images=request.images or None, return_tensors="pt")
+    gen = copy.deepcopy(model.generation_config)
+    gen.eos_token_id = []  # as vLLM's ignore_eos: answers of exactly max_tokens
+    handle = visipruner.apply(model, config, schedule=schedule) if config is not None else None
+    try:
+        with torch.no_grad():
+            g = model.generate(**inputs, generation_config=gen, max_new_tokens=request.max_tokens, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+        stats = handle.last_stats if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.remove()
+    prompt = inputs["input_ids"][0].tolist()
+    tokens = g.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(g.logits, tokens)]
+    return tokens, logprobs, stats, prompt
+
+
+def _record(prompt_ids) -> dict:
+    fp = fingerprint(prompt_ids)
+    found = [r for r in RECENT if r["prompt_fingerprint"] == fp]
+    assert found, "no pruning record for this prompt"
+    return found[-1]
+
+
+def _check_against_hf(tiny, outputs, config, schedule=None, tol=1e-4) -> list[dict]:
+    """Each vLLM output equals the HF runtime's run of that request alone; returns the records."""
+    records = []
+    for r, out in zip(REQUESTS, outputs):
+        tokens, logprobs, stats, prompt = _hf(tiny, r, config, schedule)
+        assert list(out.prompt_token_ids) == prompt
+        v_tokens, v_logprobs = _answer(out)
+        assert v_tokens == tokens, r.prompt
+        assert max(abs(a - b) for a, b in zip(v_logprobs, logprobs)) < tol
+        if r.images:  # the same decisions, read from the plugin's per-request record
+            rec = _record(prompt)
+            assert rec["visual_tokens_per_layer"] == stats.visual_tokens_per_layer
+            assert (rec["fusion_layer"], rec["exit_layer"]) == (stats.fusion_layer, stats.exit_layer)
+            assert rec["critical_token_ids"] == stats.critical_tokens
+            assert rec["prefill_flops_ratio"] == pytest.approx(stats.prefill_flops_ratio, abs=1e-6)
+            records.append(rec)
+    return records
+
+
+# ------------------------------------------------------------------------------------ tests
+STOCK = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, {tests!r})
+import visipruner  # the CPU test environment's torchvision plumbing only; VLLM_PLUGINS keeps the plugin out
+import test_vllm as t
+from vllm import LLM
+from vllm import ModelRegistry
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+assert "visipruner" not in repr(vars(ModelRegistry.models["LlavaForConditionalGeneration"]))
+# vLLM's own class, registered eagerly: its lazy entry would be inspected in a fresh interpreter,
+# where this CPU environment's CUDA torchvision cannot import
+ModelRegistry.register_model("LlavaForConditionalGeneration", LlavaForConditionalGeneration)
+llm = LLM(model={path!r}, **t.ENGINE)
+outs = llm.generate([r.vllm_prompt() for r in t.REQUESTS], [t._params(r.max_tokens) for r in t.REQUESTS])
+json.dump([t._answer(o) for o in outs], open({out!r}, "w"))
+"""
+
+
+def test_unpruned_matches_stock_vllm(folder, tmp_path):
+    """A folder without a pruning config, and a config that keeps every token (the plugin's own layer
+    loop and metadata run), give stock vLLM's tokens and log-probs (stock: vLLM without the plugin)."""
+    plain = folder("plain")
+    out = tmp_path / "stock.json"
+    env = dict(os.environ, VLLM_PLUGINS="no-such-plugin")  # vLLM's own plugin allow-list: none loads
+    code = STOCK.format(tests=os.path.dirname(__file__), path=str(plain), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = json.loads(out.read_text())
+    for path in (plain, folder("keep_all", config=FastVConfig(layer=1, keep_ratio=1.0))):
+        llm = _engine(path)
+        outs = llm.generate([r.vllm_prompt() for r in REQUESTS], [_params(r.max_tokens) for r in REQUESTS])
+        for (tokens, logprobs), o in zip(stock, outs):
+            v_tokens, v_logprobs = _answer(o)
+            assert v_tokens == tokens
+            assert max(abs(a - b) for a, b in zip(v_logprobs, logprobs)) < 1e-5
+        del llm
+
+
+def test_fastv_per_request_equals_hf_alone_and_batched(tiny, folder):
+    """FastV: every request, alone and among the others (some submitted while others decode), takes the
+    HF runtime's decisions and gives its tokens and log-probs."""
+    cfg = FastVConfig(layer=1, keep_ratio=0.25)
+    llm = _engine(folder("fastv", config=cfg))
+    alone = _vllm_alone(llm, REQUESTS)
+    batched = _vllm_staggered(llm, REQUESTS)
+    for a, b in zip(alone, batched):
+        assert _answer(a)[0] == _answer(b)[0]
+        assert max(abs(x - y) for x, y in zip(_answer(a)[1], _answer(b)[1])) < 1e-4
+    records = _check_against_hf(tiny, batched, cfg)
+    assert all(rec["visual_tokens_per_layer"][2] == (rec["visual_tokens"] + 3) // 4 for rec in records)
+    del llm
+
+
+# thresholds on this model's influence scale (checked below to fire: a fusion layer with a strict
+# subset of critical tokens, and an exit layer, for the image requests)
+MEASURED = VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1, layer_threshold=0.85,
+                            tokens_threshold=0.02, relative_tokens_threshold=True, exit_threshold=0.93,
+                            exit_patience=1)
+
+
+def test_visipruner_measured_equals_hf(tiny, folder):
+    llm = _engine(folder("visipruner", config=MEASURED))
+    records = _check_against_hf(tiny, _vllm_staggered(llm, REQUESTS), MEASURED)
+    fused = [r for r in records if r["fusion_layer"] is not None]
+    assert len(fused) >= len(records) // 2
+    assert any(0 < r["critical_tokens"] < r["visual_tokens"] for r in fused)
+    assert any(r["exit_layer"] is not None for r in fused)
+    del llm
+
+
+def test_visipruner_forced_schedule_equals_hf(tiny, folder):
+    schedule = Schedule(fusion_layer=1, critical_tokens=[0, 5, 9, 30, 63], exit_layer=3)
+    cfg = VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1)
+    llm = _engine(folder("schedule", config=cfg, schedule=schedule))
+    records = _check_against_hf(tiny, _vllm_staggered(llm, REQUESTS), cfg, schedule)
+    assert all(r["visual_tokens_per_layer"][2:4] == [5, 5] and r["visual_tokens_per_layer"][4:] == [0, 0]
+               for r in records)
+    del llm
+
+
+@pytest.mark.parametrize("overrides, config, message", [
+    (dict(enable_prefix_caching=True), None, "enable_prefix_caching=False (--no-enable-prefix-caching)"),
+    (dict(enable_chunked_prefill=True), None, "enable_chunked_prefill=False (--no-enable-chunked-prefill)"),
+    (dict(enforce_eager=False), None, "enforce_eager=True (--enforce-eager)"),
+    ({}, VisiPrunerConfig(), "the shallow stage"),
+])
+def test_refused_settings(folder, overrides, config, message):
+    path = folder("refused", config=config or MEASURED)
+    with pytest.raises(Exception) as e:
+        _engine(path, **overrides)
+    text = str(e.value)
+    assert message in text and "\n" not in text
