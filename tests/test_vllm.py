@@ -220,11 +220,19 @@ def test_unpruned_matches_stock_vllm(folder, tmp_path):
         del llm
 
 
-def test_fastv_per_request_equals_hf_alone_and_batched(tiny, folder):
+def test_fastv_per_request_equals_hf_alone_and_batched(tiny, folder, tmp_path):
     """FastV: every request, alone and among the others (some submitted while others decode), takes the
-    HF runtime's decisions and gives its tokens and log-probs."""
+    HF runtime's decisions and gives its tokens and log-probs; each pruned request leaves a record (the
+    folder's JSONL file) and counts in the Prometheus aggregates."""
+    from prometheus_client import REGISTRY
+
+    def pruned_count():
+        return REGISTRY.get_sample_value("visipruner_pruned_requests_total", {"method": "fastv"}) or 0.0
+
     cfg = FastVConfig(layer=1, keep_ratio=0.25)
-    llm = _engine(folder("fastv", config=cfg))
+    record = tmp_path / "records.jsonl"
+    before = pruned_count()
+    llm = _engine(folder("fastv", config=cfg, record=record))
     alone = _vllm_alone(llm, REQUESTS)
     batched = _vllm_staggered(llm, REQUESTS)
     for a, b in zip(alone, batched):
@@ -232,6 +240,11 @@ def test_fastv_per_request_equals_hf_alone_and_batched(tiny, folder):
         assert max(abs(x - y) for x, y in zip(_answer(a)[1], _answer(b)[1])) < 1e-4
     records = _check_against_hf(tiny, batched, cfg)
     assert all(rec["visual_tokens_per_layer"][2] == (rec["visual_tokens"] + 3) // 4 for rec in records)
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    image_requests = sum(bool(r.images) for r in REQUESTS)
+    assert len(lines) == 2 * image_requests  # alone, then batched; text-only requests are not pruned
+    assert records == lines[image_requests:]
+    assert pruned_count() - before == 2 * image_requests
     del llm
 
 
