@@ -71,13 +71,17 @@ def tiny_model():
     """The HF model and processor; the language model re-drawn with larger weights, so that greedy
     answers vary from token to token (the default init answers one token over and over)."""
     model, proc = tiny_llava_with_processor(0, layers=LAYERS, hidden=128, image_size=IMAGE)
+    _redraw_language_model(model.model.language_model, model.lm_head)
+    return model, proc
+
+
+def _redraw_language_model(lm, lm_head):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.model.language_model.named_parameters():
+        for name, p in lm.named_parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else 0.15))
-        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * 0.1)
-    return model, proc
+        lm_head.weight.copy_(torch.randn(lm_head.weight.shape, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +299,84 @@ def test_refused_settings(folder, overrides, config, message):
         _engine(path, **overrides)
     text = str(e.value)
     assert message in text and "\n" not in text
+
+
+# ------------------------------------------------------------------------- Qwen2-VL, Qwen2.5-VL
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def tiny_qwen_vl_with_processor(version: str):
+    """A tiny random Qwen2-VL / Qwen2.5-VL (head dimension 32, M-RoPE sections 4/6/6) whose vocabulary
+    is a tiny tokenizer's, and its processor (images of 16 to 64 pixels a side: 4 to 16 visual tokens)."""
+    import transformers as tf
+
+    from visipruner.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(
+        image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>").items()}
+    text = dict(vocab_size=len(tok) + 2, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+    grid = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        C, M, P = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+        vision = dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, **grid)
+    else:
+        C, M, P = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128, window_size=16,
+                      fullatt_block_indexes=[1], **grid)
+    torch.manual_seed(0)
+    model = M(C(text_config=text, vision_config=vision, **ids)).float().eval()
+    _redraw_language_model(model.model.language_model, model.lm_head)
+    pixels = dict(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2)
+    proc = P(image_processor=tf.Qwen2VLImageProcessor(**pixels), video_processor=tf.Qwen2VLVideoProcessor(**pixels),
+             tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    return model, proc
+
+
+class QwenRequest(Request):
+    def __init__(self, i: int, sizes):
+        self.max_tokens = 4 + i
+        self.images = [_image(i).resize(s) for s in sizes]
+        self.prompt = ("<|im_start|>user\n" + QWEN_IMAGE * len(sizes) + QUESTIONS[i]
+                       + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen_vl_mrope_equals_hf(version, tmp_path):
+    """Qwen2-VL / Qwen2.5-VL: kept tokens keep their 3-D positions and decode continues from vLLM's
+    mrope_position_delta; per request FastV's and VisiPruner's decisions, tokens and log-probs equal
+    the HF runtime's, in one staggered batch (images of different sizes, two images, text only)."""
+    tiny = tiny_qwen_vl_with_processor(version)
+    requests = [QwenRequest(0, [(32, 32)]), QwenRequest(1, []), QwenRequest(2, [(64, 48)]),
+                QwenRequest(3, [(32, 64), (32, 32)])]
+    # thresholds with no score within float error of them (vLLM's and SDPA's attention differ by ~1e-7;
+    # a token whose ||c_j|| / ||o|| sat at 0.05 went either way)
+    configs = [FastVConfig(layer=1, keep_ratio=0.25),
+               VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1, layer_threshold=0.99,
+                                tokens_threshold=0.07, relative_tokens_threshold=True, exit_threshold=0.9,
+                                exit_patience=1)]
+    for k, cfg in enumerate(configs):
+        llm = _engine(save_for_vllm(*tiny, tmp_path / f"m{k}", config=cfg))
+        outputs = _vllm_staggered(llm, requests)
+        del llm
+        pruned = 0
+        for r, out in zip(requests, outputs):
+            tokens, logprobs, stats, prompt = _hf(tiny, r, cfg)
+            assert list(out.prompt_token_ids) == prompt
+            v_tokens, v_logprobs = _answer(out)
+            assert v_tokens == tokens
+            assert max(abs(a - b) for a, b in zip(v_logprobs, logprobs)) < 1e-4
+            if r.images:
+                rec = _record(prompt)
+                assert rec["visual_tokens_per_layer"] == stats.visual_tokens_per_layer
+                assert (rec["fusion_layer"], rec["exit_layer"]) == (stats.fusion_layer, stats.exit_layer)
+                pruned += rec["visual_tokens_per_layer"][-1] < rec["visual_tokens"]
+        assert pruned >= 2  # the method removed tokens for most image requests
