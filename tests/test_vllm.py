@@ -260,6 +260,25 @@ def test_fastv_per_request_equals_hf_alone_and_batched(tiny, folder, tmp_path):
     del llm
 
 
+def test_preempted_requests_replay_their_decisions(tiny, folder):
+    """A KV cache too small for all requests at once: vLLM preempts some and recomputes them from their
+    prompt and generated tokens; the plugin recognises the recomputation and replays the request's own
+    decisions, so every answer still equals the HF runtime's run alone."""
+    cfg = FastVConfig(layer=1, keep_ratio=0.25)
+    per_token = LAYERS * 2 * 2 * 32 * 4  # layers x (K, V) x KV heads x head dim x float32
+    llm = _engine(folder("preempted", config=cfg), kv_cache_memory_bytes=per_token * 640)
+    outputs = llm.generate([r.vllm_prompt() for r in REQUESTS], [_params(r.max_tokens + 80) for r in REQUESTS])
+    resumed = llm.apply_model(lambda model: model.visipruner.resumed)[0]
+    assert resumed > 0, "no request was preempted: make the KV cache smaller"
+    for r, out in zip(REQUESTS, outputs):
+        longer = Request(REQUESTS.index(r))
+        longer.max_tokens = r.max_tokens + 80
+        tokens, logprobs, _, _ = _hf(tiny, longer, cfg)
+        assert _answer(out)[0] == tokens
+        assert max(abs(a - b) for a, b in zip(_answer(out)[1], logprobs)) < 1e-4
+    del llm
+
+
 # thresholds on this model's influence scale (checked below to fire: a fusion layer with a strict
 # subset of critical tokens, and an exit layer, for the image requests)
 MEASURED = VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1, layer_threshold=0.85,

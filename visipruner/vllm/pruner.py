@@ -31,7 +31,7 @@ import itertools
 import torch
 
 from ..decisions import decide_layer, prefill_stats
-from ..methods.base import PromptLayout
+from ..methods.base import PromptLayout, PruningMethod
 from ..runtime import _PromptState  # the HF runtime's per-prompt bookkeeping, shared
 
 
@@ -41,6 +41,24 @@ class _Request:
 
     state: _PromptState
     dropped: list[int]  # per layer: prompt tokens that layer's KV cache does not hold
+    prompt: torch.Tensor  # the prompt's token ids
+    fed: list[int] = dataclasses.field(default_factory=list)  # generated tokens fed back in decode steps
+    resumed: bool = False  # a recomputation after preemption: decisions replayed, no new record
+
+
+class _Replay(PruningMethod):
+    """The decisions a request took before vLLM preempted it, replayed on its recomputation: from each
+    layer on, the visual tokens that layer held then."""
+
+    name = "replay"
+
+    def __init__(self, layer_visual_ids):
+        self.kept = [v[v >= 0] for v in layer_visual_ids]
+
+    def decide(self, layer, influence, present):
+        if layer + 1 >= len(self.kept) or self.kept[layer + 1].numel() == present.numel():
+            return None
+        return self.kept[layer + 1]
 
 
 @dataclasses.dataclass
@@ -81,6 +99,8 @@ class StepPruner:
         self.dims = dims
         self.on_prefill = on_prefill  # called with (PruneStats, prompt token ids) after a pruned prefill
         self.requests: dict[int, _Request] = {}  # first block id -> request
+        self._parked: dict[int, _Request] = {}  # requests whose first block went to another (preempted or done)
+        self.resumed = 0  # recomputations of preempted requests that replayed their decisions
         self._builder = None
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
@@ -114,11 +134,12 @@ class StepPruner:
         for r in range(n):
             row = _Row(r, qsl[r], qsl[r + 1] - qsl[r], seq[r] - (qsl[r + 1] - qsl[r]))
             if row.context == 0:  # a new request's prompt, whole (chunked prefill is refused)
-                self.requests.pop(first_block[r], None)
+                self._park(self.requests.pop(first_block[r], None))
                 ids = input_ids[row.start : row.start + row.length]
                 is_vis = torch.isin(ids, self.visual_token_ids.to(ids.device))
-                if bool(is_vis.any()):
-                    row.prefill = self._start(ids, is_vis)
+                earlier = self._preempted(ids)
+                if earlier is not None or bool(is_vis.any()):
+                    row.prefill = self._start(ids, is_vis) if earlier is None else self._resume(earlier, ids)
                     self.requests[first_block[r]] = row.prefill
                     row.rows = torch.arange(row.start, row.start + row.length, device=ids.device)
                     pruned = True
@@ -130,12 +151,13 @@ class StepPruner:
                             f"visipruner: a pruned request got {row.length} tokens in one decode step (chunked "
                             "prefill or speculative decoding); these are refused at engine start")
                     row.decode = req
+                    req.fed.append(int(input_ids[row.start]))
                     pruned = pruned or any(req.dropped)
             rows.append(row)
         return rows if pruned else None
 
-    def _start(self, ids, is_vis) -> _Request:
-        method = self.settings.build()
+    def _start(self, ids, is_vis, method=None) -> _Request:
+        method = method or self.settings.build()
         vis = is_vis.tolist()
         spans = spans_of(vis)
         layout = PromptLayout(length=len(vis), visual_positions=is_vis.nonzero().squeeze(-1),
@@ -143,7 +165,36 @@ class StepPruner:
         method.start(layout, len(self.layers))
         st = _PromptState(layout, len(self.layers), ids.device, method)
         st.prompt_ids = ids  # for the per-request record
-        return _Request(st, [0] * len(self.layers))
+        return _Request(st, [0] * len(self.layers), ids.clone())
+
+    def _park(self, req: _Request | None) -> None:
+        if req is not None:
+            self._parked[id(req)] = req
+            while len(self._parked) > 1024:
+                self._parked.pop(next(iter(self._parked)))
+
+    def _preempted(self, ids) -> _Request | None:
+        """The earlier request this prefill recomputes, if any: vLLM recomputes a preempted request as a
+        new prefill of its prompt, the tokens it fed back, and its last sampled token."""
+        n = int(ids.numel())
+        for req in [*self.requests.values(), *self._parked.values()]:
+            p = int(req.prompt.numel())
+            if n == p + len(req.fed) + 1 and req.state.prefilled and torch.equal(ids[:p], req.prompt) \
+                    and ids[p : n - 1].tolist() == req.fed:
+                self._parked.pop(id(req), None)
+                for k in [k for k, v in self.requests.items() if v is req]:
+                    del self.requests[k]
+                return req
+        return None
+
+    def _resume(self, earlier: _Request, ids) -> _Request:
+        """A recomputed request takes the decisions it took before (its prompt's visual tokens only)."""
+        p = int(earlier.prompt.numel())
+        is_vis = torch.isin(ids, self.visual_token_ids.to(ids.device)) & (torch.arange(ids.numel(), device=ids.device) < p)
+        req = self._start(ids, is_vis, method=_Replay(earlier.state.layer_visual_ids))
+        req.prompt, req.fed, req.resumed = earlier.prompt, earlier.fed, True
+        self.resumed += 1
+        return req
 
     def _run(self, fc, md, steps, input_ids, positions, inputs_embeds):
         lm, T = self.lm, inputs_embeds.shape[0]
@@ -232,7 +283,7 @@ class StepPruner:
         st = req.state
         st.layer_input = None
         st.prefilled = True
-        if self.on_prefill is not None:
+        if self.on_prefill is not None and not req.resumed:
             self.on_prefill(prefill_stats(st, self.dims, None, len(self.layers)), st.prompt_ids)
         st.prompt_ids = None
 
