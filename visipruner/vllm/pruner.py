@@ -102,6 +102,7 @@ class StepPruner:
         self._parked: dict[int, _Request] = {}  # requests whose first block went to another (preempted or done)
         self.resumed = 0  # recomputations of preempted requests that replayed their decisions
         self._builder = None
+        self._built = {}
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
         for a in self.attn:
@@ -202,6 +203,7 @@ class StepPruner:
         hidden, residual = inputs_embeds, None
         present = torch.arange(T, device=inputs_embeds.device)  # the step's token indices in the layer
         saved = {}
+        self._built = {}  # this step's per-layer metadata, by dropped counts
         try:
             for L, layer in enumerate(self.layers):
                 present, hidden, residual = self._apply_pending(L, steps, present, hidden, residual)
@@ -224,6 +226,7 @@ class StepPruner:
                 fc.attn_metadata[name] = m
                 fc.slot_mapping[name] = slots
             self._captured = None
+            self._built = {}
         hidden, _ = lm.norm(hidden, residual)
         out = hidden.new_zeros(T, hidden.shape[-1])  # dropped tokens' rows: never sampled
         out[present] = hidden
@@ -289,15 +292,17 @@ class StepPruner:
 
     # ------------------------------------------------------------------------- attention metadata
     def _install_metadata(self, fc, md, L, steps, present, saved):
-        """Layer L's attention metadata when its tokens or KV layout differ from the step's."""
-        if not any((s.prefill is not None and s.prefill.dropped[L]) or (s.decode is not None and s.decode.dropped[L])
-                   for s in steps):
+        """Layer L's attention metadata when its tokens or KV layout differ from the step's; layers with
+        the same dropped counts per request share one (built once per step)."""
+        dropped = tuple((s.prefill or s.decode).dropped[L] if (s.prefill or s.decode) else 0 for s in steps)
+        if not any(dropped):
             return
         name = self.names[L]
         saved.setdefault(name, (fc.attn_metadata[name], fc.slot_mapping[name]))
-        layer_md, slots = self._layer_metadata(md, fc.slot_mapping[name], L, steps, present)
-        fc.attn_metadata[name] = layer_md
-        fc.slot_mapping[name] = slots
+        key = (id(saved[name][1]), dropped)
+        if key not in self._built:
+            self._built[key] = self._layer_metadata(md, saved[name][1], L, steps, present)
+        fc.attn_metadata[name], fc.slot_mapping[name] = self._built[key]
 
     def _layer_metadata(self, md, slot_mapping, L, steps, present):
         from vllm.v1.attention.backend import CommonAttentionMetadata
