@@ -39,7 +39,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's own switc
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-import visipruner  # noqa: E402,F401  (the CPU test environment's torchvision plumbing, before vLLM)
 from prefill_speed import paper_schedule  # noqa: E402
 from visipruner import VisiPrunerConfig  # noqa: E402
 from visipruner.testing import CHATML_TEMPLATE, tiny_llava, tiny_tokenizer  # noqa: E402
