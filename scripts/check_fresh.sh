@@ -14,5 +14,5 @@ git clone --quiet . "$dir/visipruner"
 [ -d ../shared ] && ln -s "$(cd ../shared && pwd)" "$dir/shared"
 cd "$dir/visipruner"
 echo "fresh clone in $dir/visipruner ($(git rev-parse --short HEAD))"
-bash scripts/setup.sh --lmms
+bash scripts/setup.sh --lmms --vllm
 .venv/bin/python -m pytest -q "$@"

@@ -39,15 +39,13 @@ from . import flops as F_
 from .adapters import ModelAdapter, get_adapter
 from .attention import (
     NEG_INF,
-    Influence,
-    last_row_influence,
     masked_rows_without_visual,
     repeat_kv,
-    text_rows_to_visual,
     text_rows_attention,
     visual_rows_layer0,
 )
-from .methods.base import Decision, PromptLayout, PruningMethod
+from .decisions import decide_layer, prefill_stats
+from .methods.base import PromptLayout, PruningMethod
 
 _ORIGINAL = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attention_forward, eager_mask)}
 # attention module -> the handle that owns it
@@ -506,33 +504,7 @@ class PruningHandle:
 
     def _decide(self, module, q, k, v, scale, mode, st, visible, layer) -> None:
         """One prompt's decision after ``layer`` (q, k, v: that prompt's rows only, batch 1)."""
-        method = st.method
-        present = st.visual_ids[st.visual_ids >= 0]
-        influence = None
-        if method.needs_influence(layer):
-            if mode is not None:
-                raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
-            vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
-            groups = module.num_key_value_groups
-            cos, norm, attn, onorm = last_row_influence(
-                q[:, :, -1:], k, v, scale, vis_keys, None if visible is None else visible[-1])
-            hidden = st.layer_input[0].index_select(0, vis_keys)
-            influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
-            st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
-            if method.needs_text_attention(layer) and vis_keys.numel():
-                first = int(vis_keys[0])
-                rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
-                rows = rows.nonzero().squeeze(-1)
-                influence.text_attention = text_rows_to_visual(
-                    q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys,
-                    None if visible is None else visible.index_select(0, rows))
-                st.layer_text_rows[layer] = int(rows.numel())
-        keep = method.decide(layer, influence, present)
-        if isinstance(keep, Decision):
-            st.pending_merges = [(int(d), [int(x) for x in src]) for d, src in keep.merges if len(src)]
-            keep = keep.keep
-        if keep is not None:
-            st.pending_keep = keep.to(st.visual_ids.device)
+        decide_layer(st, layer, q, k, v, scale, module.num_key_value_groups, mode, visible)
 
     def _shallow_prefill(self, module, q, k, v, scale, mode, st, visible):
         """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d).
@@ -901,41 +873,7 @@ class PruningHandle:
 
     # ------------------------------------------------------------------------------- FLOPs
     def _prefill_stats(self, st: _PromptState) -> PruneStats:
-        dims, n0 = self.dims, st.layout.length + st.dense_offset  # dense: the unreduced prompt
-        stats = PruneStats(
-            prompt_length=n0,
-            num_visual_tokens=st.original_visual,
-            num_images=sum(k == "image" for k in st.layout.span_kinds),
-            num_frames=sum(k == "video" for k in st.layout.span_kinds),
-            pruning_applied=True,
-        )
-        for layer in range(self._num_layers):
-            pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
-            n, n_vis = int(pos.numel()), int((vis >= 0).sum())
-            stats.tokens_per_layer.append(n)
-            stats.visual_tokens_per_layer.append(n_vis)
-            mode = st.layer_modes[layer]
-            if mode is None:
-                score = weighted = F_.causal_pairs(n)
-            else:
-                score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode, st.layout.image_spans)
-            extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
-            if st.layer_text_rows[layer]:
-                extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])
-            stats.prefill_flops += F_.layer_flops(dims, n, score, weighted, extra)
-            stats.dense_prefill_flops += F_.layer_flops(dims, n0, F_.causal_pairs(n0), F_.causal_pairs(n0))
-            stats.prefill_flops_fastv += F_.fastv_layer_flops(dims, n)
-            stats.dense_prefill_flops_fastv += F_.fastv_layer_flops(dims, n0)
-        if self.vision_dims is not None:
-            images = st.original_visual // self.vision_dims.tokens_per_image
-            stats.vision_flops = F_.vision_flops(self.vision_dims, images, st.layout.num_visual)  # what was projected
-            stats.dense_vision_flops = F_.vision_flops(self.vision_dims, images, st.original_visual)
-        summary = st.method.summary()
-        stats.fusion_layer = summary.pop("fusion_layer", None)
-        stats.exit_layer = summary.pop("exit_layer", None)
-        stats.critical_tokens = summary.pop("critical_tokens", [])
-        stats.method = summary
-        return stats
+        return prefill_stats(st, self.dims, self.vision_dims, self._num_layers)
 
     def _decode_flops(self, st: _PromptState) -> tuple[int, int]:
         dims = self.dims

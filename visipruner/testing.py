@@ -195,13 +195,14 @@ CHATML_TEMPLATE = (
 )
 
 
-def tiny_llava_with_processor(seed: int = 0, layers: int = 4):
+def tiny_llava_with_processor(seed: int = 0, layers: int = 4, **model_kwargs):
     """A tiny LLaVA whose vocabulary is a tiny tokenizer's, and its LlavaProcessor (CLIP preprocessing,
-    ChatML chat template): a complete model folder once saved with ``save_pretrained``."""
+    ChatML chat template): a complete model folder once saved with ``save_pretrained``. ``model_kwargs``
+    go to ``tiny_llava`` (e.g. ``hidden=128`` for a head dimension of 32)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     tok = tiny_tokenizer(["<image>"])
-    model = tiny_llava(seed, layers=layers, vocab=len(tok) + 2)
+    model = tiny_llava(seed, layers=layers, vocab=len(tok) + 2, **model_kwargs)
     model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -1,0 +1,92 @@
+"""One prompt's decisions and figures, shared by every engine binding (HF runtime, vLLM plugin).
+
+An engine runs the layers; after each layer it hands this module the prompt's state (the HF
+runtime's ``_PromptState``: which tokens are present, the method, per-layer records) and that
+layer's post-RoPE ``q, k, v`` of the prompt's own tokens. ``decide_layer`` computes what the
+method asks for (the last token's influence, text-row attention) with the kernels of
+``attention.py`` and records the method's decision as the tokens to keep from the next layer on;
+``prefill_stats`` turns the per-layer records into ``PruneStats`` (FLOPs by ``flops.py``). So both
+engines take the same decisions from the same numbers and report the same figures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import flops as F_
+from .attention import Influence, last_row_influence, repeat_kv, text_rows_to_visual
+from .methods.base import Decision
+
+
+def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visible) -> None:
+    """The method's decision after ``layer`` for one prompt; ``q`` (1, H, n, d), ``k, v`` (1, Hkv, n, d)
+    are that prompt's rows only, in sequence order; ``visible`` its (n, n) mask or None (causal).
+    Sets ``st.pending_keep`` / ``st.pending_merges`` for the engine to apply before the next layer."""
+    method = st.method
+    present = st.visual_ids[st.visual_ids >= 0]
+    influence = None
+    if method.needs_influence(layer):
+        if mode is not None:
+            raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
+        vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
+        cos, norm, attn, onorm = last_row_influence(
+            q[:, :, -1:], k, v, scale, vis_keys, None if visible is None else visible[-1])
+        hidden = st.layer_input[0].index_select(0, vis_keys)
+        influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
+        st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
+        if method.needs_text_attention(layer) and vis_keys.numel():
+            first = int(vis_keys[0])
+            rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
+            rows = rows.nonzero().squeeze(-1)
+            influence.text_attention = text_rows_to_visual(
+                q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys,
+                None if visible is None else visible.index_select(0, rows))
+            st.layer_text_rows[layer] = int(rows.numel())
+    keep = method.decide(layer, influence, present)
+    if isinstance(keep, Decision):
+        st.pending_merges = [(int(d), [int(x) for x in src]) for d, src in keep.merges if len(src)]
+        keep = keep.keep
+    if keep is not None:
+        st.pending_keep = keep.to(st.visual_ids.device)
+
+
+def prefill_stats(st, dims, vision_dims, num_layers: int):
+    """``PruneStats`` of one prompt's prefill from its per-layer records (tokens and visual tokens each
+    layer ran on, shallow modes, influence checks), FLOPs counted by ``flops.py``."""
+    from .runtime import PruneStats
+
+    n0 = st.layout.length + st.dense_offset  # dense: the unreduced prompt
+    stats = PruneStats(
+        prompt_length=n0,
+        num_visual_tokens=st.original_visual,
+        num_images=sum(k == "image" for k in st.layout.span_kinds),
+        num_frames=sum(k == "video" for k in st.layout.span_kinds),
+        pruning_applied=True,
+    )
+    for layer in range(num_layers):
+        pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
+        n, n_vis = int(pos.numel()), int((vis >= 0).sum())
+        stats.tokens_per_layer.append(n)
+        stats.visual_tokens_per_layer.append(n_vis)
+        mode = st.layer_modes[layer]
+        if mode is None:
+            score = weighted = F_.causal_pairs(n)
+        else:
+            score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode, st.layout.image_spans)
+        extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
+        if st.layer_text_rows[layer]:
+            extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])
+        stats.prefill_flops += F_.layer_flops(dims, n, score, weighted, extra)
+        stats.dense_prefill_flops += F_.layer_flops(dims, n0, F_.causal_pairs(n0), F_.causal_pairs(n0))
+        stats.prefill_flops_fastv += F_.fastv_layer_flops(dims, n)
+        stats.dense_prefill_flops_fastv += F_.fastv_layer_flops(dims, n0)
+    if vision_dims is not None:
+        images = st.original_visual // vision_dims.tokens_per_image
+        stats.vision_flops = F_.vision_flops(vision_dims, images, st.layout.num_visual)  # what was projected
+        stats.dense_vision_flops = F_.vision_flops(vision_dims, images, st.original_visual)
+    summary = st.method.summary()
+    stats.fusion_layer = summary.pop("fusion_layer", None)
+    stats.exit_layer = summary.pop("exit_layer", None)
+    stats.critical_tokens = summary.pop("critical_tokens", [])
+    stats.method = summary
+    return stats

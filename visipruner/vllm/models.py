@@ -1,0 +1,80 @@
+"""vLLM's own model classes, subclassed so their language model prunes per request.
+
+A subclass changes nothing of vLLM's class but ``forward``: with a pruning config (``settings.py``)
+and a step that holds a pruned request, the language model's layers run through ``StepPruner``;
+otherwise vLLM's own forward runs. Multimodal processing, weight loading and sampling are vLLM's.
+"""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+from .. import flops as F_
+from .pruner import StepPruner
+from .records import Recorder
+from .settings import check_engine, read_settings
+
+
+def _pruner(model, vllm_config, lm, visual_token_ids, text_config):
+    settings = read_settings(vllm_config.model_config.hf_config)
+    if settings is None or not settings.config.enabled:
+        return None
+    check_engine(settings, vllm_config)
+    from .metrics import observe
+
+    recorder = Recorder(settings.config.method, settings.record_path, observers=[observe])
+    return StepPruner(settings, lm, visual_token_ids, vllm_config, F_.Dims.from_config(text_config),
+                      on_prefill=recorder)
+
+
+class _PerRequestPruning:
+    """The ``forward`` every pruned class shares; ``visual_token_ids`` are the family's placeholders."""
+
+    requires_raw_input_tokens = True  # the placeholders say which tokens are visual
+
+    def _init_pruning(self, vllm_config, visual_token_ids, text_config) -> None:
+        self.visipruner = _pruner(self, vllm_config, self.language_model.model, visual_token_ids, text_config)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self.visipruner is not None and intermediate_tensors is None:
+            # positions: (tokens,) or M-RoPE's (3, tokens); kept tokens keep theirs, and decode continues
+            # from vLLM's own mrope_position_delta (the unpruned prompt's)
+            out = self.visipruner.forward(input_ids, positions, inputs_embeds)
+            if out is not None:
+                return out
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class PrunedLlavaForConditionalGeneration(_PerRequestPruning, LlavaForConditionalGeneration):
+    """LLaVA-1.5 (Llama or Qwen2 language model) with per-request visual-token pruning."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, [self.config.image_token_index], self.config.text_config)
+
+
+class PrunedQwen2VLForConditionalGeneration(_PerRequestPruning, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with per-request visual-token pruning (images and video frames)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        c = self.config
+        self._init_pruning(vllm_config, [c.image_token_id, c.video_token_id], c.text_config)
+
+
+class PrunedQwen2_5_VLForConditionalGeneration(_PerRequestPruning, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with per-request visual-token pruning (images and video frames)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        c = self.config
+        self._init_pruning(vllm_config, [c.image_token_id, c.video_token_id], c.text_config)
+
+
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": PrunedLlavaForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": PrunedQwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": PrunedQwen2_5_VLForConditionalGeneration,
+}

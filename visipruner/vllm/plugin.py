@@ -1,0 +1,21 @@
+"""The ``vllm.general_plugins`` entry point: registers the pruning model classes with vLLM.
+
+vLLM runs general plugins in every process it starts (API server, engine core, workers). The
+classes registered here replace vLLM's own classes for the same architectures: a checkpoint of one
+of them loads the subclass, which serves unpruned (vLLM's own forward, untouched) unless the
+model's HF config carries a ``visipruner_config`` (see ``settings.py``).
+"""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    from .cpu_env import define_torchvision_op_schemas
+
+    define_torchvision_op_schemas()  # CPU test environment only; see cpu_env.py
+    from vllm import ModelRegistry
+
+    from .models import ARCHITECTURES
+
+    for arch, cls in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, cls)
