@@ -342,10 +342,15 @@ def time_generation(model, inputs: dict, new_tokens: int) -> tuple[float, float,
     sync()
     t1 = time.perf_counter()
     cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    if mask is None:
+        mask = torch.ones_like(inputs["input_ids"])
+    # 1-D rotary positions as generate() passes them (a cache pruned before layer 0 cannot count them);
+    # M-RoPE models (rope_deltas) continue their 3-D positions themselves from the mask
+    one_d = not hasattr(getattr(model, "model", model), "rope_deltas")
     for _ in range(new_tokens - 1):
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True, attention_mask=mask)
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        extra = {"position_ids": mask.long().cumsum(-1)[:, -1:] - 1} if one_d else {}
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, attention_mask=mask, **extra)
         tok = out.logits[:, -1:].argmax(-1)
     sync()
     t2 = time.perf_counter()
