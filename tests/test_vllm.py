@@ -27,7 +27,7 @@ except ImportError as e:  # CI installs it (scripts/setup.sh --vllm): there a mi
         raise ImportError(f"CI runs the vLLM tests: install vLLM with scripts/setup.sh --vllm ({e})") from e
     pytest.skip("vLLM is not installed (bash scripts/setup.sh --vllm)", allow_module_level=True)
 
-from visipruner import FastVConfig, Schedule, VisiPrunerConfig  # noqa: E402
+from visipruner import CDPrunerConfig, FastVConfig, Schedule, VisiPrunerConfig  # noqa: E402
 from visipruner.testing import tiny_llava_with_processor  # noqa: E402
 from visipruner.vllm.folders import save_for_vllm  # noqa: E402
 from visipruner.vllm.records import RECENT, fingerprint  # noqa: E402
@@ -306,6 +306,7 @@ def test_visipruner_forced_schedule_equals_hf(tiny, folder):
     (dict(enable_chunked_prefill=True), None, "enable_chunked_prefill=False (--no-enable-chunked-prefill)"),
     (dict(enforce_eager=False), None, "enforce_eager=True (--enforce-eager)"),
     ({}, VisiPrunerConfig(), "the shallow stage"),
+    ({}, CDPrunerConfig(keep_ratio=0.25), "selects before the first layer"),
 ])
 def test_refused_settings(folder, overrides, config, message):
     path = folder("refused", config=config or MEASURED)

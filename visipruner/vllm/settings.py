@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import MethodConfig, VisiPrunerConfig
-from ..methods import DARTConfig, Schedule, SparseVLMConfig, VisionZipConfig, config_from_dict
+from ..methods import (CDPrunerConfig, DARTConfig, DivPruneConfig, Schedule, SparseVLMConfig, VisionZipConfig,
+                       config_from_dict)
 
 CONFIG_KEY = "visipruner_config"
 SCHEDULE_KEY = "visipruner_schedule"
@@ -29,6 +30,8 @@ _UNSUPPORTED = {
     DARTConfig: "its token-merge decisions",
     SparseVLMConfig: "its token recycling (merges of hidden states)",
     VisionZipConfig: "it acts before the language model (vLLM's processor fixes each prompt's placeholder count)",
+    CDPrunerConfig: "it selects before the first layer, which the plugin's layer loop does not run yet",
+    DivPruneConfig: "it selects before the first layer, which the plugin's layer loop does not run yet",
 }
 
 
