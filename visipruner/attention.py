@@ -260,3 +260,31 @@ def last_row_influence(
     dist = (oo - 2 * co + cn2).clamp_min(0).sqrt()
     cos = (oo - co) / (dist * oo.sqrt()).clamp_min(1e-12)
     return cos.float(), cn2.sqrt().float(), av.reshape(H, -1).mean(0).float(), oo.sqrt().float()
+
+
+def shallow_stage_probabilities(
+    q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor, mode: str,
+    row_edited: torch.Tensor, row_text: torch.Tensor, key_span: torch.Tensor, span_keys: list[int],
+) -> torch.Tensor:
+    """The probabilities a shallow-stage layer attends with, as one (b, H, r, n) float32 matrix: what
+    eager attention returns for ``output_attentions`` (the kernels above never form it).
+
+    Softmax over the ``visible`` (r, n) keys; rows in ``row_edited`` (r,) bool lose their probabilities
+    on visual keys (``key_span`` (n,): the key's span index, -1 for text); the text rows among them
+    (``row_text``) then get each span's removed mass on that span's first key (``span_keys[g]``, mode
+    ``merge``) or are renormalised (``disable_renorm``). q: (b, H, r, d), k: (b, Hkv, n, d).
+    """
+    kk = repeat_kv(k, q.shape[1] // k.shape[1])
+    scores = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scale
+    p = torch.softmax(scores.masked_fill(~visible, NEG_INF), dim=-1)
+    visual = key_span >= 0
+    out = p.masked_fill(row_edited[:, None] & visual[None, :], 0.0)
+    text = row_text[:, None]
+    if mode == "merge" and span_keys:
+        mass = torch.zeros(*p.shape[:-1], len(span_keys), dtype=p.dtype, device=p.device)
+        mass.scatter_add_(-1, key_span.clamp(min=0).expand_as(p), p * visual)
+        cols = torch.tensor(span_keys, device=p.device)
+        out = out.index_add(-1, cols, mass * text)
+    elif mode == "disable_renorm":
+        out = torch.where(text, out / out.sum(-1, keepdim=True).clamp_min(1e-30), out)
+    return out

@@ -2,10 +2,12 @@
 
 How it stays a Hugging Face model (no class patching, no forks):
 * attention goes through a function registered in transformers' ``AttentionInterface`` under
-  ``visipruner_<original>``; only the language model's config is pointed at it while a handle
-  is applied. Modules without an applied handle, and layers with nothing to change, call the
-  original function (SDPA or eager) with the original arguments, so "pruning disabled" is
-  bit-identical;
+  ``visipruner_<original>``. The user's config is never written: while a handle is applied, each
+  pruned attention module reads its config through a ``_RoutedConfig`` view that names that
+  function for whatever implementation the config names now (so ``set_attn_implementation``
+  between SDPA and eager is honoured, another implementation refused at the next call). Modules
+  without an applied handle, and layers with nothing to change, call the original function (SDPA
+  or eager) with the original arguments, so "pruning disabled" is bit-identical;
 * a forward pre-hook on the multimodal model reads ``input_ids`` (where the image tokens are)
   and tells prefill from decode;
 * a forward pre-hook on each decoder layer removes the tokens the method dropped after the
@@ -20,7 +22,8 @@ position bookkeeping gives that).
 
 from __future__ import annotations
 
-import weakref
+import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +44,7 @@ from .attention import (
     last_row_influence,
     masked_rows_without_visual,
     repeat_kv,
+    shallow_stage_probabilities,
     text_rows_to_visual,
     text_rows_attention,
     visual_rows_layer0,
@@ -48,8 +52,58 @@ from .attention import (
 from .methods.base import Decision, PromptLayout, PruningMethod
 
 _ORIGINAL = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attention_forward, eager_mask)}
-# attention module -> the handle that owns it
-_OWNERS: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
+
+
+class _RoutedConfig:
+    """A pruned attention module's view of its config (the user's, shared by every layer and by any
+    other model built from it): every attribute read and written is the config's own, except that
+    ``_attn_implementation`` names visipruner's dispatch for the implementation the config names now.
+    It is also how the dispatch finds the module's handle (no global registry: an applied model is
+    garbage-collected like any other, and ``copy.deepcopy`` gives the copy its own handle)."""
+
+    __slots__ = ("config", "handle")
+
+    def __init__(self, config, handle: "PruningHandle"):
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "handle", handle)
+
+    @property
+    def _attn_implementation(self):
+        impl = self.config._attn_implementation
+        return f"visipruner_{impl}" if impl in _ORIGINAL else impl
+
+    def __getattr__(self, name):  # only for names that are not the view's own
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "config"), name)
+
+    def __setattr__(self, name, value):
+        setattr(self.config, name, value)
+
+    def __deepcopy__(self, memo):
+        return _RoutedConfig(copy.deepcopy(self.config, memo), copy.deepcopy(self.handle, memo))
+
+    def __reduce__(self):
+        return _RoutedConfig, (self.config, self.handle)
+
+    def __repr__(self) -> str:
+        return f"_RoutedConfig({self.config!r})"
+
+
+def _owner(module: nn.Module) -> "PruningHandle | None":
+    """The handle whose pruning runs through ``module`` (an attention module), None if none."""
+    cfg = module.__dict__.get("config")
+    return cfg.handle if isinstance(cfg, _RoutedConfig) else None
+
+
+def handle_of(model: nn.Module) -> "PruningHandle | None":
+    """The handle applied to ``model`` (e.g. to a ``copy.deepcopy`` of an applied model, which has its
+    own), or None."""
+    for m in model.modules():
+        handle = _owner(m)
+        if handle is not None:
+            return handle
+    return None
 
 
 def _family_eager(module):
@@ -60,7 +114,7 @@ def _family_eager(module):
 def _make_dispatch(name, original):
     def dispatch(module, query, key, value, attention_mask, **kwargs):
         fn = _family_eager(module) if name == "eager" else original
-        handle = _OWNERS.get(module)
+        handle = _owner(module)
         if handle is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         return handle._attention(module, query, key, value, attention_mask, fn, **kwargs)
@@ -98,6 +152,15 @@ def _visibility(mask, n_q: int, n_k: int) -> torch.Tensor | None:
     return m > torch.finfo(m.dtype).min / 2
 
 
+def _kept_rows(st: "_PromptState") -> torch.Tensor:
+    """Which of the current layer's tokens stay after the pending decision: text, the visual tokens the
+    method keeps, and always the last token (the row generation reads: a prompt ending in visual tokens, or
+    made of them only, is never left without it)."""
+    keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
+    keep[-1] = True
+    return keep
+
+
 @dataclass
 class PruneStats:
     """What happened to the latest prompt: its prefill and the decode steps after it."""
@@ -119,6 +182,9 @@ class PruneStats:
     vision_flops: int = 0  # vision tower + projector for this prompt's images (not in the prefill ratios)
     dense_vision_flops: int = 0  # the same with the projector on every patch (differs for VisionZip)
     padding_flops: int = 0  # prefill work on the padding a batch gives this row (not in prefill_flops)
+    # per layer, the original positions (in this row's unpadded prompt) of the tokens that layer ran on, in
+    # row order: rows of output_attentions[i] / output_hidden_states[i + 1] (a batch row: its last len() slots)
+    layer_positions: list[torch.Tensor] = field(default_factory=list, repr=False)
     decode_flops: list[int] = field(default_factory=list)  # per decode step
     dense_decode_flops: list[int] = field(default_factory=list)
     method: dict = field(default_factory=dict)  # method-specific extras (e.g. min cos per layer)
@@ -137,7 +203,7 @@ class PruneStats:
         return sum(self.tokens_per_layer)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items()}
+        d = {k: v for k, v in self.__dict__.items() if k != "layer_positions"}
         d["avg_visual_tokens"] = self.avg_visual_tokens
         d["prefill_flops_ratio"] = self.prefill_flops_ratio
         return d
@@ -221,8 +287,9 @@ class PruningHandle:
         self._state: _PromptState | None = None
         self._batch: _Batch | None = None
         self._hooks = []
-        cfg = adapter.text_config
-        self._original_impl = cfg._attn_implementation
+        self._labels = self._label_slots = None  # a call's labels, and where its kept tokens stand (pruned)
+        self._in_call = False  # inside a multimodal forward (attention outside one: a checkpoint's recompute)
+        self._replaying = False  # recomputing a prefill layer: same attention, no decisions
         self._num_layers = len(adapter.layers)
         self._attached = False
         self._attach()
@@ -232,14 +299,23 @@ class PruningHandle:
         a = self.adapter
         if hasattr(self.method, "attach"):  # methods that watch other modules (e.g. the vision tower);
             self._hooks.extend(self.method.attach(a))  # first: one that refuses the model leaves it untouched
+        if a.model is not a.multimodal:  # labels: the loss over the kept tokens (the model's would not fit)
+            self._hooks.append(a.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+            self._hooks.append(a.model.register_forward_hook(self._loss_on_kept, with_kwargs=True))
         self._hooks.append(a.multimodal.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._hooks.append(a.multimodal.register_forward_hook(self._on_model_return, with_kwargs=True))
         for i, layer in enumerate(a.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-            _OWNERS[a.attention_module(layer)] = self
+            # hooks are bound methods (partials of them), so a deepcopy of the model hooks its own copy
+            self._hooks.append(layer.register_forward_pre_hook(functools.partial(self._layer_hook, i), with_kwargs=True))
+            attn = a.attention_module(layer)
+            attn.config = _RoutedConfig(attn.config, self)
         self._hooks.extend(a.install(self))  # the family's own hooks (Qwen3-VL's deepstack)
-        a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
         self._attached = True
+
+    @property
+    def _original_impl(self) -> str:
+        """The attention implementation the user's config names now ('sdpa' or 'eager' while pruning acts)."""
+        return self.adapter.text_config._attn_implementation
 
     def remove(self) -> None:
         """Restore the model exactly as it was."""
@@ -249,8 +325,9 @@ class PruningHandle:
             h.remove()
         self._hooks.clear()
         for layer in self.adapter.layers:
-            _OWNERS.pop(self.adapter.attention_module(layer), None)
-        self.adapter.text_config._attn_implementation = self._original_impl
+            attn = self.adapter.attention_module(layer)
+            if isinstance(attn.__dict__.get("config"), _RoutedConfig):
+                attn.config = attn.config.config
         self._state = None
         self._attached = False
 
@@ -281,6 +358,11 @@ class PruningHandle:
 
     # ------------------------------------------------------------------------------- hooks
     def _on_model_call(self, module, args, kwargs):
+        self._in_call = True
+        impl = self._original_impl
+        if impl not in _ORIGINAL and self.method.enabled:  # the layers would drop tokens its attention never sees
+            raise ValueError(f"the attention implementation is now {impl!r} (changed after visipruner.apply); pruning "
+                             "needs 'sdpa' or 'eager': model.set_attn_implementation('sdpa'), or handle.remove() first")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
@@ -364,6 +446,9 @@ class PruningHandle:
         return (args, kwargs) if changed else None
 
     def _on_model_return(self, module, args, kwargs, output):
+        self._in_call = False
+        if self._labels is not None and self.pruned_prefill() is not None:
+            self._label_slots = self.layer_slots(self._num_layers - 1)
         bt = self._batch
         if bt is not None:
             if not bt.prefilled:
@@ -395,25 +480,54 @@ class PruningHandle:
             st.decode_positions = None
         return None
 
-    def _layer_hook(self, idx: int):
-        def hook(module, args, kwargs):
-            if self._batch is not None:
-                return None if self._batch.prefilled else self._batch_layer_inputs(idx, self._batch, args, kwargs)
-            st = self._state
-            if st is None:
-                return None
-            if st.prefilled:
-                return None  # decode: each layer's attention builds the mask for its own cache
-            return self._prefill_layer_inputs(idx, st, args, kwargs)
+    def _take_labels(self, module, args, kwargs):
+        """The outer model's ``labels`` are kept from its own loss (logits cover the kept tokens only) and
+        used by ``_loss_on_kept`` after the call."""
+        self._labels = self._label_slots = None
+        if kwargs.get("labels") is None or not self.method.enabled:
+            return None
+        if hasattr(self.method, "reduce_prompt"):
+            raise ValueError(f"labels= with {self.method.name}, which removes tokens before the language model, is not "
+                             "supported: compute the loss without pruning (handle.remove()), or use an in-model method")
+        self._labels = kwargs["labels"]
+        return args, dict(kwargs, labels=None)
 
-        return hook
+    def _loss_on_kept(self, module, args, kwargs, output):
+        """The causal-LM loss over the rows the model returned: each kept position p predicts the caller's
+        ``labels[p + 1]`` (text tokens are never removed), with the model's own loss function."""
+        labels, slots = self._labels, self._label_slots
+        self._labels = self._label_slots = None
+        if labels is None:
+            return None
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        targets = F.pad(labels, (0, 1), value=-100)[..., 1:]  # what each original position predicts
+        if slots is not None:  # a pruned prefill: the rows are the last layer's tokens
+            slots = slots.to(labels.device)[:, -logits.shape[1]:]
+            targets = targets.gather(1, slots.clamp(min=0)).masked_fill(slots < 0, -100)
+        else:
+            targets = targets[:, -logits.shape[1]:]
+        loss = module.loss_function(logits=logits, labels=None, shift_labels=targets.contiguous(),
+                                    vocab_size=logits.shape[-1], num_items_in_batch=kwargs.get("num_items_in_batch"))
+        if isinstance(output, dict):
+            return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+        return (loss,) + tuple(output)
+
+    def _layer_hook(self, idx: int, module, args, kwargs):
+        if self._batch is not None:
+            return None if self._batch.prefilled else self._batch_layer_inputs(idx, self._batch, args, kwargs)
+        st = self._state
+        if st is None:
+            return None
+        if st.prefilled:
+            return None  # decode: each layer's attention builds the mask for its own cache
+        return self._prefill_layer_inputs(idx, st, args, kwargs)
 
     def _prefill_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if st.pending_merges:
             hidden = self._merge(hidden, st)
         if st.pending_keep is not None:
-            keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
+            keep = _kept_rows(st)
             rows = keep.nonzero().squeeze(-1)
             hidden = hidden.index_select(1, rows)
             st.positions, st.visual_ids = st.positions[rows], st.visual_ids[rows]
@@ -448,6 +562,8 @@ class PruningHandle:
 
     # --------------------------------------------------------------------------- attention
     def _attention(self, module, q, k, v, mask, original, **kwargs):
+        if not self._in_call:  # gradient checkpointing recomputes a layer in backward, after the forward
+            return self._recompute(module, q, k, v, mask, original, **kwargs)
         st = self._state
         layer = module.layer_idx
         if self._batch is not None:
@@ -469,11 +585,58 @@ class PruningHandle:
             out = original(module, q, k, v, mask, **kwargs)
         else:
             out = self._shallow_prefill(module, q, k, v, scale, mode, st, visible)
+            if self._original_impl == "eager":  # eager attention returns its probabilities (output_attentions)
+                out = (out[0], self._shallow_weights(q, k, scale, mode, st, visible).to(q.dtype))
         self._decide(module, q, k, v, scale, mode, st, visible, layer)
         return out
 
+    @staticmethod
+    def _shallow_weights(q, k, scale, mode, st, visible):
+        """A shallow-stage prefill layer's probabilities (1, H, n, n), for eager's ``output_attentions``."""
+        n = q.shape[2]
+        ar = torch.arange(n, device=q.device)
+        is_vis = st.visual_ids >= 0
+        first = int(is_vis.nonzero()[0])
+        if visible is None:
+            visible = ar[None, :] <= ar[:, None]
+        key_span = torch.full((n,), -1, dtype=torch.long, device=q.device)
+        for g, (s, e) in enumerate(st.layout.image_spans):  # the sequence is unpruned in shallow layers
+            key_span[s:e] = g
+        text = ~is_vis & (ar > first)
+        edited = (ar > first) if mode == "merge" else text
+        return shallow_stage_probabilities(q, k, scale, visible, mode, edited, text, key_span,
+                                           [s for s, _ in st.layout.image_spans])
+
+    def _recompute(self, module, q, k, v, mask, original, **kwargs):
+        """A prefill layer's attention again (gradient checkpointing's backward recompute), as the forward
+        ran it: the state is put back to that layer's tokens and decisions are not retaken."""
+        target = self._batch if self._batch is not None else self._state
+        if target is None or not target.prefilled:
+            return original(module, q, k, v, mask, **kwargs)
+        layer = module.layer_idx
+        rows = [self._state] if self._batch is None else [st for st in self._batch.rows if st is not None]
+        saved = [(st.visual_ids, st.positions) for st in rows]
+        bt = self._batch
+        batch_saved = None if bt is None else (bt.lengths, bt.width, bt.changed)
+        try:
+            for st in rows:
+                st.visual_ids, st.positions = st.layer_visual_ids[layer], st.layer_positions[layer]
+            if bt is not None:
+                bt.lengths, bt.width, bt.changed = bt.layer_lengths[layer], bt.layer_widths[layer], bt.layer_changed[layer]
+            target.prefilled, self._replaying, self._in_call = False, True, True
+            return self._attention(module, q, k, v, mask, original, **kwargs)
+        finally:
+            for st, (ids, pos) in zip(rows, saved):
+                st.visual_ids, st.positions = ids, pos
+            if bt is not None:
+                bt.lengths, bt.width, bt.changed = batch_saved
+            target.prefilled, self._replaying, self._in_call = True, False, False
+
+    @torch.no_grad()  # decisions read the attention; they are not part of the model's computation graph
     def _decide(self, module, q, k, v, scale, mode, st, visible, layer) -> None:
         """One prompt's decision after ``layer`` (q, k, v: that prompt's rows only, batch 1)."""
+        if self._replaying:
+            return
         method = st.method
         present = st.visual_ids[st.visual_ids >= 0]
         influence = None
@@ -592,7 +755,15 @@ class PruningHandle:
                 q, k, v, scale, q_pos, None, spans, merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
                 visible=visible, merge_values=firsts,
             )
-            return out.transpose(1, 2).contiguous(), None
+            weights = None
+            if self._original_impl == "eager":  # output_attentions: the probabilities these text queries used
+                key_span = torch.full((k.shape[2],), -1, dtype=torch.long, device=q.device)
+                for g, (a, b) in enumerate(spans):
+                    key_span[a:b] = g
+                rows = torch.ones(q.shape[2], dtype=torch.bool, device=q.device)
+                weights = shallow_stage_probabilities(q, k, scale, visible, mode, rows, rows, key_span,
+                                                      [a for a, _ in spans]).to(q.dtype)
+            return out.transpose(1, 2).contiguous(), weights
         if q.shape[2] == 1 and bool(visible.all()):
             own_mask = None
         elif self._original_impl == "eager":
@@ -605,8 +776,6 @@ class PruningHandle:
     # ------------------------------------------------------------------------------ batches
     def _start_batch(self, input_ids, kwargs) -> "_Batch":
         """Per-row prompt states for a left-padded batch (rows without visual tokens pass through)."""
-        import copy
-
         adapter = self.adapter
         B, N = input_ids.shape
         lengths = self._row_lengths(input_ids, kwargs.get("attention_mask"))
@@ -678,7 +847,7 @@ class PruningHandle:
                     hidden, modified = hidden.clone(), True
                 hidden[r, off:] = self._merge(hidden[r : r + 1, off:], st)[0]
             if st.pending_keep is not None:
-                keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
+                keep = _kept_rows(st)
                 local = keep.nonzero().squeeze(-1)
                 st.positions, st.visual_ids = st.positions[local], st.visual_ids[local]
                 st.pending_keep = None
@@ -746,7 +915,11 @@ class PruningHandle:
             if plain:
                 idx = torch.tensor(plain, device=q.device)
                 m = mask.index_select(0, idx) if isinstance(mask, torch.Tensor) and mask.shape[0] == B else mask
-                out[0][idx] = original(module, q[idx], k[idx], v[idx], m, **kwargs)[0]
+                plain_out, plain_weights = original(module, q[idx], k[idx], v[idx], m, **kwargs)
+                out[0][idx] = plain_out
+                if plain_weights is not None:  # eager: the plain rows' probabilities too
+                    out = (out[0], q.new_zeros(B, q.shape[1], W, W))
+                    out[1][idx] = plain_weights
         for r, st in enumerate(bt.rows):
             if st is None:
                 continue
@@ -760,6 +933,10 @@ class PruningHandle:
                 vis = None  # an unpadded row of a causal model: the cheapest kernels apply
             if mode is not None:
                 out[0][r, off:] = self._shallow_prefill(module, qr, kr, vr, scale, mode, st, vis)[0][0]
+                if self._original_impl == "eager":  # this row's probabilities in its own slots (others: zero)
+                    if out[1] is None:
+                        out = (out[0], q.new_zeros(B, q.shape[1], W, W))
+                    out[1][r, :, off:, off:] = self._shallow_weights(qr, kr, scale, mode, st, vis)[0].to(q.dtype)
             self._decide(module, qr, kr, vr, scale, mode, st, vis, layer)
         return out
 
@@ -879,6 +1056,7 @@ class PruningHandle:
             pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
             n, n_vis = int(pos.numel()), int((vis >= 0).sum())
             stats.tokens_per_layer.append(n)
+            stats.layer_positions.append(pos)
             stats.visual_tokens_per_layer.append(n_vis)
             mode = st.layer_modes[layer]
             if mode is None:
@@ -938,7 +1116,7 @@ def apply(model: nn.Module, config=None, *, schedule=None) -> PruningHandle:
 
     if config is None:
         config = VisiPrunerConfig()
-    if any(isinstance(h, PruningHandle) for h in _OWNERS.values() if h.model is model):
+    if handle_of(model) is not None:
         raise RuntimeError("this model already has a visipruner method applied; call handle.remove() first")
     adapter = get_adapter(model)
     if isinstance(config, VisiPrunerConfig):
