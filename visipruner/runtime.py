@@ -107,6 +107,13 @@ def _carries_visual_features(kwargs) -> bool:
     return isinstance(encoded, dict) and any(v is not None for v in encoded.values())
 
 
+def _pruned_elsewhere(cache) -> bool:
+    """Whether a cache's full-attention layers hold different numbers of tokens (a pruned prompt)."""
+    lengths = {layer.keys.shape[-2] for layer in getattr(cache, "layers", ())
+               if not getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None}
+    return len(lengths) > 1
+
+
 @dataclass
 class PruneStats:
     """What happened to the latest prompt: its prefill and the decode steps after it."""
@@ -347,6 +354,9 @@ class PruningHandle:
             # (a generated id that happens to be an image token has no features: it is text here)
             state = self._prompts.get(cache)
             if state is None:
+                if self.method.enabled and _pruned_elsewhere(cache):
+                    raise ValueError("this KV cache holds a prompt pruned by another visipruner handle (layers hold "
+                                     "different numbers of tokens); continue it under the handle that prefilled it")
                 return None  # a cache this handle did not prefill with pruning: nothing to do
             bt = state if isinstance(state, _Batch) else None
             # a cache may be cropped back into the prompt's closing text (an assistant re-feeding the prompt's last
