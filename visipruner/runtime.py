@@ -364,7 +364,7 @@ class PruningHandle:
             if bt is not None or state.reduced_prompt:
                 needed = bt.padded if bt is not None else state.layout.length  # what the cache holds of the prompt
             else:
-                needed = int(state.layout.visual_positions[-1]) + 1
+                needed = max(e for _, e in state.layout.image_spans)  # python ints: no device sync per step
             if past < needed:
                 raise ValueError(f"the KV cache holds {past} tokens, fewer than the {needed} of the pruned prompt it was "
                                  "built for (it was cropped into the pruned tokens): prefill the prompt again")
