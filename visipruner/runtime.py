@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -157,8 +158,24 @@ def _kept_rows(st: "_PromptState") -> torch.Tensor:
     method keeps, and always the last token (the row generation reads: a prompt ending in visual tokens, or
     made of them only, is never left without it)."""
     keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
-    keep[-1] = True
+    keep[st.prompt_rows() - 1] = True  # (draft tokens after the prompt are text)
     return keep
+
+
+def _carries_visual_features(kwargs) -> bool:
+    """Whether a call brings visual features for its visual tokens (pixels, or encoder outputs generate()
+    computed), i.e. its visual tokens are images or videos, not generated ids that equal a visual token."""
+    if any(isinstance(kwargs.get(k), torch.Tensor) for k in ("pixel_values", "pixel_values_videos")):
+        return True
+    encoded = kwargs.get("mm_encoder_outputs")
+    return isinstance(encoded, dict) and any(v is not None for v in encoded.values())
+
+
+def _pruned_elsewhere(cache) -> bool:
+    """Whether a cache's full-attention layers hold different numbers of tokens (a pruned prompt)."""
+    lengths = {layer.keys.shape[-2] for layer in getattr(cache, "layers", ())
+               if not getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None}
+    return len(lengths) > 1
 
 
 @dataclass
@@ -212,11 +229,20 @@ class PruneStats:
 class _PromptState:
     """Per-prompt bookkeeping while a prompt is prefilled and decoded."""
 
-    def __init__(self, layout: PromptLayout, num_layers: int, device, method: PruningMethod | None = None):
+    def __init__(self, layout: PromptLayout, num_layers: int, device, method: PruningMethod | None = None,
+                 extra: int = 0, replay: dict | None = None):
         self.layout = layout
         self.method = method  # this prompt's decision logic (each batch row has its own)
-        self.positions = torch.arange(layout.length, device=device)  # original positions in the sequence
-        vis = torch.full((layout.length,), -1, dtype=torch.long, device=device)
+        # tokens the call carries after the prompt (draft tokens being verified, tokens generated
+        # without a cache): text queries like decode steps' tokens, never removed, never deciding
+        self.extra = extra
+        self.replay = replay  # layer -> (keep, merges) recorded from this prompt's prefill: replayed, not decided
+        self.decisions: dict[int, tuple] = {}  # layer -> (keep, merges) this prefill took
+        self.stats: PruneStats | None = None  # this prompt's prefill (decode steps append their FLOPs)
+        self.ids: torch.Tensor | None = None  # the caller's (1, n) input_ids of the prompt
+        self.continues: _PromptState | None = None  # a cacheless generate() step: the prompt it recomputes
+        self.positions = torch.arange(layout.length + extra, device=device)  # original positions in the sequence
+        vis = torch.full((layout.length + extra,), -1, dtype=torch.long, device=device)
         vis[layout.visual_positions] = torch.arange(layout.num_visual, device=device)
         self.visual_ids = vis  # visual id of each token in the sequence, -1 for text
         self.pending_keep: torch.Tensor | None = None
@@ -237,7 +263,21 @@ class _PromptState:
         # visual tokens, shallow mode), for decode FLOPs
 
     def pruned(self) -> bool:
-        return self.positions.numel() < self.layout.length
+        return self.positions.numel() < self.layout.length + self.extra
+
+    def prompt_rows(self) -> int:
+        """How many of the current layer's tokens are the prompt's (the extra tokens come last)."""
+        return self.positions.numel() - self.extra
+
+    def end_extra(self) -> None:
+        """After a prefill with extra tokens: keep the prompt's part of the per-layer record (what the
+        decode bookkeeping and the stats describe); the extra tokens are in the cache as generated ones."""
+        n = self.layout.length
+        for layer, pos in enumerate(self.layer_positions):
+            if pos is not None:
+                keep = pos < n
+                self.layer_positions[layer], self.layer_visual_ids[layer] = pos[keep], self.layer_visual_ids[layer][keep]
+        self.extra = 0
 
 
 class _Batch:
@@ -261,6 +301,9 @@ class _Batch:
         self.key_layout: dict = {}  # layer -> per-row cache layout (decode); "firsts": the merge values
         self.reduced_mask: torch.Tensor | None = None  # a prompt reduced before the LM: its (B, padded) mask
         self.caller_padded = padded  # the caller's padded length (differs when the prompt was reduced)
+        self.stats: list[PruneStats] = []  # each row's prefill (decode steps append their FLOPs)
+        self.ids: torch.Tensor | None = None  # the caller's input_ids of the prompt
+        self.continues: _Batch | None = None  # a cacheless generate() step: the batch it recomputes
 
     def slots(self, layer: int, device, caller: bool) -> torch.Tensor:
         """(rows, width) of ``layer``'s input: each slot's token as a position in its row's own unpadded
@@ -284,8 +327,13 @@ class PruningHandle:
         self.vision_dims = adapter.vision_dims()  # None: the family's vision FLOPs are not modelled
         self.last_stats: PruneStats | None = None
         self.batch_stats: list[PruneStats] = []  # one per row of the latest call, in batch order
-        self._state: _PromptState | None = None
-        self._batch: _Batch | None = None
+        self._state: _PromptState | None = None  # the prompt (batch 1) the current call belongs to, if pruned
+        self._batch: _Batch | None = None  # the batch the current call belongs to, if pruned
+        # cache -> the prompt or batch it holds: decode steps find their prompt by the cache they pass
+        # (several generations may interleave: a model assisting itself, chats resumed from their cache)
+        self._prompts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._uncached: tuple | None = None  # (mm_encoder_outputs, prompt) of the latest cacheless prompt
+        self._logits_to_keep = None  # the outer model's logits_to_keep for the multimodal call it makes
         self._hooks = []
         self._labels = self._label_slots = None  # a call's labels, and where its kept tokens stand (pruned)
         self._in_call = False  # inside a multimodal forward (attention outside one: a checkpoint's recompute)
@@ -299,6 +347,8 @@ class PruningHandle:
         a = self.adapter
         if hasattr(self.method, "attach"):  # methods that watch other modules (e.g. the vision tower);
             self._hooks.extend(self.method.attach(a))  # first: one that refuses the model leaves it untouched
+        if a.model is not a.multimodal:
+            self._hooks.append(a.model.register_forward_pre_hook(self._on_outer_call, with_kwargs=True))
         if a.model is not a.multimodal:  # labels: the loss over the kept tokens (the model's would not fit)
             self._hooks.append(a.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
             self._hooks.append(a.model.register_forward_hook(self._loss_on_kept, with_kwargs=True))
@@ -357,6 +407,9 @@ class PruningHandle:
         return bt.slots(layer, next(st.positions.device for st in bt.rows if st is not None), caller=True)
 
     # ------------------------------------------------------------------------------- hooks
+    def _on_outer_call(self, module, args, kwargs):
+        self._logits_to_keep = kwargs.get("logits_to_keep")  # read by the multimodal model's call just after
+
     def _on_model_call(self, module, args, kwargs):
         self._in_call = True
         impl = self._original_impl
@@ -366,23 +419,42 @@ class PruningHandle:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
+        logits_to_keep, self._logits_to_keep = self._logits_to_keep, None
+        self._state = self._batch = None  # set below if this call belongs to a pruned prompt
         if input_ids is None:
             if self.method.enabled and past == 0:
                 raise ValueError("visipruner needs input_ids (to find the visual tokens); got inputs_embeds only")
-            self._state = None
             return None
         adapter = self.adapter
-        has_visual = bool(adapter.visual_mask(input_ids).any())
-        if past > 0:  # decode step (or continuation) of the current prompt
-            if has_visual and self.method.enabled and any(
-                    isinstance(kwargs.get(k), torch.Tensor) for k in ("pixel_values", "pixel_values_videos")):
-                raise ValueError("images after the prompt was prefilled (chunked prefill) are not supported")
+        visual = adapter.visual_mask(input_ids)
+        has_visual = bool(visual.any())
+        if past > 0:  # a continuation of the prompt this cache holds: decode steps, verified drafts, a later turn
+            if has_visual and self.method.enabled and _carries_visual_features(kwargs):
+                raise ValueError(
+                    f"{int(visual.sum())} visual tokens arrive in a KV cache that already holds {past} tokens (a later "
+                    "chat turn or a prefill chunk); visipruner prunes visual tokens in a prompt's first prefill only: "
+                    "pass the whole conversation with all its images and no past_key_values (or a fresh cache)")
             # (a generated id that happens to be an image token has no features: it is text here)
-            bt = self._batch
+            state = self._prompts.get(cache)
+            if state is None:
+                if self.method.enabled and _pruned_elsewhere(cache):
+                    raise ValueError("this KV cache holds a prompt pruned by another visipruner handle (layers hold "
+                                     "different numbers of tokens); continue it under the handle that prefilled it")
+                return None  # a cache this handle did not prefill with pruning: nothing to do
+            bt = state if isinstance(state, _Batch) else None
+            # a cache may be cropped back into the prompt's closing text (an assistant re-feeding the prompt's last
+            # token), which every layer holds, but not into the tokens that layers hold differently
+            if bt is not None or state.reduced_prompt:
+                needed = bt.padded if bt is not None else state.layout.length  # what the cache holds of the prompt
+            else:
+                needed = max(e for _, e in state.layout.image_spans)  # python ints: no device sync per step
+            if past < needed:
+                raise ValueError(f"the KV cache holds {past} tokens, fewer than the {needed} of the pruned prompt it was "
+                                 "built for (it was cropped into the pruned tokens): prefill the prompt again")
             if bt is not None:
-                if not bt.prefilled or input_ids.shape[0] != len(bt.rows):
-                    self._batch = None
+                if input_ids.shape[0] != len(bt.rows):
                     return None
+                self._batch = bt
                 bt.generated = past - bt.padded
                 for r, st in enumerate(bt.rows):
                     if st is not None:
@@ -392,22 +464,22 @@ class PruningHandle:
                     return None
                 return args, self._reduced_decode_call(kwargs, bt.reduced_mask, bt.caller_padded, bt.generated,
                                                        input_ids.shape[1])
-            st = self._state
-            if st is not None and st.prefilled:
-                st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-                if st.reduced_prompt:
-                    n = st.layout.length
-                    return args, self._reduced_decode_call(
-                        kwargs, torch.ones(1, n, dtype=torch.long, device=input_ids.device), n + st.dense_offset,
-                        past - n, input_ids.shape[1])
-            else:
-                self._state = None
+            st = self._state = state
+            st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            if st.reduced_prompt:
+                n = st.layout.length
+                return args, self._reduced_decode_call(
+                    kwargs, torch.ones(1, n, dtype=torch.long, device=input_ids.device), n + st.dense_offset,
+                    past - n, input_ids.shape[1])
             return None
-        # prefill of a new prompt
-        self._state = None
-        self._batch = None
+        # prefill: a new prompt, or (no cache) the same generate() call recomputing its prompt and tokens
+        encoder_outputs = kwargs.get("mm_encoder_outputs")
+        continued = self._uncached_continuation(input_ids, encoder_outputs) if self.method.enabled else None
+        if continued is not None:
+            return self._continue_uncached(continued, input_ids, kwargs, args)
         self.last_stats = None
         self.batch_stats = []
+        self._uncached = None
         if not self.method.enabled or not has_visual:
             mask = kwargs.get("attention_mask")
             lengths = (mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2
@@ -423,6 +495,11 @@ class PruningHandle:
         batched = input_ids.shape[0] > 1 or (isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()))
         caller_padded = int(input_ids.shape[1])  # the prompt as passed (the dense figures count it)
         changed = hasattr(self.method, "reduce_prompt")  # methods acting before the language model
+        # generate() verifying draft tokens (assisted / prompt-lookup decoding) prefills the prompt and the
+        # drafts in one call and asks for the logits from the prompt's last token on: the prompt ends there
+        drafts = (logits_to_keep - 1 if isinstance(logits_to_keep, int) and logits_to_keep > 1 and not batched
+                  and not changed and encoder_outputs is not None and logits_to_keep <= caller_padded else 0)
+        caller_ids = input_ids
         if changed:
             lengths = self._row_lengths(input_ids, mask) if batched else [caller_padded]
             visual = [int(adapter.visual_mask(input_ids[r, caller_padded - n:]).sum()) for r, n in enumerate(lengths)]
@@ -430,6 +507,7 @@ class PruningHandle:
             input_ids = kwargs["input_ids"]
         if batched:
             bt = self._batch = self._start_batch(input_ids, kwargs)
+            bt.ids = caller_ids
             if not changed:
                 return None
             bt.reduced_mask, bt.caller_padded = kwargs["attention_mask"], caller_padded
@@ -438,28 +516,76 @@ class PruningHandle:
                     st.dense_offset, st.original_visual = lengths[r] - bt.prompt_lengths[r], visual[r]
                     st.reduced_prompt = True
             return args, kwargs
-        ids = input_ids[0]
-        st = self._prompt_state(ids, adapter.visual_mask(ids), kwargs, self.method)
+        ids = input_ids[0, : input_ids.shape[1] - drafts]
+        st = self._prompt_state(ids, adapter.visual_mask(ids), kwargs, self.method, extra=drafts)
+        st.ids = caller_ids
         if changed:
             st.dense_offset, st.original_visual, st.reduced_prompt = caller_padded - st.layout.length, visual[0], True
         self._state = st
         return (args, kwargs) if changed else None
 
+    def _uncached_continuation(self, input_ids, encoder_outputs):
+        """The prompt this cacheless call recomputes with tokens generated after it, or None (a new prompt).
+
+        generate() without a cache recomputes the prompt and every generated token at each step, and hands
+        each step the *same* ``mm_encoder_outputs`` object it encoded the prompt's images into once: that
+        object, and the prompt's ids as the call's leading ids, identify the prompt. A plain forward call
+        (``pixel_values``) always starts a new prompt."""
+        if encoder_outputs is None or self._uncached is None or self._uncached[0] is not encoder_outputs:
+            return None
+        state = self._uncached[1]
+        prompt = state.ids
+        if (input_ids.shape[0] != prompt.shape[0] or input_ids.shape[1] <= prompt.shape[1]
+                or not torch.equal(input_ids[:, : prompt.shape[1]], prompt)):
+            raise ValueError("this call passes the mm_encoder_outputs of an earlier prompt but does not continue its "
+                             "input_ids; pass the images again (pixel_values) to start a new prompt")
+        return state
+
+    def _continue_uncached(self, prompt, input_ids, kwargs, args):
+        """A cacheless step of generate(): the prompt's recorded decisions replayed over the prompt and the
+        tokens generated so far (text queries after it), which is what a cached decode step computes."""
+        if hasattr(self.method, "reduce_prompt"):
+            raise ValueError(f"use_cache=False generation is not supported with {self.method.name}, which reduces the "
+                             "prompt before the language model: generate with use_cache=True")
+        extra = input_ids.shape[1] - prompt.ids.shape[1]
+        if isinstance(prompt, _Batch):
+            rows = [None if st is None else self._replay_state(st, extra) for st in prompt.rows]
+            self._batch = bt = _Batch(rows, [n + extra for n in prompt.prompt_lengths], input_ids.shape[1],
+                                      self._num_layers)
+            bt.continues = prompt
+        else:
+            self._state = self._replay_state(prompt, extra)
+        return None
+
+    def _replay_state(self, st: _PromptState, extra: int) -> _PromptState:
+        out = _PromptState(st.layout, self._num_layers, st.positions.device, st.method, extra=extra,
+                           replay=st.decisions)
+        out.continues = st
+        return out
+
     def _on_model_return(self, module, args, kwargs, output):
         self._in_call = False
         if self._labels is not None and self.pruned_prefill() is not None:
             self._label_slots = self.layer_slots(self._num_layers - 1)
+        cache = getattr(output, "past_key_values", None)
         bt = self._batch
         if bt is not None:
             if not bt.prefilled:
                 bt.prefilled = True
-                self.batch_stats = [self._prefill_stats(st) if st is not None else PruneStats(prompt_length=n)
-                                    for st, n in zip(bt.rows, bt.prompt_lengths)]
-                for r, s in enumerate(self.batch_stats):
+                stats = [self._prefill_stats(st) if st is not None else PruneStats(prompt_length=n)
+                         for st, n in zip(bt.rows, bt.prompt_lengths)]
+                for r, s in enumerate(stats):
                     s.padding_flops = self._padding_flops(bt, r)
-                self.last_stats = self.batch_stats[0]
+                if bt.continues is not None:  # a cacheless step: what it recomputed, as that step's work
+                    for s, done in zip(bt.continues.stats, stats):
+                        s.decode_flops.append(done.prefill_flops)
+                        s.dense_decode_flops.append(done.dense_prefill_flops)
+                    return None
+                bt.stats = self.batch_stats = stats
+                self.last_stats = stats[0]
+                self._remember(bt, cache, kwargs)
             else:
-                for st, s in zip(bt.rows, self.batch_stats):
+                for st, s in zip(bt.rows, bt.stats):
                     if st is not None and st.decode_positions is not None:
                         f, dense = self._decode_flops(st)
                         s.decode_flops.append(f)
@@ -471,14 +597,34 @@ class PruningHandle:
             return None
         if not st.prefilled:
             st.prefilled = True
-            self.last_stats = self._prefill_stats(st)
+            if st.continues is not None:  # a cacheless step: what it recomputed, as that step's work
+                done = self._prefill_stats(st)
+                st.continues.stats.decode_flops.append(done.prefill_flops)
+                st.continues.stats.dense_decode_flops.append(done.dense_prefill_flops)
+                return None
+            extra = st.extra
+            st.end_extra()
+            st.stats = self.last_stats = self._prefill_stats(st)
             self.batch_stats = [self.last_stats]
-        elif st.decode_positions is not None:
+            self._remember(st, cache, kwargs)
+            if not extra:
+                return None
+            # the draft tokens after the prompt, counted as the decode step they stand for
+            st.decode_positions = torch.arange(st.layout.length, st.layout.length + extra, device=st.positions.device)
+        if st.decode_positions is not None:
             f, dense = self._decode_flops(st)
-            self.last_stats.decode_flops.append(f)
-            self.last_stats.dense_decode_flops.append(dense)
+            st.stats.decode_flops.append(f)
+            st.stats.dense_decode_flops.append(dense)
             st.decode_positions = None
         return None
+
+    def _remember(self, state, cache, kwargs) -> None:
+        """Which prompt a cache holds (its decode steps find it by the cache), or, with no cache, which
+        prompt a cacheless generate() step continues (see ``_uncached_continuation``)."""
+        if cache is not None:
+            self._prompts[cache] = state
+        elif kwargs.get("mm_encoder_outputs") is not None:
+            self._uncached = (kwargs["mm_encoder_outputs"], state)
 
     def _take_labels(self, module, args, kwargs):
         """The outer model's ``labels`` are kept from its own loss (logits cover the kept tokens only) and
@@ -634,8 +780,14 @@ class PruningHandle:
 
     @torch.no_grad()  # decisions read the attention; they are not part of the model's computation graph
     def _decide(self, module, q, k, v, scale, mode, st, visible, layer) -> None:
-        """One prompt's decision after ``layer`` (q, k, v: that prompt's rows only, batch 1)."""
+        """One prompt's decision after ``layer`` (q, k, v: that prompt's rows only, batch 1), taken on the
+        prompt's last token over the prompt's keys (extra tokens after the prompt take no part), or
+        replayed from the prompt's own prefill."""
         if self._replaying:
+            return
+        if st.replay is not None:
+            keep, merges = st.replay.get(layer, (None, []))
+            st.pending_keep, st.pending_merges = keep, list(merges)
             return
         method = st.method
         present = st.visual_ids[st.visual_ids >= 0]
@@ -643,6 +795,10 @@ class PruningHandle:
         if method.needs_influence(layer):
             if mode is not None:
                 raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
+            if st.extra:  # the prompt's rows, keys and visibility only
+                end = st.prompt_rows()
+                q, k, v = q[:, :, :end], k[:, :, :end], v[:, :, :end]
+                visible = None if visible is None else visible[:end, :end]
             vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
             groups = module.num_key_value_groups
             cos, norm, attn, onorm = last_row_influence(
@@ -652,7 +808,8 @@ class PruningHandle:
             st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
             if method.needs_text_attention(layer) and vis_keys.numel():
                 first = int(vis_keys[0])
-                rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
+                ar = torch.arange(st.visual_ids.numel(), device=vis_keys.device)
+                rows = (st.visual_ids < 0) & (ar > first) & (ar < q.shape[2])
                 rows = rows.nonzero().squeeze(-1)
                 influence.text_attention = text_rows_to_visual(
                     q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys,
@@ -664,6 +821,8 @@ class PruningHandle:
             keep = keep.keep
         if keep is not None:
             st.pending_keep = keep.to(st.visual_ids.device)
+        if st.pending_keep is not None or st.pending_merges:
+            st.decisions[layer] = (st.pending_keep, list(st.pending_merges))
 
     def _shallow_prefill(self, module, q, k, v, scale, mode, st, visible):
         """Stage-1 attention over the whole (unpruned) prompt; returns (b, n, H, d).
@@ -792,14 +951,14 @@ class PruningHandle:
             rows.append(self._prompt_state(ids, is_vis, adapter.row_call_kwargs(kwargs, input_ids, r, N - n), method))
         return _Batch(rows, lengths, N, self._num_layers)
 
-    def _prompt_state(self, ids, is_vis, call_kwargs, method) -> _PromptState:
+    def _prompt_state(self, ids, is_vis, call_kwargs, method, extra: int = 0) -> _PromptState:
         """One prompt's layout (``ids`` unpadded, ``is_vis`` its visual-token mask, its spans from the
         adapter and its call arguments) and state, with ``method`` started on it."""
         spans = self.adapter.spans(ids, call_kwargs)
         layout = PromptLayout(length=int(ids.shape[0]), visual_positions=is_vis.nonzero().squeeze(-1),
                               image_spans=[(sp.start, sp.end) for sp in spans], span_kinds=[sp.kind for sp in spans])
         method.start(layout, self._num_layers)
-        return _PromptState(layout, self._num_layers, ids.device, method)
+        return _PromptState(layout, self._num_layers, ids.device, method, extra=extra)
 
     def _row_lengths(self, input_ids, mask) -> list[int]:
         """Each row's unpadded length in a left-padded batch (a clear error for right padding)."""
@@ -1044,7 +1203,7 @@ class PruningHandle:
 
     # ------------------------------------------------------------------------------- FLOPs
     def _prefill_stats(self, st: _PromptState) -> PruneStats:
-        dims, n0 = self.dims, st.layout.length + st.dense_offset  # dense: the unreduced prompt
+        dims, n0 = self.dims, st.layout.length + st.extra + st.dense_offset  # dense: the unreduced prompt
         stats = PruneStats(
             prompt_length=n0,
             num_visual_tokens=st.original_visual,
