@@ -269,3 +269,26 @@ def test_generate_output_attentions_has_one_map_per_layer_at_every_step():
     assert [len(step) for step in out.attentions] == [layers] * 3
     for i, step_map in enumerate(out.attentions[1]):  # the first decode step: its query over the cache and itself
         assert step_map.shape[-2:] == (1, handle.last_stats.tokens_per_layer[i] + 1)
+
+
+def test_a_batchs_decode_attention_maps_are_each_rows_own():
+    model, inputs = _pruned(impl="eager")
+    other = random_prompt(model, seed=5, images=2, prefix=3)
+    handle = visipruner.apply(model, CFG, schedule=SCHEDULE)
+    rows, alone = [inputs, other], []
+    for row in rows:
+        out = model.generate(**row, max_new_tokens=2, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True)
+        alone.append(out.attentions[1])
+    n = max(r["input_ids"].shape[1] for r in rows)
+    batch = {"input_ids": torch.cat([F.pad(r["input_ids"], (n - r["input_ids"].shape[1], 0)) for r in rows]),
+             "attention_mask": torch.cat([F.pad(r["attention_mask"], (n - r["input_ids"].shape[1], 0)) for r in rows]),
+             "pixel_values": torch.cat([r["pixel_values"] for r in rows])}
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False, output_attentions=True,
+                         return_dict_in_generate=True)
+    assert len(out.attentions[1]) == len(model.model.language_model.layers)
+    for i, step_map in enumerate(out.attentions[1]):
+        for r in range(2):
+            own = alone[r][i][0]
+            torch.testing.assert_close(step_map[r, :, :, -own.shape[-1]:], own, rtol=1e-5, atol=1e-6)
+            assert not step_map[r, :, :, : step_map.shape[-1] - own.shape[-1]].any()  # padding and repacking slots

@@ -1190,7 +1190,15 @@ class PruningHandle:
                 bt.key_layout["firsts"] = firsts
             firsts = bt.key_layout["firsts"]
             out = out + torch.matmul(mass[..., 1:], firsts)
-        return out.to(q.dtype).reshape(B, H, new, -1).transpose(1, 2).contiguous(), None
+        weights = None
+        if self._original_impl == "eager":  # output_attentions: the probabilities each row's queries used
+            weights = p.masked_fill(visual, 0.0)
+            if mode == "merge":  # each span's mass on its first key (layer 0's cache holds every token)
+                span_of = key_span[:, None, :] == torch.arange(G, device=dev)[None, :, None]  # (B, G, K)
+                first_key = span_of.float().argmax(-1)[:, None, None, :].expand(*p.shape[:3], G)
+                weights = weights.scatter_add(-1, first_key, mass[..., 1:])
+            weights = weights.to(q.dtype).reshape(B, H, new, K)
+        return out.to(q.dtype).reshape(B, H, new, -1).transpose(1, 2).contiguous(), weights
 
     def _padding_flops(self, bt: "_Batch", r: int) -> int:
         """Prefill work the batch's padding costs row r: every layer ran it at the batch's width."""
