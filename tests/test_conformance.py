@@ -41,6 +41,8 @@ def test_apply_leaves_the_users_config_and_other_models_alone():
         dense = twin(**inputs).logits
     handle = visipruner.apply(model, CFG, schedule=SCHEDULE)
     assert (config._attn_implementation, config.text_config._attn_implementation) == before == ("sdpa", "sdpa")
+    attention = model.model.language_model.layers[0].self_attn
+    assert attention.config._attn_implementation == "sdpa"  # what transformers' own checks read between calls
     with torch.no_grad():
         assert torch.equal(twin(**inputs).logits, dense)  # the twin is not pruned
         assert model(**inputs).logits.shape[1] < dense.shape[1]  # the applied model is

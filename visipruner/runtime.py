@@ -70,8 +70,12 @@ class _RoutedConfig:
 
     @property
     def _attn_implementation(self):
-        impl = self.config._attn_implementation
-        return f"visipruner_{impl}" if impl in _ORIGINAL else impl
+        # routed only while the handle prunes a call (or a checkpoint recomputes one): anything that
+        # inspects the module between calls, and every call with pruning disabled, sees the user's own
+        impl, h = self.config._attn_implementation, self.handle
+        if impl in _ORIGINAL and h.method.enabled and (h._in_call or h._state is not None or h._batch is not None):
+            return f"visipruner_{impl}"
+        return impl
 
     def __getattr__(self, name):  # only for names that are not the view's own
         if name.startswith("__"):
