@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import visipruner
 from visipruner import Schedule, VisiPrunerConfig
 from visipruner.attention import repeat_kv
-from visipruner.runtime import handle_of
 from visipruner.testing import random_prompt, tiny_llava
 
 from reference import reference_forward
@@ -98,8 +97,8 @@ def test_deepcopy_gives_a_pruned_copy_with_its_own_handle():
     with torch.no_grad():
         want = model(**inputs).logits
     clone = copy.deepcopy(model)
-    theirs = handle_of(clone)
-    assert theirs is not None and theirs is not handle and theirs.model is clone and handle_of(model) is handle
+    theirs = visipruner.handle_of(clone)
+    assert theirs is not None and theirs is not handle and theirs.model is clone and visipruner.handle_of(model) is handle
     with torch.no_grad():
         assert torch.equal(clone(**inputs).logits, want)
     assert theirs.last_stats.tokens_per_layer == handle.last_stats.tokens_per_layer
