@@ -360,7 +360,8 @@ class PruningHandle:
         self._hooks.append(a.multimodal.register_forward_hook(self._on_model_return, with_kwargs=True))
         for i, layer in enumerate(a.layers):
             # hooks are bound methods (partials of them), so a deepcopy of the model hooks its own copy
-            self._hooks.append(layer.register_forward_pre_hook(functools.partial(self._layer_hook, i), with_kwargs=True))
+            hook = functools.partial(self._layer_hook, i)
+            self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
             attn = a.attention_module(layer)
             attn.config = _RoutedConfig(attn.config, self)
         self._hooks.extend(a.install(self))  # the family's own hooks (Qwen3-VL's deepstack)
@@ -772,7 +773,8 @@ class PruningHandle:
             for st in rows:
                 st.visual_ids, st.positions = st.layer_visual_ids[layer], st.layer_positions[layer]
             if bt is not None:
-                bt.lengths, bt.width, bt.changed = bt.layer_lengths[layer], bt.layer_widths[layer], bt.layer_changed[layer]
+                bt.lengths, bt.width = bt.layer_lengths[layer], bt.layer_widths[layer]
+                bt.changed = bt.layer_changed[layer]
             target.prefilled, self._replaying, self._in_call = False, True, True
             return self._attention(module, q, k, v, mask, original, **kwargs)
         finally:
