@@ -168,14 +168,19 @@ def test_a_prompt_of_visual_tokens_only_keeps_its_last_token():
 def test_a_prompt_ending_in_visual_tokens_keeps_its_last_token_as_the_reference_says():
     model = tiny_llava(0)
     inputs = random_prompt(model, seed=1, suffix=0)  # text, then 16 image tokens at the end
-    # the reference with the last visual token among the critical ones computes the same thing
-    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], CFG,
-                            schedule=Schedule(fusion_layer=3, critical_tokens=[0, 3, 15], exit_layer=None))
-    handle = visipruner.apply(model, CFG, schedule=Schedule(fusion_layer=3, critical_tokens=[0, 3], exit_layer=None))
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], CFG, schedule=SCHEDULE)
+    handle = visipruner.apply(model, CFG, schedule=SCHEDULE)
     with torch.no_grad():
         got = model(**inputs).logits[0]
-    assert handle.last_stats.layer_positions[-1].tolist() == ref.positions.tolist()
+    assert handle.last_stats.layer_positions[-1].tolist() == ref.positions.tolist() == [0, 1, 2, 3, 4, 20]
+    assert handle.last_stats.visual_tokens_per_layer == ref.visual_tokens_per_layer
     torch.testing.assert_close(got, ref.logits, rtol=1e-4, atol=1e-4)
+    # the same as a schedule that keeps the last visual token on purpose, without an exit
+    keep_last = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], CFG,
+                                  schedule=Schedule(fusion_layer=3, critical_tokens=[0, 3, 15], exit_layer=None))
+    spared = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], CFG,
+                               schedule=Schedule(fusion_layer=3, critical_tokens=[0, 3], exit_layer=None))
+    torch.testing.assert_close(spared.logits, keep_last.logits, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------- labels
