@@ -299,3 +299,20 @@ def test_a_batchs_decode_attention_maps_are_each_rows_own():
             own = alone[r][i][0]
             torch.testing.assert_close(step_map[r, :, :, -own.shape[-1]:], own, rtol=1e-5, atol=1e-6)
             assert not step_map[r, :, :, : step_map.shape[-1] - own.shape[-1]].any()  # padding and repacking slots
+
+
+def test_deepcopy_of_qwen3_vl_keeps_its_deepstack_hooks_its_own():
+    from visipruner.testing import qwen_vl_prompt, tiny_qwen_vl
+
+    model = tiny_qwen_vl(0, version="3")
+    inputs, _ = qwen_vl_prompt(model, seed=0)
+    handle = visipruner.apply(model, CFG, schedule=SCHEDULE)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(clone(**inputs).logits, want)
+    assert visipruner.handle_of(clone).last_stats.tokens_per_layer == handle.last_stats.tokens_per_layer
+    visipruner.handle_of(clone).remove()  # the original's hooks stay, and still add its deepstack features
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, want)
