@@ -37,6 +37,7 @@ DELIBERATE = {
     r"pruning needs a dynamic KV cache": "static caches store every token at its position's slot",
     r"visual tokens arrive in a KV cache that already holds": "images in a later turn of a reused cache",
     r"image_sizes .* do not match the prompt's image tokens": "LLaVA-NeXT image tokens under padding",
+    r"it was cropped into the pruned tokens": "assisted decoding of a prompt ending in a visual token",
 }
 
 
