@@ -191,3 +191,21 @@ def test_image_in_a_later_turn_is_refused(name, turn_one_image):
         with pytest.raises(ValueError, match="visual tokens arrive in a KV cache that already holds .* no past_key_values"):
             model(**second, past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == past  # refused before anything ran
+
+
+def test_cache_cropped_into_the_pruned_tokens_is_refused():
+    """Cropping a cache back into the prompt's closing text is fine (an assistant re-feeds the prompt's
+    last token); cropping into the tokens that pruned layers hold differently is refused."""
+    fam = family("llava")
+    model = fam.build(0, "sdpa", 4)
+    inputs, spans = fam.prompt(model, 0, "one")
+    n, end = inputs["input_ids"].shape[1], spans[-1][1]
+    cache = DynamicCache(config=model.config.get_text_config())
+    with visipruner.apply(model, FastVConfig(layer=1, keep_ratio=0.5)):
+        prefill = model(**inputs, past_key_values=cache, use_cache=True).logits
+        cache.crop(end - n)  # back to the image's end: the closing text is re-fed, as in the prefill
+        refed = model(input_ids=inputs["input_ids"][:, end:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(refed, prefill[:, -(n - end):], atol=1e-5, rtol=0)
+        cache.crop(end - 1 - n)
+        with pytest.raises(ValueError, match="cropped into the pruned tokens"):
+            model(input_ids=inputs["input_ids"][:, end - 1:], past_key_values=cache, use_cache=True)

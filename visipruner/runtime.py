@@ -416,6 +416,8 @@ class PruningHandle:
         # drafts in one call and asks for the logits from the prompt's last token on: the prompt ends there
         drafts = (logits_to_keep - 1 if isinstance(logits_to_keep, int) and logits_to_keep > 1 and not batched
                   and not changed and encoder_outputs is not None and logits_to_keep <= caller_padded else 0)
+        if drafts and not bool(visual[0, : caller_padded - drafts].any()):
+            drafts = 0  # no visual token before the drafts: not a prompt with its drafts
         caller_ids = input_ids
         if changed:
             lengths = self._row_lengths(input_ids, mask) if batched else [caller_padded]
