@@ -101,6 +101,20 @@ def test_uncached_generation_equals_cached(name, method):
     assert all(u > c for u, c in zip(stats.decode_flops, cached_decode))
 
 
+def test_uncached_generation_keeps_the_prompt_stats_with_nothing_to_prune():
+    fam = family("llava")
+    model = fam.build(0, "sdpa", 4)
+    model.generation_config.eos_token_id = None
+    inputs, _ = fam.prompt(model, 0, "one")
+    vis = visipruner.adapters.get_adapter(model).visual_mask(inputs["input_ids"][0])
+    n = inputs["input_ids"].shape[1]
+    for cfg, prompt in ((VisiPrunerConfig(stages=()), inputs), (FastVConfig(layer=K), {"input_ids": inputs["input_ids"][:, ~vis]})):
+        with visipruner.apply(model, cfg) as h:
+            _generate(model, prompt, use_cache=False)
+        assert h.last_stats.prompt_length == prompt["input_ids"].shape[1] and not h.last_stats.pruning_applied
+    assert n > int((~vis).sum())
+
+
 def test_uncached_batch_generation_equals_cached():
     fam = family("llava")
     model = fam.build(0, "sdpa", 6)
