@@ -101,6 +101,20 @@ def test_uncached_generation_equals_cached(name, method):
     assert all(u > c for u, c in zip(stats.decode_flops, cached_decode))
 
 
+def test_uncached_generation_keeps_the_prompt_stats_with_nothing_to_prune():
+    fam = family("llava")
+    model = fam.build(0, "sdpa", 4)
+    model.generation_config.eos_token_id = None
+    inputs, _ = fam.prompt(model, 0, "one")
+    vis = visipruner.adapters.get_adapter(model).visual_mask(inputs["input_ids"][0])
+    n = inputs["input_ids"].shape[1]
+    for cfg, prompt in ((VisiPrunerConfig(stages=()), inputs), (FastVConfig(layer=K), {"input_ids": inputs["input_ids"][:, ~vis]})):
+        with visipruner.apply(model, cfg) as h:
+            _generate(model, prompt, use_cache=False)
+        assert h.last_stats.prompt_length == prompt["input_ids"].shape[1] and not h.last_stats.pruning_applied
+    assert n > int((~vis).sum())
+
+
 def test_uncached_batch_generation_equals_cached():
     fam = family("llava")
     model = fam.build(0, "sdpa", 6)
@@ -191,3 +205,21 @@ def test_image_in_a_later_turn_is_refused(name, turn_one_image):
         with pytest.raises(ValueError, match="visual tokens arrive in a KV cache that already holds .* no past_key_values"):
             model(**second, past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == past  # refused before anything ran
+
+
+def test_cache_cropped_into_the_pruned_tokens_is_refused():
+    """Cropping a cache back into the prompt's closing text is fine (an assistant re-feeds the prompt's
+    last token); cropping into the tokens that pruned layers hold differently is refused."""
+    fam = family("llava")
+    model = fam.build(0, "sdpa", 4)
+    inputs, spans = fam.prompt(model, 0, "one")
+    n, end = inputs["input_ids"].shape[1], spans[-1][1]
+    cache = DynamicCache(config=model.config.get_text_config())
+    with visipruner.apply(model, FastVConfig(layer=1, keep_ratio=0.5)):
+        prefill = model(**inputs, past_key_values=cache, use_cache=True).logits
+        cache.crop(end - n)  # back to the image's end: the closing text is re-fed, as in the prefill
+        refed = model(input_ids=inputs["input_ids"][:, end:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(refed, prefill[:, -(n - end):], atol=1e-5, rtol=0)
+        cache.crop(end - 1 - n)
+        with pytest.raises(ValueError, match="cropped into the pruned tokens"):
+            model(input_ids=inputs["input_ids"][:, end - 1:], past_key_values=cache, use_cache=True)

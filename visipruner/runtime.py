@@ -479,13 +479,17 @@ class PruningHandle:
             return None
         # prefill: a new prompt, or (no cache) the same generate() call recomputing its prompt and tokens
         encoder_outputs = kwargs.get("mm_encoder_outputs")
-        continued = self._uncached_continuation(input_ids, encoder_outputs) if self.method.enabled else None
+        continued = self._uncached_continuation(input_ids, encoder_outputs)
         if continued is not None:
             return self._continue_uncached(continued, input_ids, kwargs, args)
+        if encoder_outputs is not None and self._uncached is not None and self._uncached[0] is encoder_outputs:
+            return None  # a cacheless step of a prompt with nothing to prune: its stats stay
         self.last_stats = None
         self.batch_stats = []
         self._uncached = None
         if not self.method.enabled or not has_visual:
+            if encoder_outputs is not None and cache is None:
+                self._uncached = (encoder_outputs, None)
             mask = kwargs.get("attention_mask")
             lengths = (mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2
                        else [int(input_ids.shape[-1])] * input_ids.shape[0])
@@ -504,6 +508,8 @@ class PruningHandle:
         # drafts in one call and asks for the logits from the prompt's last token on: the prompt ends there
         drafts = (logits_to_keep - 1 if isinstance(logits_to_keep, int) and logits_to_keep > 1 and not batched
                   and not changed and encoder_outputs is not None and logits_to_keep <= caller_padded else 0)
+        if drafts and not bool(visual[0, : caller_padded - drafts].any()):
+            drafts = 0  # no visual token before the drafts: not a prompt with its drafts
         caller_ids = input_ids
         if changed:
             lengths = self._row_lengths(input_ids, mask) if batched else [caller_padded]
@@ -536,7 +542,8 @@ class PruningHandle:
         each step the *same* ``mm_encoder_outputs`` object it encoded the prompt's images into once: that
         object, and the prompt's ids as the call's leading ids, identify the prompt. A plain forward call
         (``pixel_values``) always starts a new prompt."""
-        if encoder_outputs is None or self._uncached is None or self._uncached[0] is not encoder_outputs:
+        if (encoder_outputs is None or self._uncached is None or self._uncached[0] is not encoder_outputs
+                or self._uncached[1] is None):
             return None
         state = self._uncached[1]
         prompt = state.ids
