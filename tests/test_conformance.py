@@ -316,3 +316,4 @@ def test_deepcopy_of_qwen3_vl_keeps_its_deepstack_hooks_its_own():
     visipruner.handle_of(clone).remove()  # the original's hooks stay, and still add its deepstack features
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, want)
+

@@ -416,6 +416,8 @@ class PruningHandle:
         self._logits_to_keep = kwargs.get("logits_to_keep")  # read by the multimodal model's call just after
 
     def _on_model_call(self, module, args, kwargs):
+        if not self.method.enabled and torch.compiler.is_compiling():
+            return None  # pruning disabled: no bookkeeping inside a compiled graph (fullgraph=True traces as unhooked)
         self._in_call = True
         impl = self._original_impl
         if impl not in _ORIGINAL and self.method.enabled:  # the layers would drop tokens its attention never sees
@@ -576,6 +578,8 @@ class PruningHandle:
         return out
 
     def _on_model_return(self, module, args, kwargs, output):
+        if not self.method.enabled and torch.compiler.is_compiling():
+            return None
         self._in_call = False
         if self._labels is not None and self.pruned_prefill() is not None:
             self._label_slots = self.layer_slots(self._num_layers - 1)
