@@ -20,6 +20,7 @@ position bookkeeping gives that).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -50,6 +51,26 @@ from .methods.base import Decision, PromptLayout, PruningMethod
 _ORIGINAL = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attention_forward, eager_mask)}
 # attention module -> the handle that owns it
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
+# the same, keyed by id(module), for the attention dispatch: torch.compile (dynamo, torch 2.13) traces a
+# WeakKeyDictionary lookup wrongly, handing every layer's attention the first layer's module (so every
+# layer ran as layer 0: nothing was dropped, the shallow stage ran everywhere); a plain dict of ids is
+# traced exactly (one guard per module). Values are weak: the module is checked on lookup (ids are reused).
+_OWNER_IDS: "dict[int, tuple[weakref.ref, weakref.ref]]" = {}
+
+
+def _owner(module: nn.Module) -> "PruningHandle | None":
+    entry = _OWNER_IDS.get(id(module))
+    if entry is None or entry[0]() is not module:
+        return None
+    return entry[1]()
+
+
+# Under torch.compile, where decisions are taken (the model's hooks, a prefill's layer inputs and attention:
+# data-dependent shapes, Python control flow on tensor values) the runtime runs eagerly, a graph break,
+# so no graph ever holds one prompt's decisions; decode steps have no host reads and are traced.
+_eager = functools.partial(
+    torch.compiler.disable, recursive=True,
+    reason="visipruner takes its pruning decisions eagerly (data-dependent shapes): compile without fullgraph=True")
 
 
 def _family_eager(module):
@@ -60,7 +81,7 @@ def _family_eager(module):
 def _make_dispatch(name, original):
     def dispatch(module, query, key, value, attention_mask, **kwargs):
         fn = _family_eager(module) if name == "eager" else original
-        handle = _OWNERS.get(module)
+        handle = _owner(module)
         if handle is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         return handle._attention(module, query, key, value, attention_mask, fn, **kwargs)
@@ -237,6 +258,7 @@ class PruningHandle:
         for i, layer in enumerate(a.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             _OWNERS[a.attention_module(layer)] = self
+            _OWNER_IDS[id(a.attention_module(layer))] = (weakref.ref(a.attention_module(layer)), weakref.ref(self))
         self._hooks.extend(a.install(self))  # the family's own hooks (Qwen3-VL's deepstack)
         a.text_config._attn_implementation = f"visipruner_{self._original_impl}"
         self._attached = True
@@ -250,6 +272,7 @@ class PruningHandle:
         self._hooks.clear()
         for layer in self.adapter.layers:
             _OWNERS.pop(self.adapter.attention_module(layer), None)
+            _OWNER_IDS.pop(id(self.adapter.attention_module(layer)), None)
         self.adapter.text_config._attn_implementation = self._original_impl
         self._state = None
         self._attached = False
@@ -280,6 +303,7 @@ class PruningHandle:
         return bt.slots(layer, next(st.positions.device for st in bt.rows if st is not None), caller=True)
 
     # ------------------------------------------------------------------------------- hooks
+    @_eager
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
@@ -363,6 +387,7 @@ class PruningHandle:
         self._state = st
         return (args, kwargs) if changed else None
 
+    @_eager
     def _on_model_return(self, module, args, kwargs, output):
         bt = self._batch
         if bt is not None:
@@ -408,6 +433,7 @@ class PruningHandle:
 
         return hook
 
+    @_eager
     def _prefill_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if st.pending_merges:
@@ -463,6 +489,10 @@ class PruningHandle:
             if st.decode_positions is None:
                 return original(module, q, k, v, mask, **kwargs)
             return self._decode_attention(module, q, k, v, mask, original, scale, mode, st, layer, **kwargs)
+        return self._prefill_attention(module, q, k, v, mask, original, scale, mode, st, layer, **kwargs)
+
+    @_eager
+    def _prefill_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
         st.layer_modes[layer] = mode
         visible = _visibility(mask, q.shape[2], k.shape[2])  # None: plain causal
         if mode is None:
@@ -665,6 +695,7 @@ class PruningHandle:
             kwargs["position_ids"] = (caller_prompt + generated + torch.arange(new, device=device))[None].expand(B, new)
         return kwargs
 
+    @_eager
     def _batch_layer_inputs(self, idx: int, bt: "_Batch", args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         B, W, d = hidden.shape
@@ -733,6 +764,7 @@ class PruningHandle:
             return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill(~see, torch.finfo(dtype).min)
         return see
 
+    @_eager
     def _batch_attention(self, module, q, k, v, mask, original, scale, layer, bt, **kwargs):
         """Prefill: one attention call for the batch, then each row's shallow-stage rows and decision
         computed on that row's own tokens, exactly as alone. Rows in a shallow-stage layer are computed
