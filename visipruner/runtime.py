@@ -42,6 +42,7 @@ from .attention import (
     last_row_influence,
     masked_rows_without_visual,
     repeat_kv,
+    shallow_decode_attention,
     text_rows_to_visual,
     text_rows_attention,
     visual_rows_layer0,
@@ -174,6 +175,8 @@ class _PromptState:
         vis = torch.full((layout.length,), -1, dtype=torch.long, device=device)
         vis[layout.visual_positions] = torch.arange(layout.num_visual, device=device)
         self.visual_ids = vis  # visual id of each token in the sequence, -1 for text
+        self.present = torch.arange(layout.num_visual, device=device)  # visual ids present, in sequence order
+        self.layer_visual_counts: list[int] = [layout.num_visual] * num_layers  # host-side: no reads to count
         self.pending_keep: torch.Tensor | None = None
         self.pending_merges: list[tuple[int, list[int]]] = []
         self.layer_text_rows: list[int] = [0] * num_layers  # text rows whose attention a method read
@@ -183,6 +186,10 @@ class _PromptState:
         self.layer_influence: list[tuple[int, int] | None] = [None] * num_layers  # (n_keys, n_visual)
         self.prefilled = False
         self.decode_positions: torch.Tensor | None = None  # positions of this decode step's queries
+        self.decode_past = 0  # host-side: tokens before this decode step (prompt + generated)
+        self.decode_layers: list[_DecodeLayer] | None = None  # fixed once the prompt is prefilled
+        self.shallow_rows = None  # (first, last visual position, text rows after the first), once per prompt
+        self.visual_list: list[bool] | None = None  # the unpruned prompt's visual mask on the host (FLOPs)
         self.dense_offset = 0  # tokens removed before the language model (VisionZip-like methods)
         self.original_visual = layout.num_visual
         self.reduced_prompt = False
@@ -193,6 +200,30 @@ class _PromptState:
 
     def pruned(self) -> bool:
         return self.positions.numel() < self.layout.length
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep the tokens at ``rows`` of the current sequence (a decision: its one host read is here)."""
+        self.positions, self.visual_ids = self.positions[rows], self.visual_ids[rows]
+        self.present = self.visual_ids[self.visual_ids >= 0]
+
+
+@dataclass
+class _DecodeLayer:
+    """What a decode step needs of one layer's cache, fixed once the prompt is prefilled, so a step reads
+    nothing back from the device and takes no Python branch on tensor values."""
+
+    mode: str | None  # the shallow-stage mode of decode queries in this layer
+    kept: torch.Tensor  # original positions of the prompt tokens this layer's cache holds
+    n_kept: int
+    visual: torch.Tensor | None = None  # (capacity,) bool: cache entries that are visual (prompt part, then False)
+    onehot: torch.Tensor | None = None  # (n_kept, spans) float: 1 where a prompt entry belongs to span g (merge)
+    firsts: torch.Tensor | None = None  # (1, Hkv, spans, d) float: layer 0's value of each span's first token
+
+    def visual_columns(self, n: int) -> torch.Tensor:
+        """The first ``n`` entries of ``visual``, grown (doubling) when generation outruns it."""
+        if n > self.visual.numel():
+            self.visual = F.pad(self.visual, (0, max(n, 2 * self.visual.numel()) - self.visual.numel()))
+        return self.visual[:n]
 
 
 class _Batch:
@@ -314,10 +345,9 @@ class PruningHandle:
             self._state = None
             return None
         adapter = self.adapter
-        has_visual = bool(adapter.visual_mask(input_ids).any())
-        if past > 0:  # decode step (or continuation) of the current prompt
-            if has_visual and self.method.enabled and any(
-                    isinstance(kwargs.get(k), torch.Tensor) for k in ("pixel_values", "pixel_values_videos")):
+        if past > 0:  # decode step (or continuation) of the current prompt (no host reads: GPU decode)
+            if self.method.enabled and any(isinstance(kwargs.get(k), torch.Tensor) for k in (
+                    "pixel_values", "pixel_values_videos")) and bool(adapter.visual_mask(input_ids).any()):
                 raise ValueError("images after the prompt was prefilled (chunked prefill) are not supported")
             # (a generated id that happens to be an image token has no features: it is text here)
             bt = self._batch
@@ -328,7 +358,7 @@ class PruningHandle:
                 bt.generated = past - bt.padded
                 for r, st in enumerate(bt.rows):
                     if st is not None:
-                        start = bt.prompt_lengths[r] + bt.generated
+                        start = st.decode_past = bt.prompt_lengths[r] + bt.generated
                         st.decode_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
                 if bt.reduced_mask is None:
                     return None
@@ -336,6 +366,7 @@ class PruningHandle:
                                                        input_ids.shape[1])
             st = self._state
             if st is not None and st.prefilled:
+                st.decode_past = past
                 st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
                 if st.reduced_prompt:
                     n = st.layout.length
@@ -346,6 +377,7 @@ class PruningHandle:
                 self._state = None
             return None
         # prefill of a new prompt
+        has_visual = bool(adapter.visual_mask(input_ids).any())
         self._state = None
         self._batch = None
         self.last_stats = None
@@ -411,6 +443,7 @@ class PruningHandle:
             return None
         if not st.prefilled:
             st.prefilled = True
+            st.decode_layers = self._decode_plan(st)
             self.last_stats = self._prefill_stats(st)
             self.batch_stats = [self.last_stats]
         elif st.decode_positions is not None:
@@ -442,9 +475,10 @@ class PruningHandle:
             keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
             rows = keep.nonzero().squeeze(-1)
             hidden = hidden.index_select(1, rows)
-            st.positions, st.visual_ids = st.positions[rows], st.visual_ids[rows]
+            st.keep_rows(rows)
             st.pending_keep = None
         st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+        st.layer_visual_counts[idx] = st.present.numel()
         st.layer_input = hidden
         if not st.pruned():
             return None
@@ -505,7 +539,7 @@ class PruningHandle:
     def _decide(self, module, q, k, v, scale, mode, st, visible, layer) -> None:
         """One prompt's decision after ``layer`` (q, k, v: that prompt's rows only, batch 1)."""
         method = st.method
-        present = st.visual_ids[st.visual_ids >= 0]
+        present = st.present
         influence = None
         if method.needs_influence(layer):
             if mode is not None:
@@ -538,14 +572,16 @@ class PruningHandle:
         ``visible`` (n, n) bool is the family's own mask (bidirectional image blocks, sliding
         windows) or None for plain causal attention, which takes the cheapest kernels."""
         is_vis = st.visual_ids >= 0
-        vis_idx = is_vis.nonzero().squeeze(-1)
-        first, last = int(vis_idx[0]), int(vis_idx[-1])
         n = q.shape[2]
         spans = st.layout.image_spans  # the sequence is unpruned in shallow layers
         ar = torch.arange(n, device=q.device)
+        if st.shallow_rows is None or st.shallow_rows[0] != n:  # read once per prompt, not per shallow layer
+            vis_idx = is_vis.nonzero().squeeze(-1)
+            first, last = int(vis_idx[0]), int(vis_idx[-1])
+            st.shallow_rows = (n, first, last, ((~is_vis) & (ar > first)).nonzero().squeeze(-1))
+        _, first, last, text_rows = st.shallow_rows
         if mode == "merge":
             st.merge_values = [v[:, :, s : s + 1] for s, _ in spans]  # for decode steps (sliding caches)
-        text_rows = ((~is_vis) & (ar > first)).nonzero().squeeze(-1)
         gqa = k.shape[1] != q.shape[1]
         if visible is None:
             out = torch.empty_like(q)
@@ -576,7 +612,7 @@ class PruningHandle:
                 out[:, :, rows] = masked_rows_without_visual(
                     q.index_select(2, rows), repeat_kv(k, groups), repeat_kv(v, groups), scale,
                     visible.index_select(0, rows), is_vis)
-        if text_rows.numel():
+        if text_rows.numel():  # (a shape: no read)
             out[:, :, text_rows] = text_rows_attention(
                 q.index_select(2, text_rows), k, v, scale, text_rows, ar, spans,
                 merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
@@ -584,53 +620,65 @@ class PruningHandle:
             )
         return out.transpose(1, 2).contiguous(), None
 
+    def _decode_plan(self, st: _PromptState) -> list[_DecodeLayer]:
+        """Per layer, what decode steps need of its cache (positions, visual columns, span membership, the
+        merge values), built once at the end of the prefill so that a step reads nothing from the device."""
+        plan, spans = [], st.layout.image_spans
+        for layer in range(self._num_layers):
+            kept, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
+            mode = st.method.shallow_mode(layer)
+            entry = _DecodeLayer(mode, kept, kept.numel())
+            if mode is not None:
+                entry.visual = F.pad(vis >= 0, (0, 256))  # room for 256 generated (text) entries, then grown
+                if mode == "merge":
+                    # span g's entries: by original position (a cache pruned before a shallow layer still works)
+                    bounds = torch.tensor([b for span in spans for b in span], device=kept.device).view(-1, 2)
+                    inside = (kept[:, None] >= bounds[:, 0]) & (kept[:, None] < bounds[:, 1])
+                    entry.onehot = inside.float()
+                    entry.firsts = torch.cat(st.merge_values, dim=2).float()
+            plan.append(entry)
+        return plan
+
     def _decode_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
         """A decode step's queries against this layer's own cache, whatever it holds.
 
         The cache holds the prompt tokens this layer processed, then the generated ones, and a
         sliding-window cache only the last of those: the keys' original positions are the tail of
-        that list. Visibility is decided by original positions (causal, and the layer's window)."""
-        n_prompt = st.layout.length
-        total = int(st.decode_positions[-1]) + 1
-        kept = st.layer_positions[layer]
+        that list. Visibility is decided by original positions (causal, and the layer's window).
+        Everything is known on the host (the step's position, the layer's plan): no device reads."""
+        plan = st.decode_layers[layer]
+        n_prompt, new = st.layout.length, q.shape[2]
+        total = st.decode_past + new  # keys an unpruned cache holds after this step
         window = kwargs.get("sliding_window")
-        pruned_cache = kept.numel() != n_prompt
-        if mode is None and not pruned_cache and (mask is None or mask.shape[-1] == k.shape[2]):
+        if plan.mode is None and plan.n_kept == n_prompt and (mask is None or mask.shape[-1] == k.shape[2]):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the unpruned one
-        if mode is None and not window and q.shape[2] == 1:
+        if plan.mode is None and not window and new == 1:
             return original(module, q, k, v, None, **kwargs)  # one new token sees its whole cache
-        key_pos = torch.cat([kept, torch.arange(n_prompt, total, device=kept.device)])
-        if k.shape[2] > key_pos.numel():
+        n_keys = plan.n_kept + total - n_prompt
+        if k.shape[2] > n_keys:
             raise RuntimeError(
-                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected at most {key_pos.numel()}; "
+                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected at most {n_keys}; "
                 "was the cache built by another prompt?"
             )
-        key_pos = key_pos[key_pos.numel() - k.shape[2]:]
-        q_pos = st.decode_positions
-        visible = key_pos[None, :] <= q_pos[:, None]
-        if window:
-            visible &= (q_pos[:, None] - key_pos[None, :]) < window
-        if mode is not None:
-            # image spans as ranges of this cache's key indices (a sliding cache may have dropped some)
-            spans, firsts = [], []
-            for (s, e), first_v in zip(st.layout.image_spans, st.merge_values or [None] * len(st.layout.image_spans)):
-                a, b = (int(x) for x in torch.searchsorted(key_pos, torch.tensor([s, e], device=key_pos.device)))
-                if b > a:
-                    spans.append((a, b))
-                    firsts.append(first_v if first_v is not None else v[:, :, a : a + 1])
-            out = text_rows_attention(
-                q, k, v, scale, q_pos, None, spans, merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
-                visible=visible, merge_values=firsts,
-            )
-            return out.transpose(1, 2).contiguous(), None
-        if q.shape[2] == 1 and bool(visible.all()):
-            own_mask = None
-        elif self._original_impl == "eager":
-            own_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~visible, torch.finfo(q.dtype).min)[None, None]
-        else:
-            own_mask = visible[None, None]
-        return original(module, q, k, v, own_mask, **kwargs)
+        dropped = n_keys - k.shape[2]  # a sliding cache's oldest entries
+        hidden = None  # (new, K) keys a query does not see; one new token without a window sees them all
+        if window or new > 1:
+            key_pos = torch.cat([plan.kept, torch.arange(n_prompt, total, device=q.device)])[dropped:]
+            q_pos = st.decode_positions
+            hidden = key_pos[None, :] > q_pos[:, None]
+            if window:
+                hidden |= (q_pos[:, None] - key_pos[None, :]) >= window
+        if plan.mode is None:
+            if self._original_impl == "eager":
+                own_mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    hidden, torch.finfo(q.dtype).min)[None, None]
+            else:
+                own_mask = ~hidden[None, None]
+            return original(module, q, k, v, own_mask, **kwargs)
+        out = shallow_decode_attention(
+            q, k, v, scale, plan.visual_columns(n_keys)[dropped:], plan.mode,
+            None if plan.onehot is None else plan.onehot[dropped:], plan.firsts, hidden)
+        return out.transpose(1, 2).contiguous(), None
 
     # ------------------------------------------------------------------------------ batches
     def _start_batch(self, input_ids, kwargs) -> "_Batch":
@@ -688,9 +736,14 @@ class PruningHandle:
                 raise ValueError(f"decode step's attention_mask has {mask.shape[1]} columns; expected "
                                  f"{caller_prompt + generated + new} (the prompt as passed, then the generated tokens)")
             tail = mask[:, caller_prompt:].to(reduced_mask.dtype)
+        elif B == 1:  # a single prompt and no mask: nothing is padded, and a mask of ones would cost a read
+            tail = None
         else:
             tail = torch.ones(B, generated + new, dtype=reduced_mask.dtype, device=device)
-        kwargs = dict(kwargs, attention_mask=torch.cat([reduced_mask, tail], 1))
+        if tail is not None:
+            kwargs = dict(kwargs, attention_mask=torch.cat([reduced_mask, tail], 1))
+        else:
+            kwargs = dict(kwargs)
         if kwargs.get("position_ids") is None:  # the model would count the reduced cache
             kwargs["position_ids"] = (caller_prompt + generated + torch.arange(new, device=device))[None].expand(B, new)
         return kwargs
@@ -711,7 +764,7 @@ class PruningHandle:
             if st.pending_keep is not None:
                 keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
                 local = keep.nonzero().squeeze(-1)
-                st.positions, st.visual_ids = st.positions[local], st.visual_ids[local]
+                st.keep_rows(local)
                 st.pending_keep = None
                 if local.numel() != bt.lengths[r]:
                     kept[r] = local
@@ -728,6 +781,7 @@ class PruningHandle:
         for r, st in enumerate(bt.rows):
             if st is not None:
                 st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+                st.layer_visual_counts[idx] = st.present.numel()
                 st.layer_input = hidden[r : r + 1, bt.width - bt.lengths[r]:]
         if not bt.changed:
             return ((hidden,) + tuple(args[1:]), kwargs) if modified and args else (
@@ -909,14 +963,20 @@ class PruningHandle:
         )
         for layer in range(self._num_layers):
             pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
-            n, n_vis = int(pos.numel()), int((vis >= 0).sum())
+            n, n_vis = int(pos.numel()), st.layer_visual_counts[layer]
             stats.tokens_per_layer.append(n)
             stats.visual_tokens_per_layer.append(n_vis)
             mode = st.layer_modes[layer]
             if mode is None:
                 score = weighted = F_.causal_pairs(n)
             else:
-                score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode, st.layout.image_spans)
+                if n != st.layout.length:
+                    visual_list = (vis >= 0).tolist()
+                else:  # shallow layers run the unpruned prompt: one read per prompt
+                    if st.visual_list is None:
+                        st.visual_list = (vis >= 0).tolist()
+                    visual_list = st.visual_list
+                score, weighted = F_.shallow_prefill_pairs(visual_list, mode, st.layout.image_spans)
             extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
             if st.layer_text_rows[layer]:
                 extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])
@@ -937,12 +997,12 @@ class PruningHandle:
 
     def _decode_flops(self, st: _PromptState) -> tuple[int, int]:
         dims = self.dims
-        total = int(st.decode_positions[-1]) + 1  # keys in an unpruned cache after this step
         new = int(st.decode_positions.numel())
+        total = st.decode_past + new  # keys in an unpruned cache after this step
         generated = total - st.layout.length
         pruned = dense = 0
         if st.layer_counts is None:  # fixed once the prompt is prefilled
-            st.layer_counts = [(int(st.layer_positions[layer].numel()), int((st.layer_visual_ids[layer] >= 0).sum()),
+            st.layer_counts = [(int(st.layer_positions[layer].numel()), st.layer_visual_counts[layer],
                                 st.method.shallow_mode(layer)) for layer in range(self._num_layers)]
         for layer, (kept, n_vis, mode) in enumerate(st.layer_counts):
             kept += generated
