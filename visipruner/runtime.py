@@ -647,20 +647,24 @@ class PruningHandle:
         that list. Visibility is decided by original positions (causal, and the layer's window).
         Everything is known on the host (the step's position, the layer's plan): no device reads."""
         plan = st.decode_layers[layer]
-        n_prompt, new = st.layout.length, q.shape[2]
-        total = st.decode_past + new  # keys an unpruned cache holds after this step
+        n_prompt, new, K = st.layout.length, q.shape[2], k.shape[2]
         window = kwargs.get("sliding_window")
-        if plan.mode is None and plan.n_kept == n_prompt and (mask is None or mask.shape[-1] == k.shape[2]):
+        if plan.mode is None and plan.n_kept == n_prompt and (mask is None or mask.shape[-1] == K):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the unpruned one
         if plan.mode is None and not window and new == 1:
             return original(module, q, k, v, None, **kwargs)  # one new token sees its whole cache
-        n_keys = plan.n_kept + total - n_prompt
-        if k.shape[2] > n_keys:
+        if window:  # a sliding cache holds the tail only: where it starts follows from the step's position
+            n_keys = plan.n_kept + st.decode_past + new - n_prompt
+        else:  # the cache holds every prompt entry this layer kept, then every generated token; reading the
+            n_keys = K  # step's position from the cache's length, not from a Python int, keeps torch.compile
+            # from specialising (and recompiling) on it at every step
+        if K > n_keys or K < min(n_keys, plan.n_kept + new):
             raise RuntimeError(
-                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected at most {n_keys}; "
-                "was the cache built by another prompt?"
+                f"layer {layer}: the KV cache holds {K} tokens, expected {n_keys} (this layer's {plan.n_kept} "
+                "prompt tokens, then the generated ones); was the cache built by another prompt?"
             )
-        dropped = n_keys - k.shape[2]  # a sliding cache's oldest entries
+        total = n_prompt + n_keys - plan.n_kept  # keys an unpruned cache holds after this step
+        dropped = n_keys - K  # a sliding cache's oldest entries
         hidden = None  # (new, K) keys a query does not see; one new token without a window sees them all
         if window or new > 1:
             key_pos = torch.cat([plan.kept, torch.arange(n_prompt, total, device=q.device)])[dropped:]
