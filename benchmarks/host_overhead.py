@@ -53,14 +53,15 @@ def narrow_llava(layers: int = 16):
     return tiny_llava(0, layers=layers, hidden=64, heads=4, kv_heads=2, intermediate=128, image_size=64, patch=8)
 
 
-def settings(layers: int) -> dict:
+def settings(layers: int, visual: int = 64) -> dict:
     """name -> (config, schedule) for every method; VisiPruner's schedule is forced (the 32-layer paper
-    setting, shallow 6 / fusion 10 / exit 20, scaled to ``layers``), so its step has every stage."""
+    setting, shallow 6 / fusion 10 / exit 20, scaled to ``layers``; every 4th of ``visual`` tokens
+    critical), so its step has every stage."""
     K = max(1, round(6 * layers / 32))
     fusion, exit_ = max(K + 1, round(10 * layers / 32)), max(K + 2, round(20 * layers / 32))
     return {
         "unpruned": (None, None),
-        "visipruner (forced schedule)": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, list(range(0, 64, 4)), exit_)),
+        "visipruner (forced schedule)": (VisiPrunerConfig(shallow_layers=K), Schedule(fusion, list(range(0, visual, 4)), exit_)),
         "fastv": (FastVConfig(), None),
         "pdrop": (PDropConfig(), None),
         "vtw": (VTWConfig(), None),
@@ -115,11 +116,17 @@ def decode_step(model, cache, token):
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
 
+def apply(model, config, schedule):
+    """``visipruner.apply`` for a row of ``settings``; None for the unpruned row."""
+    if config is None:
+        return None
+    return visipruner.apply(model, config, schedule=schedule) if schedule else visipruner.apply(model, config)
+
+
 def measure(model, inputs, config, schedule, steps: int = 0):
     """Counts of a pruned prefill and of its first decode step (and, with ``steps``, the per-step
     times of that many decode steps after a fresh prefill). ``config`` None: unpruned."""
-    handle = None if config is None else visipruner.apply(model, config, schedule=schedule) if isinstance(
-        config, VisiPrunerConfig) else visipruner.apply(model, config)
+    handle = apply(model, config, schedule)
     try:
         box = {}
         pre = count(lambda: box.update(zip(("cache", "token"), prefill(model, inputs))))

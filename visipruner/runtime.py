@@ -518,12 +518,14 @@ class PruningHandle:
         if st is None:
             return original(module, q, k, v, mask, **kwargs)
         scale = kwargs.get("scaling") or module.head_dim**-0.5
-        mode = self.method.shallow_mode(layer)
         if st.prefilled:  # decode step
             if st.decode_positions is None:
                 return original(module, q, k, v, mask, **kwargs)
-            return self._decode_attention(module, q, k, v, mask, original, scale, mode, st, layer, **kwargs)
-        return self._prefill_attention(module, q, k, v, mask, original, scale, mode, st, layer, **kwargs)
+            if st.decode_layers is None:
+                st.decode_layers = self._decode_plan(st)
+            return self._decode_attention(module, q, k, v, mask, original, scale, st, layer, **kwargs)
+        return self._prefill_attention(module, q, k, v, mask, original, scale, self.method.shallow_mode(layer), st,
+                                       layer, **kwargs)
 
     @_eager
     def _prefill_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
@@ -620,6 +622,7 @@ class PruningHandle:
             )
         return out.transpose(1, 2).contiguous(), None
 
+    @_eager
     def _decode_plan(self, st: _PromptState) -> list[_DecodeLayer]:
         """Per layer, what decode steps need of its cache (positions, visual columns, span membership, the
         merge values), built once at the end of the prefill so that a step reads nothing from the device."""
@@ -639,7 +642,7 @@ class PruningHandle:
             plan.append(entry)
         return plan
 
-    def _decode_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
+    def _decode_attention(self, module, q, k, v, mask, original, scale, st, layer, **kwargs):
         """A decode step's queries against this layer's own cache, whatever it holds.
 
         The cache holds the prompt tokens this layer processed, then the generated ones, and a
@@ -655,10 +658,11 @@ class PruningHandle:
             return original(module, q, k, v, None, **kwargs)  # one new token sees its whole cache
         if window:  # a sliding cache holds the tail only: where it starts follows from the step's position
             n_keys = plan.n_kept + st.decode_past + new - n_prompt
+            wrong = K > n_keys
         else:  # the cache holds every prompt entry this layer kept, then every generated token; reading the
             n_keys = K  # step's position from the cache's length, not from a Python int, keeps torch.compile
-            # from specialising (and recompiling) on it at every step
-        if K > n_keys or K < min(n_keys, plan.n_kept + new):
+            wrong = K < plan.n_kept + new  # from specialising (and recompiling) on it at every step
+        if wrong:
             raise RuntimeError(
                 f"layer {layer}: the KV cache holds {K} tokens, expected {n_keys} (this layer's {plan.n_kept} "
                 "prompt tokens, then the generated ones); was the cache built by another prompt?"
