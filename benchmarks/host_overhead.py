@@ -26,6 +26,7 @@ step time <= 1.1x.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -123,26 +124,31 @@ def apply(model, config, schedule):
     return visipruner.apply(model, config, schedule=schedule) if schedule else visipruner.apply(model, config)
 
 
-def measure(model, inputs, config, schedule, steps: int = 0):
-    """Counts of a pruned prefill and of its first decode step (and, with ``steps``, the per-step
-    times of that many decode steps after a fresh prefill). ``config`` None: unpruned."""
+def measure(model, inputs, config, schedule):
+    """Counts of a pruned prefill and of its first decode step, and the layers where the method decided.
+    ``config`` None: unpruned."""
     handle = apply(model, config, schedule)
     try:
         box = {}
         pre = count(lambda: box.update(zip(("cache", "token"), prefill(model, inputs))))
         step = count(lambda: decode_step(model, box["cache"], box["token"]))
-        times = []
-        if steps:
-            cache, token = prefill(model, inputs)
-            for _ in range(steps):
-                t = time.perf_counter()
-                token = decode_step(model, cache, token)
-                times.append(time.perf_counter() - t)
-        decisions = _decisions(handle)
+        return pre, step, _decisions(handle)
     finally:
         if handle is not None:
             handle.remove()
-    return pre, step, times, decisions
+
+
+def paired_step_times(unpruned, pruned, inputs, steps: int) -> tuple[list[float], list[float]]:
+    """Decode step times of two models (the same weights, one with a method applied), step by step in
+    alternation after each one's prefill, so that both see the same machine load."""
+    state = [list(prefill(m, inputs)) for m in (unpruned, pruned)]
+    times = ([], [])
+    for _ in range(steps):
+        for i, m in enumerate((unpruned, pruned)):
+            t = time.perf_counter()
+            state[i][1] = decode_step(m, *state[i])
+            times[i].append(time.perf_counter() - t)
+    return times[0][1:], times[1][1:]  # the first step after a prefill is not the steady state
 
 
 def _decisions(handle) -> int:
@@ -169,26 +175,36 @@ def main(argv=None):
     inputs = random_prompt(model, seed=0, prefix=6, suffix=16)
     table = settings(args.layers)
     names = [n for n in table if args.settings is None or n in args.settings or n == "unpruned"]
-    results = {n: {"step_times": []} for n in names}
-    for r in range(args.repeats):
-        for n in names:  # interleaved: every setting sees the same machine load
-            pre, step, times, decisions = measure(model, inputs, *table[n], steps=args.steps)
-            results[n].update(prefill=pre.to_dict(), decode=step.to_dict(), decisions=decisions)
-            results[n]["step_times"] += times[1:]  # the first step builds per-prompt decode state
-        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
+    twin = copy.deepcopy(model)  # the unpruned model, paired step by step with each pruned one
+    results = {}
+    for n in names:
+        pre, step, decisions = measure(model, inputs, *table[n])
+        results[n] = dict(prefill=pre.to_dict(), decode=step.to_dict(), decisions=decisions, ratios=[])
+        if n == "unpruned":
+            continue
+        handle = apply(model, *table[n])
+        try:
+            for _ in range(args.repeats):
+                base_t, pruned_t = paired_step_times(twin, model, inputs, args.steps)
+                results[n]["ratios"].append(statistics.median(pruned_t) / statistics.median(base_t))
+                results[n].setdefault("unpruned_ms", []).append(statistics.median(base_t) * 1e3)
+        finally:
+            handle.remove()
+        print(f"{n} done", file=sys.stderr)
     base = results["unpruned"]
-    base_t = statistics.median(base["step_times"])
     print(f"{args.layers}-layer LLaVA, width 64, {inputs['input_ids'].shape[1]} prompt tokens; one decode step after "
-          f"the prefill; {args.threads} thread(s), median of {args.repeats} x {args.steps - 1} steps")
+          f"the prefill; {args.threads} thread(s); step ratio: median over {args.repeats} runs of the median of "
+          f"{args.steps - 1} paired steps")
     print(f"{'method':30s} {'decode syncs':>12s} {'decode ops':>10s} {'ops ratio':>9s} {'step ratio':>10s} "
           f"{'prefill syncs':>13s} {'decisions':>9s}")
     for n in names:
         r = results[n]
         r["ops_ratio"] = r["decode"]["ops"] / base["decode"]["ops"]
-        r["step_ratio"] = statistics.median(r["step_times"]) / base_t
+        r["step_ratio"] = statistics.median(r["ratios"]) if r["ratios"] else 1.0
         print(f"{n:30s} {r['decode']['syncs']:12d} {r['decode']['ops']:10d} {r['ops_ratio']:9.3f} "
               f"{r['step_ratio']:10.3f} {r['prefill']['syncs']:13d} {r['decisions']:9d}")
-    print(f"unpruned step: {base_t * 1e3:.2f} ms")
+    steps_ms = [t for r in results.values() for t in r.get("unpruned_ms", [])]
+    print(f"unpruned step: {statistics.median(steps_ms):.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

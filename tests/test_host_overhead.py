@@ -35,8 +35,8 @@ def counts():
 
 @pytest.mark.parametrize("name", ["visipruner (forced schedule)", "fastv"])
 def test_decode_step_syncs_and_ops(counts, name):
-    _, base, _, _ = counts[16, "unpruned"]
-    _, step, _, _ = counts[16, name]
+    _, base, _ = counts[16, "unpruned"]
+    _, step, _ = counts[16, name]
     assert step.syncs <= base.syncs, step.sync_ops
     assert step.ops <= 1.2 * base.ops, (step.ops, base.ops)
 
@@ -44,8 +44,8 @@ def test_decode_step_syncs_and_ops(counts, name):
 @pytest.mark.parametrize("name", ["visipruner (forced schedule)", "fastv"])
 def test_prefill_syncs_come_from_decisions(counts, name):
     """Doubling the depth with the same decisions adds no reads: none is taken per layer."""
-    pre8, _, _, decisions8 = counts[8, name]
-    pre16, _, _, decisions16 = counts[16, name]
+    pre8, _, decisions8 = counts[8, name]
+    pre16, _, decisions16 = counts[16, name]
     assert decisions8 == decisions16 > 0
     assert pre16.syncs == pre8.syncs, (pre8.sync_ops, pre16.sync_ops)
 
