@@ -889,9 +889,12 @@ class PruningHandle:
         mode = bt.key_layout[("mode", layer)]
         if not bt.layer_changed[layer] and mode is None and (mask is None or mask.shape[-1] == K):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the caller's layout
-        Wl, t, dev = bt.layer_widths[layer], bt.generated, q.device
+        Wl, dev = bt.layer_widths[layer], q.device
         prompt_pos, prompt_span = self._batch_key_layout(bt, layer, dev)
         window = kwargs.get("sliding_window")
+        # generated tokens before this step: from the cache's length where it holds them all (no Python int
+        # for torch.compile to specialise on at every step); a sliding cache holds the tail only
+        t = bt.generated if window else K - Wl - new
         if mode is None and new == 1 and not window and K == Wl + t + new:
             # one new token sees every cache entry of its row but the padding: the prompt part's padding
             # is fixed per layer, the generated part all visible
@@ -905,7 +908,9 @@ class PruningHandle:
             if self._original_impl == "eager":
                 see = torch.zeros(see.shape, dtype=q.dtype, device=dev).masked_fill(~see, torch.finfo(q.dtype).min)
             return original(module, q, k, v, see, **kwargs)
-        n = torch.tensor(bt.prompt_lengths, device=dev)[:, None]
+        if "lengths" not in bt.key_layout:  # copied to the device once, not at every step
+            bt.key_layout["lengths"] = torch.tensor(bt.prompt_lengths, device=dev)[:, None]
+        n = bt.key_layout["lengths"]
         steps = torch.arange(t + new, device=dev)[None, :]
         full = Wl + t + new
         key_pos = torch.cat([prompt_pos, n + steps], 1)[:, full - K:]
