@@ -47,7 +47,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    torch._dynamo.config.recompile_limit = 64  # graphs per setting and cache-length regime, not a fallback
+    # transformers' layers compile one graph per layer index and cache regime, for both models (they share code
+    # objects): past the default limit (8) dynamo would fall back to eager and the ratio would compare fallbacks
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 8192
     model = narrow_llava(args.layers)
     twin = copy.deepcopy(model)  # stays unpruned
     inputs = random_prompt(model, seed=0, prefix=6, suffix=16)
