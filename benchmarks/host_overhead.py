@@ -152,12 +152,11 @@ def paired_step_times(unpruned, pruned, inputs, steps: int) -> tuple[list[float]
 
 
 def _decisions(handle) -> int:
-    """Layers at which the method decided something in the prefill (influence read or tokens dropped)."""
+    """Layers after which the prefill dropped tokens."""
     if handle is None:
         return 0
     st = handle.last_stats
-    drops = sum(a != b for a, b in zip(st.tokens_per_layer, st.tokens_per_layer[1:]))
-    return drops + len(st.method.get("checked_layers", ()))
+    return sum(a != b for a, b in zip(st.tokens_per_layer, st.tokens_per_layer[1:]))
 
 
 def main(argv=None):
@@ -179,7 +178,7 @@ def main(argv=None):
     results = {}
     for n in names:
         pre, step, decisions = measure(model, inputs, *table[n])
-        results[n] = dict(prefill=pre.to_dict(), decode=step.to_dict(), decisions=decisions, ratios=[])
+        results[n] = dict(prefill=pre.to_dict(), decode=step.to_dict(), decisions=decisions, ratios=[])  # drop layers
         if n == "unpruned":
             continue
         handle = apply(model, *table[n])
