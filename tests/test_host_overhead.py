@@ -14,23 +14,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import host_overhead as H  # noqa: E402
 
-SETTINGS = H.settings(16)
-
 
 @pytest.fixture(scope="module")
 def counts():
-    torch.set_grad_enabled(False)
-    try:
-        out = {}
+    out = {}
+    with torch.no_grad():
         for layers in (8, 16):
             model = H.narrow_llava(layers)
             inputs = H.random_prompt(model, seed=0, prefix=6, suffix=16)
             table = H.settings(layers)
             for name in ("unpruned", "visipruner (forced schedule)", "fastv"):
                 out[layers, name] = H.measure(model, inputs, *table[name])
-        return out
-    finally:
-        torch.set_grad_enabled(True)
+    return out
 
 
 @pytest.mark.parametrize("name", ["visipruner (forced schedule)", "fastv"])
