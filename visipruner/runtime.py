@@ -45,6 +45,7 @@ from .attention import (
     last_row_influence,
     masked_rows_without_visual,
     repeat_kv,
+    shallow_decode_attention,
     shallow_stage_probabilities,
     text_rows_to_visual,
     text_rows_attention,
@@ -109,6 +110,14 @@ def handle_of(model: nn.Module) -> "PruningHandle | None":
         if handle is not None:
             return handle
     return None
+
+
+# Under torch.compile, where decisions are taken (the model's hooks, a prefill's layer inputs and attention:
+# data-dependent shapes, Python control flow on tensor values) the runtime runs eagerly, a graph break,
+# so no graph ever holds one prompt's decisions; decode steps have no host reads and are traced.
+_eager = functools.partial(
+    torch.compiler.disable, recursive=True,
+    reason="visipruner takes its pruning decisions eagerly (data-dependent shapes): compile without fullgraph=True")
 
 
 def _family_eager(module):
@@ -249,6 +258,8 @@ class _PromptState:
         vis = torch.full((layout.length + extra,), -1, dtype=torch.long, device=device)
         vis[layout.visual_positions] = torch.arange(layout.num_visual, device=device)
         self.visual_ids = vis  # visual id of each token in the sequence, -1 for text
+        self.present = torch.arange(layout.num_visual, device=device)  # visual ids present, in sequence order
+        self.layer_visual_counts: list[int] = [layout.num_visual] * num_layers  # host-side: no reads to count
         self.pending_keep: torch.Tensor | None = None
         self.pending_merges: list[tuple[int, list[int]]] = []
         self.layer_text_rows: list[int] = [0] * num_layers  # text rows whose attention a method read
@@ -258,6 +269,10 @@ class _PromptState:
         self.layer_influence: list[tuple[int, int] | None] = [None] * num_layers  # (n_keys, n_visual)
         self.prefilled = False
         self.decode_positions: torch.Tensor | None = None  # positions of this decode step's queries
+        self.decode_past = 0  # host-side: tokens before this decode step (prompt + generated)
+        self.decode_layers: list[_DecodeLayer] | None = None  # fixed once the prompt is prefilled
+        self.shallow_rows = None  # (first, last visual position, text rows after the first), once per prompt
+        self.visual_list: list[bool] | None = None  # the unpruned prompt's visual mask on the host (FLOPs)
         self.dense_offset = 0  # tokens removed before the language model (VisionZip-like methods)
         self.original_visual = layout.num_visual
         self.reduced_prompt = False
@@ -276,12 +291,35 @@ class _PromptState:
     def end_extra(self) -> None:
         """After a prefill with extra tokens: keep the prompt's part of the per-layer record (what the
         decode bookkeeping and the stats describe); the extra tokens are in the cache as generated ones."""
-        n = self.layout.length
         for layer, pos in enumerate(self.layer_positions):
-            if pos is not None:
-                keep = pos < n
-                self.layer_positions[layer], self.layer_visual_ids[layer] = pos[keep], self.layer_visual_ids[layer][keep]
+            if pos is not None:  # the extra tokens are never removed and come last: a slice, no device read
+                n = pos.numel() - self.extra
+                self.layer_positions[layer], self.layer_visual_ids[layer] = pos[:n], self.layer_visual_ids[layer][:n]
         self.extra = 0
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep the tokens at ``rows`` of the current sequence (a decision: its one host read is here)."""
+        self.positions, self.visual_ids = self.positions[rows], self.visual_ids[rows]
+        self.present = self.visual_ids[self.visual_ids >= 0]
+
+
+@dataclass
+class _DecodeLayer:
+    """What a decode step needs of one layer's cache, fixed once the prompt is prefilled, so a step reads
+    nothing back from the device and takes no Python branch on tensor values."""
+
+    mode: str | None  # the shallow-stage mode of decode queries in this layer
+    kept: torch.Tensor  # original positions of the prompt tokens this layer's cache holds
+    n_kept: int
+    visual: torch.Tensor | None = None  # (capacity,) bool: cache entries that are visual (prompt part, then False)
+    onehot: torch.Tensor | None = None  # (n_kept, spans) float: 1 where a prompt entry belongs to span g (merge)
+    firsts: torch.Tensor | None = None  # (1, Hkv, spans, d) float: layer 0's value of each span's first token
+
+    def visual_columns(self, n: int) -> torch.Tensor:
+        """The first ``n`` entries of ``visual``, grown (doubling) when generation outruns it."""
+        if n > self.visual.numel():
+            self.visual = F.pad(self.visual, (0, max(n, 2 * self.visual.numel()) - self.visual.numel()))
+        return self.visual[:n]
 
 
 class _Batch:
@@ -418,6 +456,10 @@ class PruningHandle:
     def _on_model_call(self, module, args, kwargs):
         if not self.method.enabled and torch.compiler.is_compiling():
             return None  # pruning disabled: no bookkeeping inside a compiled graph (fullgraph=True traces as unhooked)
+        return self._model_call(module, args, kwargs)
+
+    @_eager
+    def _model_call(self, module, args, kwargs):
         self._in_call = True
         impl = self._original_impl
         if impl not in _ORIGINAL and self.method.enabled:  # the layers would drop tokens its attention never sees
@@ -433,14 +475,16 @@ class PruningHandle:
                 raise ValueError("visipruner needs input_ids (to find the visual tokens); got inputs_embeds only")
             return None
         adapter = self.adapter
-        visual = adapter.visual_mask(input_ids)
-        has_visual = bool(visual.any())
         if past > 0:  # a continuation of the prompt this cache holds: decode steps, verified drafts, a later turn
-            if has_visual and self.method.enabled and _carries_visual_features(kwargs):
-                raise ValueError(
-                    f"{int(visual.sum())} visual tokens arrive in a KV cache that already holds {past} tokens (a later "
-                    "chat turn or a prefill chunk); visipruner prunes visual tokens in a prompt's first prefill only: "
-                    "pass the whole conversation with all its images and no past_key_values (or a fresh cache)")
+            # (no host reads unless the call brings visual features: a decode step must not stall a GPU)
+            if self.method.enabled and _carries_visual_features(kwargs):
+                visual = adapter.visual_mask(input_ids)
+                if bool(visual.any()):
+                    raise ValueError(
+                        f"{int(visual.sum())} visual tokens arrive in a KV cache that already holds {past} tokens (a "
+                        "later chat turn or a prefill chunk); visipruner prunes visual tokens in a prompt's first "
+                        "prefill only: pass the whole conversation with all its images and no past_key_values (or a "
+                        "fresh cache)")
             # (a generated id that happens to be an image token has no features: it is text here)
             state = self._prompts.get(cache)
             if state is None:
@@ -458,6 +502,10 @@ class PruningHandle:
             if past < needed:
                 raise ValueError(f"the KV cache holds {past} tokens, fewer than the {needed} of the pruned prompt it was "
                                  "built for (it was cropped into the pruned tokens): prefill the prompt again")
+            if bt is None and past + input_ids.shape[1] < state.layout.length:
+                raise ValueError(f"this call re-feeds the prompt's tokens {past}..{past + input_ids.shape[1] - 1} of "
+                                 f"{state.layout.length} into a cache cropped back into it; a pruned prompt's cache "
+                                 "continues from its end: re-feed the prompt through its last token")
             if bt is not None:
                 if input_ids.shape[0] != len(bt.rows):
                     return None
@@ -465,13 +513,14 @@ class PruningHandle:
                 bt.generated = past - bt.padded
                 for r, st in enumerate(bt.rows):
                     if st is not None:
-                        start = bt.prompt_lengths[r] + bt.generated
+                        start = st.decode_past = bt.prompt_lengths[r] + bt.generated
                         st.decode_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
                 if bt.reduced_mask is None:
                     return None
                 return args, self._reduced_decode_call(kwargs, bt.reduced_mask, bt.caller_padded, bt.generated,
                                                        input_ids.shape[1])
             st = self._state = state
+            st.decode_past = past
             st.decode_positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
             if st.reduced_prompt:
                 n = st.layout.length
@@ -480,6 +529,8 @@ class PruningHandle:
                     past - n, input_ids.shape[1])
             return None
         # prefill: a new prompt, or (no cache) the same generate() call recomputing its prompt and tokens
+        visual = adapter.visual_mask(input_ids)
+        has_visual = bool(visual.any())
         encoder_outputs = kwargs.get("mm_encoder_outputs")
         continued = self._uncached_continuation(input_ids, encoder_outputs)
         if continued is not None:
@@ -580,6 +631,10 @@ class PruningHandle:
     def _on_model_return(self, module, args, kwargs, output):
         if not self.method.enabled and torch.compiler.is_compiling():
             return None
+        return self._model_return(module, args, kwargs, output)
+
+    @_eager
+    def _model_return(self, module, args, kwargs, output):
         self._in_call = False
         if self._labels is not None and self.pruned_prefill() is not None:
             self._label_slots = self.layer_slots(self._num_layers - 1)
@@ -620,12 +675,14 @@ class PruningHandle:
                 return None
             extra = st.extra
             st.end_extra()
+            st.decode_layers = self._decode_plan(st)  # of the prompt's part of each layer's cache
             st.stats = self.last_stats = self._prefill_stats(st)
             self.batch_stats = [self.last_stats]
             self._remember(st, cache, kwargs)
             if not extra:
                 return None
             # the draft tokens after the prompt, counted as the decode step they stand for
+            st.decode_past = st.layout.length
             st.decode_positions = torch.arange(st.layout.length, st.layout.length + extra, device=st.positions.device)
         if st.decode_positions is not None:
             f, dense = self._decode_flops(st)
@@ -684,6 +741,7 @@ class PruningHandle:
             return None  # decode: each layer's attention builds the mask for its own cache
         return self._prefill_layer_inputs(idx, st, args, kwargs)
 
+    @_eager
     def _prefill_layer_inputs(self, idx: int, st: _PromptState, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if st.pending_merges:
@@ -692,9 +750,10 @@ class PruningHandle:
             keep = _kept_rows(st)
             rows = keep.nonzero().squeeze(-1)
             hidden = hidden.index_select(1, rows)
-            st.positions, st.visual_ids = st.positions[rows], st.visual_ids[rows]
+            st.keep_rows(rows)
             st.pending_keep = None
         st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+        st.layer_visual_counts[idx] = st.present.numel()
         st.layer_input = hidden
         if not st.pruned():
             return None
@@ -736,11 +795,17 @@ class PruningHandle:
         if st is None:
             return original(module, q, k, v, mask, **kwargs)
         scale = kwargs.get("scaling") or module.head_dim**-0.5
-        mode = self.method.shallow_mode(layer)
         if st.prefilled:  # decode step
             if st.decode_positions is None:
                 return original(module, q, k, v, mask, **kwargs)
-            return self._decode_attention(module, q, k, v, mask, original, scale, mode, st, layer, **kwargs)
+            if st.decode_layers is None:
+                st.decode_layers = self._decode_plan(st)
+            return self._decode_attention(module, q, k, v, mask, original, scale, st, layer, **kwargs)
+        return self._prefill_attention(module, q, k, v, mask, original, scale, self.method.shallow_mode(layer), st,
+                                       layer, **kwargs)
+
+    @_eager
+    def _prefill_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
         st.layer_modes[layer] = mode
         visible = _visibility(mask, q.shape[2], k.shape[2])  # None: plain causal
         if mode is None:
@@ -758,7 +823,7 @@ class PruningHandle:
         n = q.shape[2]
         ar = torch.arange(n, device=q.device)
         is_vis = st.visual_ids >= 0
-        first = int(is_vis.nonzero()[0])
+        first = st.shallow_rows[1]  # read by _shallow_prefill, once per prompt
         if visible is None:
             visible = ar[None, :] <= ar[:, None]
         key_span = torch.full((n,), -1, dtype=torch.long, device=q.device)
@@ -807,7 +872,7 @@ class PruningHandle:
             st.pending_keep, st.pending_merges = keep, list(merges)
             return
         method = st.method
-        present = st.visual_ids[st.visual_ids >= 0]
+        present = st.present
         influence = None
         if method.needs_influence(layer):
             if mode is not None:
@@ -847,14 +912,16 @@ class PruningHandle:
         ``visible`` (n, n) bool is the family's own mask (bidirectional image blocks, sliding
         windows) or None for plain causal attention, which takes the cheapest kernels."""
         is_vis = st.visual_ids >= 0
-        vis_idx = is_vis.nonzero().squeeze(-1)
-        first, last = int(vis_idx[0]), int(vis_idx[-1])
         n = q.shape[2]
         spans = st.layout.image_spans  # the sequence is unpruned in shallow layers
         ar = torch.arange(n, device=q.device)
+        if st.shallow_rows is None or st.shallow_rows[0] != n:  # read once per prompt, not per shallow layer
+            vis_idx = is_vis.nonzero().squeeze(-1)
+            first, last = int(vis_idx[0]), int(vis_idx[-1])
+            st.shallow_rows = (n, first, last, ((~is_vis) & (ar > first)).nonzero().squeeze(-1))
+        _, first, last, text_rows = st.shallow_rows
         if mode == "merge":
             st.merge_values = [v[:, :, s : s + 1] for s, _ in spans]  # for decode steps (sliding caches)
-        text_rows = ((~is_vis) & (ar > first)).nonzero().squeeze(-1)
         gqa = k.shape[1] != q.shape[1]
         if visible is None:
             out = torch.empty_like(q)
@@ -885,7 +952,7 @@ class PruningHandle:
                 out[:, :, rows] = masked_rows_without_visual(
                     q.index_select(2, rows), repeat_kv(k, groups), repeat_kv(v, groups), scale,
                     visible.index_select(0, rows), is_vis)
-        if text_rows.numel():
+        if text_rows.numel():  # (a shape: no read)
             out[:, :, text_rows] = text_rows_attention(
                 q.index_select(2, text_rows), k, v, scale, text_rows, ar, spans,
                 merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
@@ -893,61 +960,76 @@ class PruningHandle:
             )
         return out.transpose(1, 2).contiguous(), None
 
-    def _decode_attention(self, module, q, k, v, mask, original, scale, mode, st, layer, **kwargs):
+    @_eager
+    def _decode_plan(self, st: _PromptState) -> list[_DecodeLayer]:
+        """Per layer, what decode steps need of its cache (positions, visual columns, span membership, the
+        merge values), built once at the end of the prefill so that a step reads nothing from the device."""
+        plan, spans = [], st.layout.image_spans
+        for layer in range(self._num_layers):
+            kept, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
+            mode = st.method.shallow_mode(layer)
+            entry = _DecodeLayer(mode, kept, kept.numel())
+            if mode is not None:
+                entry.visual = F.pad(vis >= 0, (0, 256))  # room for 256 generated (text) entries, then grown
+                if mode == "merge":
+                    # span g's entries: by original position (a cache pruned before a shallow layer still works)
+                    bounds = torch.tensor([b for span in spans for b in span], device=kept.device).view(-1, 2)
+                    inside = (kept[:, None] >= bounds[:, 0]) & (kept[:, None] < bounds[:, 1])
+                    entry.onehot = inside.float()
+                    entry.firsts = torch.cat(st.merge_values, dim=2).float()
+            plan.append(entry)
+        return plan
+
+    def _decode_attention(self, module, q, k, v, mask, original, scale, st, layer, **kwargs):
         """A decode step's queries against this layer's own cache, whatever it holds.
 
         The cache holds the prompt tokens this layer processed, then the generated ones, and a
         sliding-window cache only the last of those: the keys' original positions are the tail of
-        that list. Visibility is decided by original positions (causal, and the layer's window)."""
-        n_prompt = st.layout.length
-        total = int(st.decode_positions[-1]) + 1
-        kept = st.layer_positions[layer]
+        that list. Visibility is decided by original positions (causal, and the layer's window).
+        Everything is known on the host (the step's position, the layer's plan): no device reads."""
+        plan = st.decode_layers[layer]
+        n_prompt, new, K = st.layout.length, q.shape[2], k.shape[2]
         window = kwargs.get("sliding_window")
-        pruned_cache = kept.numel() != n_prompt
-        if mode is None and not pruned_cache and (mask is None or mask.shape[-1] == k.shape[2]):
+        if plan.mode is None and plan.n_kept == n_prompt and (mask is None or mask.shape[-1] == K):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the unpruned one
-        if mode is None and not window and q.shape[2] == 1:
+        if plan.mode is None and not window and new == 1:
             return original(module, q, k, v, None, **kwargs)  # one new token sees its whole cache
-        key_pos = torch.cat([kept, torch.arange(n_prompt, total, device=kept.device)])
-        if k.shape[2] > key_pos.numel():
+        if window:  # a sliding cache holds the tail only: where it starts follows from the step's position
+            n_keys = plan.n_kept + st.decode_past + new - n_prompt
+            wrong = K > n_keys
+        else:  # the cache holds every prompt entry this layer kept, then every generated token; reading the
+            n_keys = K  # step's position from the cache's length, not from a Python int, keeps torch.compile
+            # from specialising (and recompiling) on it at every step. A cache cropped back into the prompt's
+            # closing text (an assistant re-feeding it) holds fewer of them, but the call reaches the prompt's end
+            # (checked when it started), so this layer's cache holds at least its prompt entries
+            wrong = K < plan.n_kept
+        if wrong:
             raise RuntimeError(
-                f"layer {layer}: the KV cache holds {k.shape[2]} tokens, expected at most {key_pos.numel()}; "
-                "was the cache built by another prompt?"
+                f"layer {layer}: the KV cache holds {K} tokens, expected {n_keys} (this layer's {plan.n_kept} "
+                "prompt tokens, then the generated ones); was the cache built by another prompt?"
             )
-        key_pos = key_pos[key_pos.numel() - k.shape[2]:]
-        q_pos = st.decode_positions
-        visible = key_pos[None, :] <= q_pos[:, None]
-        if window:
-            visible &= (q_pos[:, None] - key_pos[None, :]) < window
-        if mode is not None:
-            # image spans as ranges of this cache's key indices (a sliding cache may have dropped some)
-            spans, firsts = [], []
-            for (s, e), first_v in zip(st.layout.image_spans, st.merge_values or [None] * len(st.layout.image_spans)):
-                a, b = (int(x) for x in torch.searchsorted(key_pos, torch.tensor([s, e], device=key_pos.device)))
-                if b > a:
-                    spans.append((a, b))
-                    firsts.append(first_v if first_v is not None else v[:, :, a : a + 1])
-            out = text_rows_attention(
-                q, k, v, scale, q_pos, None, spans, merge=(mode == "merge"), renormalise=(mode == "disable_renorm"),
-                visible=visible, merge_values=firsts,
-            )
-            weights = None
-            if self._original_impl == "eager":  # output_attentions: the probabilities these text queries used
-                key_span = torch.full((k.shape[2],), -1, dtype=torch.long, device=q.device)
-                for g, (a, b) in enumerate(spans):
-                    key_span[a:b] = g
-                rows = torch.ones(q.shape[2], dtype=torch.bool, device=q.device)
-                weights = shallow_stage_probabilities(q, k, scale, visible, mode, rows, rows, key_span,
-                                                      [a for a, _ in spans]).to(q.dtype)
-            return out.transpose(1, 2).contiguous(), weights
-        if q.shape[2] == 1 and bool(visible.all()):
-            own_mask = None
-        elif self._original_impl == "eager":
-            own_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~visible, torch.finfo(q.dtype).min)[None, None]
-        else:
-            own_mask = visible[None, None]
-        return original(module, q, k, v, own_mask, **kwargs)
+        total = n_prompt + n_keys - plan.n_kept  # keys an unpruned cache holds after this step
+        dropped = n_keys - K  # a sliding cache's oldest entries
+        hidden = None  # (new, K) keys a query does not see; one new token without a window sees them all
+        if window or new > 1:
+            key_pos = torch.cat([plan.kept, torch.arange(n_prompt, total, device=q.device)])[dropped:]
+            q_pos = st.decode_positions
+            hidden = key_pos[None, :] > q_pos[:, None]
+            if window:
+                hidden |= (q_pos[:, None] - key_pos[None, :]) >= window
+        if plan.mode is None:
+            if self._original_impl == "eager":
+                own_mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    hidden, torch.finfo(q.dtype).min)[None, None]
+            else:
+                own_mask = ~hidden[None, None]
+            return original(module, q, k, v, own_mask, **kwargs)
+        eager = self._original_impl == "eager"  # eager attention returns its probabilities (output_attentions)
+        out = shallow_decode_attention(
+            q, k, v, scale, plan.visual_columns(n_keys)[dropped:], plan.mode,
+            None if plan.onehot is None else plan.onehot[dropped:], plan.firsts, hidden, weights=eager)
+        out, weights = out if eager else (out, None)
+        return out.transpose(1, 2).contiguous(), None if weights is None else weights.to(q.dtype)
 
     # ------------------------------------------------------------------------------ batches
     def _start_batch(self, input_ids, kwargs) -> "_Batch":
@@ -1003,13 +1085,19 @@ class PruningHandle:
                 raise ValueError(f"decode step's attention_mask has {mask.shape[1]} columns; expected "
                                  f"{caller_prompt + generated + new} (the prompt as passed, then the generated tokens)")
             tail = mask[:, caller_prompt:].to(reduced_mask.dtype)
+        elif B == 1:  # a single prompt and no mask: nothing is padded, and a mask of ones would cost a read
+            tail = None
         else:
             tail = torch.ones(B, generated + new, dtype=reduced_mask.dtype, device=device)
-        kwargs = dict(kwargs, attention_mask=torch.cat([reduced_mask, tail], 1))
+        if tail is not None:
+            kwargs = dict(kwargs, attention_mask=torch.cat([reduced_mask, tail], 1))
+        else:
+            kwargs = dict(kwargs)
         if kwargs.get("position_ids") is None:  # the model would count the reduced cache
             kwargs["position_ids"] = (caller_prompt + generated + torch.arange(new, device=device))[None].expand(B, new)
         return kwargs
 
+    @_eager
     def _batch_layer_inputs(self, idx: int, bt: "_Batch", args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         B, W, d = hidden.shape
@@ -1025,7 +1113,7 @@ class PruningHandle:
             if st.pending_keep is not None:
                 keep = _kept_rows(st)
                 local = keep.nonzero().squeeze(-1)
-                st.positions, st.visual_ids = st.positions[local], st.visual_ids[local]
+                st.keep_rows(local)
                 st.pending_keep = None
                 if local.numel() != bt.lengths[r]:
                     kept[r] = local
@@ -1042,6 +1130,7 @@ class PruningHandle:
         for r, st in enumerate(bt.rows):
             if st is not None:
                 st.layer_positions[idx], st.layer_visual_ids[idx] = st.positions, st.visual_ids
+                st.layer_visual_counts[idx] = st.present.numel()
                 st.layer_input = hidden[r : r + 1, bt.width - bt.lengths[r]:]
         if not bt.changed:
             return ((hidden,) + tuple(args[1:]), kwargs) if modified and args else (
@@ -1078,6 +1167,7 @@ class PruningHandle:
             return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill(~see, torch.finfo(dtype).min)
         return see
 
+    @_eager
     def _batch_attention(self, module, q, k, v, mask, original, scale, layer, bt, **kwargs):
         """Prefill: one attention call for the batch, then each row's shallow-stage rows and decision
         computed on that row's own tokens, exactly as alone. Rows in a shallow-stage layer are computed
@@ -1148,9 +1238,12 @@ class PruningHandle:
         mode = bt.key_layout[("mode", layer)]
         if not bt.layer_changed[layer] and mode is None and (mask is None or mask.shape[-1] == K):
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the caller's layout
-        Wl, t, dev = bt.layer_widths[layer], bt.generated, q.device
+        Wl, dev = bt.layer_widths[layer], q.device
         prompt_pos, prompt_span = self._batch_key_layout(bt, layer, dev)
         window = kwargs.get("sliding_window")
+        # generated tokens before this step: from the cache's length where it holds them all (no Python int
+        # for torch.compile to specialise on at every step); a sliding cache holds the tail only
+        t = bt.generated if window else K - Wl - new
         if mode is None and new == 1 and not window and K == Wl + t + new:
             # one new token sees every cache entry of its row but the padding: the prompt part's padding
             # is fixed per layer, the generated part all visible
@@ -1164,7 +1257,9 @@ class PruningHandle:
             if self._original_impl == "eager":
                 see = torch.zeros(see.shape, dtype=q.dtype, device=dev).masked_fill(~see, torch.finfo(q.dtype).min)
             return original(module, q, k, v, see, **kwargs)
-        n = torch.tensor(bt.prompt_lengths, device=dev)[:, None]
+        if "lengths" not in bt.key_layout:  # copied to the device once, not at every step
+            bt.key_layout["lengths"] = torch.tensor(bt.prompt_lengths, device=dev)[:, None]
+        n = bt.key_layout["lengths"]
         steps = torch.arange(t + new, device=dev)[None, :]
         full = Wl + t + new
         key_pos = torch.cat([prompt_pos, n + steps], 1)[:, full - K:]
@@ -1238,7 +1333,7 @@ class PruningHandle:
         )
         for layer in range(self._num_layers):
             pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
-            n, n_vis = int(pos.numel()), int((vis >= 0).sum())
+            n, n_vis = int(pos.numel()), st.layer_visual_counts[layer]
             stats.tokens_per_layer.append(n)
             stats.layer_positions.append(pos)
             stats.visual_tokens_per_layer.append(n_vis)
@@ -1246,7 +1341,13 @@ class PruningHandle:
             if mode is None:
                 score = weighted = F_.causal_pairs(n)
             else:
-                score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode, st.layout.image_spans)
+                if n != st.layout.length + st.extra:  # (extra: a cacheless step's generated tokens)
+                    visual_list = (vis >= 0).tolist()
+                else:  # shallow layers run the unpruned prompt: one read per prompt
+                    if st.visual_list is None:
+                        st.visual_list = (vis >= 0).tolist()
+                    visual_list = st.visual_list
+                score, weighted = F_.shallow_prefill_pairs(visual_list, mode, st.layout.image_spans)
             extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
             if st.layer_text_rows[layer]:
                 extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])
@@ -1267,12 +1368,12 @@ class PruningHandle:
 
     def _decode_flops(self, st: _PromptState) -> tuple[int, int]:
         dims = self.dims
-        total = int(st.decode_positions[-1]) + 1  # keys in an unpruned cache after this step
         new = int(st.decode_positions.numel())
+        total = st.decode_past + new  # keys in an unpruned cache after this step
         generated = total - st.layout.length
         pruned = dense = 0
         if st.layer_counts is None:  # fixed once the prompt is prefilled
-            st.layer_counts = [(int(st.layer_positions[layer].numel()), int((st.layer_visual_ids[layer] >= 0).sum()),
+            st.layer_counts = [(int(st.layer_positions[layer].numel()), st.layer_visual_counts[layer],
                                 st.method.shallow_mode(layer)) for layer in range(self._num_layers)]
         for layer, (kept, n_vis, mode) in enumerate(st.layer_counts):
             kept += generated
