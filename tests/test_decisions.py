@@ -220,6 +220,11 @@ def test_cache_cropped_into_the_pruned_tokens_is_refused():
         cache.crop(end - n)  # back to the image's end: the closing text is re-fed, as in the prefill
         refed = model(input_ids=inputs["input_ids"][:, end:], past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(refed, prefill[:, -(n - end):], atol=1e-5, rtol=0)
+        cache.crop(end - n)  # again, re-feeding only part of the closing text (the queries stop before its end)
+        assert n - end >= 3
+        part = model(input_ids=inputs["input_ids"][:, end:end + 2], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(part, prefill[:, -(n - end):][:, :2], atol=1e-5, rtol=0)
+        model(input_ids=inputs["input_ids"][:, end + 2:], past_key_values=cache, use_cache=True)
         cache.crop(end - 1 - n)
         with pytest.raises(ValueError, match="cropped into the pruned tokens"):
             model(input_ids=inputs["input_ids"][:, end - 1:], past_key_values=cache, use_cache=True)

@@ -502,10 +502,6 @@ class PruningHandle:
             if past < needed:
                 raise ValueError(f"the KV cache holds {past} tokens, fewer than the {needed} of the pruned prompt it was "
                                  "built for (it was cropped into the pruned tokens): prefill the prompt again")
-            if bt is None and past + input_ids.shape[1] < state.layout.length:
-                raise ValueError(f"this call re-feeds the prompt's tokens {past}..{past + input_ids.shape[1] - 1} of "
-                                 f"{state.layout.length} into a cache cropped back into it; a pruned prompt's cache "
-                                 "continues from its end: re-feed the prompt through its last token")
             if bt is not None:
                 if input_ids.shape[0] != len(bt.rows):
                     return None
@@ -994,25 +990,24 @@ class PruningHandle:
             return original(module, q, k, v, mask, **kwargs)  # this layer's cache is the unpruned one
         if plan.mode is None and not window and new == 1:
             return original(module, q, k, v, None, **kwargs)  # one new token sees its whole cache
+        # The keys this layer's cache would hold without a window: its prompt entries, then the generated tokens;
+        # or, in a cache cropped back into the prompt's closing text (an assistant re-feeding it; the model call
+        # checked the crop spares the visual tokens), the first of its prompt entries, the closing text's tail
+        # being re-fed. Their positions: the first n_keys of (kept prompt positions, then n_prompt, n_prompt+1...).
         if window:  # a sliding cache holds the tail only: where it starts follows from the step's position
             n_keys = plan.n_kept + st.decode_past + new - n_prompt
-            wrong = K > n_keys
-        else:  # the cache holds every prompt entry this layer kept, then every generated token; reading the
-            n_keys = K  # step's position from the cache's length, not from a Python int, keeps torch.compile
-            # from specialising (and recompiling) on it at every step. A cache cropped back into the prompt's
-            # closing text (an assistant re-feeding it) holds fewer of them, but the call reaches the prompt's end
-            # (checked when it started), so this layer's cache holds at least its prompt entries
-            wrong = K < plan.n_kept
-        if wrong:
-            raise RuntimeError(
-                f"layer {layer}: the KV cache holds {K} tokens, expected {n_keys} (this layer's {plan.n_kept} "
-                "prompt tokens, then the generated ones); was the cache built by another prompt?"
-            )
+            if K > n_keys:
+                raise RuntimeError(
+                    f"layer {layer}: the KV cache holds {K} tokens, expected at most {n_keys} (this layer's "
+                    f"{plan.n_kept} prompt tokens, then the generated ones); was the cache built by another prompt?")
+        else:  # every key: the step's position follows from the cache's length, not from a Python int (which
+            n_keys = K  # torch.compile would specialise on, recompiling at every step)
         total = n_prompt + n_keys - plan.n_kept  # keys an unpruned cache holds after this step
         dropped = n_keys - K  # a sliding cache's oldest entries
         hidden = None  # (new, K) keys a query does not see; one new token without a window sees them all
         if window or new > 1:
-            key_pos = torch.cat([plan.kept, torch.arange(n_prompt, total, device=q.device)])[dropped:]
+            generated = torch.arange(n_prompt, max(total, n_prompt), device=q.device)
+            key_pos = torch.cat([plan.kept, generated])[:n_keys][dropped:]
             q_pos = st.decode_positions
             hidden = key_pos[None, :] > q_pos[:, None]
             if window:
@@ -1027,7 +1022,7 @@ class PruningHandle:
         eager = self._original_impl == "eager"  # eager attention returns its probabilities (output_attentions)
         out = shallow_decode_attention(
             q, k, v, scale, plan.visual_columns(n_keys)[dropped:], plan.mode,
-            None if plan.onehot is None else plan.onehot[dropped:], plan.firsts, hidden, weights=eager)
+            None if plan.onehot is None else plan.onehot[dropped:n_keys], plan.firsts, hidden, weights=eager)
         out, weights = out if eager else (out, None)
         return out.transpose(1, 2).contiguous(), None if weights is None else weights.to(q.dtype)
 
