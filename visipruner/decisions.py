@@ -21,13 +21,19 @@ from .methods.base import Decision
 def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visible) -> None:
     """The method's decision after ``layer`` for one prompt; ``q`` (1, H, n, d), ``k, v`` (1, Hkv, n, d)
     are that prompt's rows only, in sequence order; ``visible`` its (n, n) mask or None (causal).
-    Sets ``st.pending_keep`` / ``st.pending_merges`` for the engine to apply before the next layer."""
+    Taken on the prompt's last token over the prompt's keys: tokens the call carries after the prompt
+    (``st.extra``: drafts being verified) take no part. Sets ``st.pending_keep`` / ``st.pending_merges``
+    for the engine to apply before the next layer, and records them in ``st.decisions``."""
     method = st.method
-    present = st.visual_ids[st.visual_ids >= 0]
+    present = st.present
     influence = None
     if method.needs_influence(layer):
         if mode is not None:
             raise RuntimeError("influence at a shallow-stage layer is not defined (probabilities are modified)")
+        if st.extra:  # the prompt's rows, keys and visibility only
+            end = st.prompt_rows()
+            q, k, v = q[:, :, :end], k[:, :, :end], v[:, :, :end]
+            visible = None if visible is None else visible[:end, :end]
         vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
         cos, norm, attn, onorm = last_row_influence(
             q[:, :, -1:], k, v, scale, vis_keys, None if visible is None else visible[-1])
@@ -36,7 +42,8 @@ def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visib
         st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
         if method.needs_text_attention(layer) and vis_keys.numel():
             first = int(vis_keys[0])
-            rows = ((st.visual_ids < 0) & (torch.arange(st.visual_ids.numel(), device=vis_keys.device) > first))
+            ar = torch.arange(st.visual_ids.numel(), device=vis_keys.device)
+            rows = (st.visual_ids < 0) & (ar > first) & (ar < q.shape[2])
             rows = rows.nonzero().squeeze(-1)
             influence.text_attention = text_rows_to_visual(
                 q.index_select(2, rows), repeat_kv(k, groups), scale, rows, vis_keys,
@@ -48,6 +55,17 @@ def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visib
         keep = keep.keep
     if keep is not None:
         st.pending_keep = keep.to(st.visual_ids.device)
+    if st.pending_keep is not None or st.pending_merges:
+        st.decisions[layer] = (st.pending_keep, list(st.pending_merges))
+
+
+def kept_rows(st) -> torch.Tensor:
+    """Which of the current layer's tokens stay after the pending decision: text, the visual tokens the
+    method keeps, and always the prompt's last token (the row generation reads: a prompt ending in visual
+    tokens, or made of them only, is never left without it). Tokens after the prompt are text."""
+    keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
+    keep[st.prompt_rows() - 1] = True
+    return keep
 
 
 def prefill_stats(st, dims, vision_dims, num_layers: int):
@@ -55,7 +73,7 @@ def prefill_stats(st, dims, vision_dims, num_layers: int):
     layer ran on, shallow modes, influence checks), FLOPs counted by ``flops.py``."""
     from .runtime import PruneStats
 
-    n0 = st.layout.length + st.dense_offset  # dense: the unreduced prompt
+    n0 = st.layout.length + st.extra + st.dense_offset  # dense: the unreduced prompt
     stats = PruneStats(
         prompt_length=n0,
         num_visual_tokens=st.original_visual,
@@ -65,14 +83,21 @@ def prefill_stats(st, dims, vision_dims, num_layers: int):
     )
     for layer in range(num_layers):
         pos, vis = st.layer_positions[layer], st.layer_visual_ids[layer]
-        n, n_vis = int(pos.numel()), int((vis >= 0).sum())
+        n, n_vis = int(pos.numel()), st.layer_visual_counts[layer]  # host-side counts: no device reads
         stats.tokens_per_layer.append(n)
+        stats.layer_positions.append(pos)
         stats.visual_tokens_per_layer.append(n_vis)
         mode = st.layer_modes[layer]
         if mode is None:
             score = weighted = F_.causal_pairs(n)
         else:
-            score, weighted = F_.shallow_prefill_pairs((vis >= 0).tolist(), mode, st.layout.image_spans)
+            if n != st.layout.length + st.extra:  # (extra: a cacheless step's generated tokens)
+                visual_list = (vis >= 0).tolist()
+            else:  # shallow layers run the unpruned prompt: one read per prompt
+                if st.visual_list is None:
+                    st.visual_list = (vis >= 0).tolist()
+                visual_list = st.visual_list
+            score, weighted = F_.shallow_prefill_pairs(visual_list, mode, st.layout.image_spans)
         extra = F_.influence_flops(dims, *st.layer_influence[layer]) if st.layer_influence[layer] else 0
         if st.layer_text_rows[layer]:
             extra += F_.text_rows_flops(dims, st.layer_text_rows[layer], st.layer_influence[layer][0])

@@ -63,7 +63,8 @@ class LlavaNextAdapter(ModelAdapter):
             while s < e:
                 if not counts or s + counts[0] > e:
                     raise ValueError(f"image_sizes {sizes} do not match the prompt's image tokens "
-                                     f"({sum(b - a for a, b in image_runs)} tokens in {len(image_runs)} runs)")
+                                     f"({sum(b - a for a, b in image_runs)} tokens in {len(image_runs)} runs): pass the "
+                                     "processor's image_sizes with its input_ids, no image token under padding")
                 out.append(Span(s, s + counts[0], "image"))
                 s += counts.pop(0)
         if counts:

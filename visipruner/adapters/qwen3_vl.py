@@ -14,6 +14,8 @@ token its own feature row (found from its position in the caller's input). Witho
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import register
@@ -24,40 +26,47 @@ class Qwen3VLAdapter(QwenVLAdapter):
     family = "Qwen3-VL"
 
     def install(self, handle) -> list:
-        taken = {}  # the deepstack inputs of the prefill being pruned: prefill, feature rows, features
+        deepstack = _Deepstack(handle)  # hooks are its bound methods: a deepcopy of the model hooks its own copy
+        hooks = [self.language_model.register_forward_pre_hook(deepstack.take, with_kwargs=True)]
+        return hooks + [layer.register_forward_hook(functools.partial(deepstack.add, i))
+                        for i, layer in enumerate(self.layers)]
 
-        def take(module, args, kwargs):
-            prefill = handle.pruned_prefill()
-            taken.clear()
-            if prefill is None or kwargs.get("deepstack_visual_embeds") is None:
-                return None
-            mask = kwargs["visual_pos_masks"].bool()  # (batch, caller's length)
-            # feature row of each token of the caller's input (-1: none), in the model's own order
-            row = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
-            row[mask] = torch.arange(int(mask.sum()), device=mask.device)
-            taken.update(prefill=prefill, row=row, embeds=kwargs["deepstack_visual_embeds"])
-            kwargs = dict(kwargs, visual_pos_masks=None, deepstack_visual_embeds=None)
-            return args, kwargs
 
-        def add(idx):
-            def hook(module, args, output):
-                if not taken or taken["prefill"] is not handle.pruned_prefill() or idx >= len(taken["embeds"]):
-                    return None
-                slots = handle.layer_slots(idx).to(output.device)  # this layer's tokens, as the runtime ran them
-                row = taken["row"].to(output.device).gather(1, slots.clamp(min=0))
-                row = row.masked_fill(slots < 0, -1)
-                present = row >= 0
-                if not bool(present.any()):
-                    return None
-                feats = taken["embeds"][idx].to(output.device, output.dtype)
-                output = output.clone()
-                output[present] = output[present] + feats[row[present]]
-                return output
+class _Deepstack:
+    """Qwen3-VL's deepstack features (added to the first layers' visual tokens) follow the pruned tokens:
+    the language model's inputs are taken at its door and added after each layer to the tokens it kept."""
 
-            return hook
+    def __init__(self, handle):
+        self.handle = handle
+        self.taken = {}  # the deepstack inputs of the prefill being pruned: prefill, feature rows, features
 
-        hooks = [self.language_model.register_forward_pre_hook(take, with_kwargs=True)]
-        return hooks + [layer.register_forward_hook(add(i)) for i, layer in enumerate(self.layers)]
+    def take(self, module, args, kwargs):
+        prefill = self.handle.pruned_prefill()
+        self.taken.clear()
+        if prefill is None or kwargs.get("deepstack_visual_embeds") is None:
+            return None
+        mask = kwargs["visual_pos_masks"].bool()  # (batch, caller's length)
+        # feature row of each token of the caller's input (-1: none), in the model's own order
+        row = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+        row[mask] = torch.arange(int(mask.sum()), device=mask.device)
+        self.taken.update(prefill=prefill, row=row, embeds=kwargs["deepstack_visual_embeds"])
+        kwargs = dict(kwargs, visual_pos_masks=None, deepstack_visual_embeds=None)
+        return args, kwargs
+
+    def add(self, idx, module, args, output):
+        taken, handle = self.taken, self.handle
+        if not taken or taken["prefill"] is not handle.pruned_prefill() or idx >= len(taken["embeds"]):
+            return None
+        slots = handle.layer_slots(idx).to(output.device)  # this layer's tokens, as the runtime ran them
+        row = taken["row"].to(output.device).gather(1, slots.clamp(min=0))
+        row = row.masked_fill(slots < 0, -1)
+        present = row >= 0
+        if not bool(present.any()):
+            return None
+        feats = taken["embeds"][idx].to(output.device, output.dtype)
+        output = output.clone()
+        output[present] = output[present] + feats[row[present]]
+        return output
 
 
 @register("Qwen3VLForConditionalGeneration")

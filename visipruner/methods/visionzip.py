@@ -118,12 +118,12 @@ class VisionZip(PruningMethod):
                              "projector; this model's projector pools the patch grid (MobileVLM's LDP)")
         layer = _feature_layer(adapter.multimodal.vision_tower, cfg.vision_feature_layer)
 
-        def capture(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            self._captured = (x, output[0] if isinstance(output, tuple) else output)
-
         self._layer = layer
-        return [layer.register_forward_hook(capture, with_kwargs=True)]
+        return [layer.register_forward_hook(self._capture, with_kwargs=True)]  # bound: a deepcopy hooks its copy
+
+    def _capture(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        self._captured = (x, output[0] if isinstance(output, tuple) else output)
 
     @torch.no_grad()
     def reduce_prompt(self, multimodal, image_token_id: int, kwargs: dict) -> dict:

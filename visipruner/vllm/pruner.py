@@ -30,7 +30,7 @@ import itertools
 
 import torch
 
-from ..decisions import decide_layer, prefill_stats
+from ..decisions import decide_layer, kept_rows, prefill_stats
 from ..methods.base import PromptLayout, PruningMethod
 from ..runtime import _PromptState  # the HF runtime's per-prompt bookkeeping, shared
 
@@ -213,6 +213,7 @@ class StepPruner:
                     if s.prefill is not None:
                         st = s.prefill.state
                         st.layer_positions[L], st.layer_visual_ids[L] = st.positions, st.visual_ids
+                        st.layer_visual_counts[L] = st.present.numel()
                 if need:  # the influence reads the layer's input hidden states of the visual tokens
                     full = hidden if residual is None else hidden + residual
                     for s in need:
@@ -242,9 +243,8 @@ class StepPruner:
             st = s.prefill.state if s.prefill is not None else None
             if st is None or st.pending_keep is None:
                 continue
-            keep = (st.visual_ids < 0) | torch.isin(st.visual_ids, st.pending_keep)
-            local = keep.nonzero().squeeze(-1)
-            st.positions, st.visual_ids = st.positions[local], st.visual_ids[local]
+            local = kept_rows(st).nonzero().squeeze(-1)
+            st.keep_rows(local)
             st.pending_keep = None
             changed = changed or local.numel() != s.rows.numel()
             s.rows = s.rows[local]
