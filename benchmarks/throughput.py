@@ -77,7 +77,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--settings", default="paper,calibrated",
-                   help="which settings of the random model: paper (forced schedule), calibrated (thresholds)")
+                   help="which settings of the random model: paper (forced schedule), paper-md (the same without "
+                        "the shallow stage, as the vLLM plugin serves), calibrated (thresholds)")
     p.add_argument("--organism", action="store_true",
                    help="the embedded model on its held-out questions (left-padded batches) with its shipped "
                         "calibrated config, instead of the random LLaVA-shaped model")
@@ -95,6 +96,8 @@ def main(argv=None):
     K, forced = paper_schedule(L, args.keep)
     settings = {  # --settings key: (name, config, schedule)
         "paper": ("paper-like (forced)", VisiPrunerConfig(shallow_layers=K), forced),
+        # the same schedule without the shallow stage: what the vLLM plugin serves (vllm_throughput.py)
+        "paper-md": ("forced, middle+deep", VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=K), forced),
         "calibrated": ("calibrated thresholds", shipped_config(), None),
     }
     settings = {name: (cfg, sched) for key, (name, cfg, sched) in settings.items() if key in args.settings.split(",")}

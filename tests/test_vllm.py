@@ -27,7 +27,8 @@ except ImportError as e:  # CI installs it (scripts/setup.sh --vllm): there a mi
         raise ImportError(f"CI runs the vLLM tests: install vLLM with scripts/setup.sh --vllm ({e})") from e
     pytest.skip("vLLM is not installed (bash scripts/setup.sh --vllm)", allow_module_level=True)
 
-from visipruner import CDPrunerConfig, FastVConfig, Schedule, VisiPrunerConfig  # noqa: E402
+from visipruner import (  # noqa: E402
+    CDPrunerConfig, FastVConfig, PDropConfig, RandomConfig, Schedule, VisiPrunerConfig, VTWConfig)
 from visipruner.testing import tiny_llava_with_processor  # noqa: E402
 from visipruner.vllm.folders import save_for_vllm  # noqa: E402
 from visipruner.vllm.records import RECENT, fingerprint  # noqa: E402
@@ -67,10 +68,11 @@ class Request:
 REQUESTS = [Request(i) for i in range(len(SHAPES))]
 
 
-def tiny_model():
-    """The HF model and processor; the language model re-drawn with larger weights, so that greedy
-    answers vary from token to token (the default init answers one token over and over)."""
-    model, proc = tiny_llava_with_processor(0, layers=LAYERS, hidden=128, image_size=IMAGE)
+def tiny_model(lm: str = "llama"):
+    """The HF model and processor (``lm``: 'llama' or 'qwen2'); the language model re-drawn with larger
+    weights, so that greedy answers vary from token to token (the default init answers one token over
+    and over)."""
+    model, proc = tiny_llava_with_processor(0, layers=LAYERS, hidden=128, image_size=IMAGE, lm=lm)
     _redraw_language_model(model.model.language_model, model.lm_head)
     return model, proc
 
@@ -299,6 +301,41 @@ def test_visipruner_forced_schedule_equals_hf(tiny, folder):
     assert all(r["visual_tokens_per_layer"][2:4] == [5, 5] and r["visual_tokens_per_layer"][4:] == [0, 0]
                for r in records)
     del llm
+
+
+# the in-LLM peers on the plugin's mechanism, each with the visual tokens per layer it must leave
+# (64 per image; the 2-image requests hold 128): PyramidDrop halves them at layers 1 and 3, VTW
+# removes them all after layer 2, random keeps a seeded quarter after layer 1 (its choice per prompt)
+PEERS = {
+    "pdrop": (PDropConfig(layers=(1, 3), keep_ratio=0.5), lambda n: [n, n, n // 2, n // 2, n // 4, n // 4]),
+    "vtw": (VTWConfig(layer=2), lambda n: [n, n, n, 0, 0, 0]),
+    "random": (RandomConfig(layer=1, keep_ratio=0.25, seed=3), lambda n: [n, n] + [n // 4] * 4),
+}
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_peer_methods_equal_hf(tiny, folder, name):
+    """PyramidDrop, VTW and random under the plugin: per request the HF runtime's decisions, tokens and
+    log-probs, in one staggered batch of image and text-only requests."""
+    cfg, per_layer = PEERS[name]
+    llm = _engine(folder(name, config=cfg))
+    records = _check_against_hf(tiny, _vllm_staggered(llm, REQUESTS), cfg)
+    del llm
+    assert len(records) == sum(bool(r.images) for r in REQUESTS)
+    assert all(rec["method"] == name and rec["visual_tokens_per_layer"] == per_layer(rec["visual_tokens"])
+               for rec in records)
+
+
+def test_llava_qwen2_language_model_equals_hf(tmp_path):
+    """LLaVA-1.5 with a Qwen2 language model (q/k/v biases; vLLM's Qwen2Model under the plugin): FastV's
+    choice, scored from that model's own queries and keys, per request equal to the HF runtime's."""
+    tiny = tiny_model(lm="qwen2")
+    assert type(tiny[0].model.language_model).__name__ == "Qwen2Model"
+    cfg = FastVConfig(layer=1, keep_ratio=0.25)
+    llm = _engine(save_for_vllm(*tiny, tmp_path / "qwen2", config=cfg))
+    records = _check_against_hf(tiny, _vllm_staggered(llm, REQUESTS), cfg)
+    del llm
+    assert records and all(r["visual_tokens_per_layer"][2:] == [(r["visual_tokens"] + 3) // 4] * 4 for r in records)
 
 
 @pytest.mark.parametrize("overrides, config, message", [

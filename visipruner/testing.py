@@ -24,10 +24,17 @@ def tiny_llava(
     vision_layers: int = 1,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    lm: str = "llama",
 ) -> LlavaForConditionalGeneration:
-    """A random LLaVA with a Llama language model; (image_size/patch)^2 visual tokens per image."""
+    """A random LLaVA with a Llama (``lm="llama"``) or Qwen2 (``lm="qwen2"``: q/k/v biases) language model;
+    (image_size/patch)^2 visual tokens per image."""
+    from transformers import Qwen2Config
+
+    text_configs = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if lm not in text_configs:
+        raise ValueError(f"lm must be 'llama' or 'qwen2', got {lm!r}")
     torch.manual_seed(seed)
-    text = LlamaConfig(
+    text = text_configs[lm](
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
