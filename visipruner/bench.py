@@ -688,12 +688,17 @@ def _run(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
+    _write_plot(args, rows, plot_pareto)
+    return 0
+
+
+def _write_plot(args, rows, plot) -> None:
+    """The plot beside the JSON (or at --png), drawn by ``plot(rows, path)``."""
     png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if png:
         Path(png).parent.mkdir(parents=True, exist_ok=True)
-        plot_pareto(rows, png)
+        plot(rows, png)
         print(f"wrote {png}", file=sys.stderr)
-    return 0
 
 
 # --quick: the README's main job, about 5 minutes on 2 idle cores whatever the number of methods (light
@@ -727,11 +732,7 @@ def _run_budgets(args, model, processor, questions, cfg, methods, budgets) -> in
     if args.json:
         save(rows)
         print(f"wrote {args.json}", file=sys.stderr)
-    png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
-    if png:
-        Path(png).parent.mkdir(parents=True, exist_ok=True)
-        plot_budgets(rows, png)
-        print(f"wrote {png}", file=sys.stderr)
+    _write_plot(args, rows, plot_budgets)
     return 0
 
 
