@@ -27,29 +27,20 @@ of the budget is filled by relevance (ties: the earlier token).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..config import MethodConfig
-from .budget import budget_tokens, check_budget
-from .input_selection import InputSelection
+from .budget import budget_tokens
+from .input_selection import InputSelection, InputSelectionConfig
 
-DEFAULT_RATIO = 128 / 576  # the field's middle budget on LLaVA-1.5
 RANK_TOL = 1e-9  # a gain below this fraction of the largest diagonal entry counts as zero
 
 
 @dataclass
-class CDPrunerConfig(MethodConfig):
-    keep_ratio: float | None = field(
-        default=None, metadata={"help": "Fraction of the prompt's visual tokens kept (default 128/576), in (0, 1]."})
-    keep_tokens: int | None = field(
-        default=None, metadata={"help": "Number of the prompt's visual tokens kept (instead of keep_ratio), >= 1."})
+class CDPrunerConfig(InputSelectionConfig):
     method = "cdpruner"
-
-    def __post_init__(self):
-        check_budget(self, DEFAULT_RATIO)
 
     def build(self):
         return CDPruner(self)

@@ -12,28 +12,18 @@ selects on LLaVA, and which every family has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..config import MethodConfig
-from .budget import budget_tokens, check_budget
-from .input_selection import InputSelection
-
-DEFAULT_RATIO = 128 / 576
+from .budget import budget_tokens
+from .input_selection import InputSelection, InputSelectionConfig
 
 
 @dataclass
-class DivPruneConfig(MethodConfig):
-    keep_ratio: float | None = field(
-        default=None, metadata={"help": "Fraction of the prompt's visual tokens kept (default 128/576), in (0, 1]."})
-    keep_tokens: int | None = field(
-        default=None, metadata={"help": "Number of the prompt's visual tokens kept (instead of keep_ratio), >= 1."})
+class DivPruneConfig(InputSelectionConfig):
     method = "divprune"
-
-    def __post_init__(self):
-        check_budget(self, DEFAULT_RATIO)
 
     def build(self):
         return DivPrune(self)

@@ -9,9 +9,28 @@ original positions (M-RoPE included), which the runtime already does for in-mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ..config import MethodConfig
 from .base import PromptLayout, PruningMethod
+from .budget import check_budget
+
+DEFAULT_RATIO = 128 / 576  # the field's middle budget on LLaVA-1.5
+
+
+@dataclass
+class InputSelectionConfig(MethodConfig):
+    """The budget of a method choosing before the language model (CDPruner, DivPrune)."""
+
+    keep_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of the prompt's visual tokens kept (default 128/576), in (0, 1]."})
+    keep_tokens: int | None = field(
+        default=None, metadata={"help": "Number of the prompt's visual tokens kept (instead of keep_ratio), >= 1."})
+
+    def __post_init__(self):
+        check_budget(self, DEFAULT_RATIO)
 
 
 class InputSelection(PruningMethod):
