@@ -24,6 +24,12 @@ def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visib
     Taken on the prompt's last token over the prompt's keys: tokens the call carries after the prompt
     (``st.extra``: drafts being verified) take no part. Sets ``st.pending_keep`` / ``st.pending_merges``
     for the engine to apply before the next layer, and records them in ``st.decisions``."""
+    if st.replay is not None:  # a recomputed prompt: the decisions its own prefill took, not new ones
+        keep, merges = st.replay.get(layer, (None, []))
+        st.pending_keep, st.pending_merges = keep, list(merges)
+        if keep is not None or merges:  # kept as this state's own record too (it may be replayed again)
+            st.decisions[layer] = (keep, list(merges))
+        return
     method = st.method
     present = st.present
     influence = None

@@ -894,10 +894,6 @@ class PruningHandle:
         replayed from the prompt's own prefill."""
         if self._replaying:
             return
-        if st.replay is not None:
-            keep, merges = st.replay.get(layer, (None, []))
-            st.pending_keep, st.pending_merges = keep, list(merges)
-            return
         decide_layer(st, layer, q, k, v, scale, module.num_key_value_groups, mode, visible)
 
     def _shallow_prefill(self, module, q, k, v, scale, mode, st, visible):

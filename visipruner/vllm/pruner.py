@@ -31,7 +31,7 @@ import itertools
 import torch
 
 from ..decisions import decide_layer, kept_rows, prefill_stats
-from ..methods.base import PromptLayout, PruningMethod
+from ..methods.base import PromptLayout
 from ..runtime import _PromptState  # the HF runtime's per-prompt bookkeeping, shared
 
 
@@ -44,21 +44,6 @@ class _Request:
     prompt: torch.Tensor  # the prompt's token ids
     fed: list[int] = dataclasses.field(default_factory=list)  # generated tokens fed back in decode steps
     resumed: bool = False  # a recomputation after preemption: decisions replayed, no new record
-
-
-class _Replay(PruningMethod):
-    """The decisions a request took before vLLM preempted it, replayed on its recomputation: from each
-    layer on, the visual tokens that layer held then."""
-
-    name = "replay"
-
-    def __init__(self, layer_visual_ids):
-        self.kept = [v[v >= 0] for v in layer_visual_ids]
-
-    def decide(self, layer, influence, present):
-        if layer + 1 >= len(self.kept) or self.kept[layer + 1].numel() == present.numel():
-            return None
-        return self.kept[layer + 1]
 
 
 @dataclasses.dataclass
@@ -192,7 +177,8 @@ class StepPruner:
         """A recomputed request takes the decisions it took before (its prompt's visual tokens only)."""
         p = int(earlier.prompt.numel())
         is_vis = torch.isin(ids, self.visual_token_ids.to(ids.device)) & (torch.arange(ids.numel(), device=ids.device) < p)
-        req = self._start(ids, is_vis, method=_Replay(earlier.state.layer_visual_ids))
+        req = self._start(ids, is_vis, method=earlier.state.method)
+        req.state.replay = earlier.state.decisions  # decide_layer replays them, layer by layer
         req.prompt, req.fed, req.resumed = earlier.prompt, earlier.fed, True
         self.resumed += 1
         return req
@@ -208,7 +194,8 @@ class StepPruner:
             for L, layer in enumerate(self.layers):
                 present, hidden, residual = self._apply_pending(L, steps, present, hidden, residual)
                 self._install_metadata(fc, md, L, steps, present, saved)
-                need = [s for s in steps if s.prefill is not None and s.prefill.state.method.needs_influence(L)]
+                need = [s for s in steps if s.prefill is not None and s.prefill.state.replay is None
+                        and s.prefill.state.method.needs_influence(L)]
                 for s in steps:
                     if s.prefill is not None:
                         st = s.prefill.state
@@ -273,7 +260,7 @@ class StepPruner:
                 continue
             st = s.prefill.state
             qr = kr = vr = None
-            if q is not None and st.method.needs_influence(L):
+            if q is not None and st.replay is None and st.method.needs_influence(L):
                 a = int(torch.searchsorted(present, s.rows[0]))  # a request's present tokens are contiguous
                 b = a + int(s.rows.numel())
                 qr = q[a:b].reshape(b - a, attn.num_heads, -1).transpose(0, 1)[None]
