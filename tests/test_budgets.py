@@ -85,6 +85,37 @@ def test_run_budgets_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_questions_without_gold_answers_are_scored_by_agreement_with_the_unpruned_model(tmp_path, capsys):
+    """Real photos have no gold answer: % retained is then the agreement with the unpruned answers
+    (chosen automatically), recomputed here from the records, and the table and plot say so."""
+    from visipruner.bench import answer_all
+    from visipruner.budgets import score_of
+    from visipruner.data.photos import ANSWER
+    model = tiny_llava(0, layers=8, image_size=64)
+    processor = FakeProcessor(model)
+    questions = [FakeQuestion(i) for i in range(6)]
+    for q in questions:
+        q.answer = ANSWER
+    assert score_of(questions) == "agreement" and score_of(questions, "gold") == "gold"
+    with pytest.raises(ValueError, match="score"):
+        score_of(questions, "bleu")
+    base = answer_all(model, processor, questions, None, 2, "unpruned")
+    rows = run_budgets(model, processor, questions, VisiPrunerConfig(shallow_layers=2), ("fastv", "random"),
+                       budgets=(0.1,), max_new_tokens=2, unpruned_records=base)
+    assert rows[0]["score"] == "agreement" and rows[0]["accuracy"] == 0.0  # no question is "right" by gold
+    for r in rows[1:]:
+        assert r["score"] == "agreement" and r["retained_pct"] == pytest.approx(100 * r["agreement"])
+    assert any(r["retained_pct"] < 100 for r in rows[1:])  # 10% of the tokens changes some tiny-model answers
+    # gold scoring of the same questions: the unpruned model is never right, so % retained is undefined
+    with pytest.raises(ValueError, match="unpruned model answered no question"):
+        run_budgets(model, processor, questions, VisiPrunerConfig(shallow_layers=2), ("fastv",), budgets=(0.1,),
+                    max_new_tokens=2, unpruned_records=base, score="gold")
+    print_budget_table(rows)
+    assert "agreement with the unpruned answers" in capsys.readouterr().out
+    plot_budgets(rows, str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("make,layer", [("FastVConfig", 2), ("DARTConfig", 2), ("RandomConfig", 2),
                                         ("CDPrunerConfig", None), ("DivPruneConfig", None)])
 def test_keep_tokens_is_the_count_kept_and_excludes_keep_ratio(make, layer):

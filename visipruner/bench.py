@@ -727,7 +727,7 @@ def _run_budgets(args, model, processor, questions, cfg, methods, budgets) -> in
             Path(args.json).write_text(json.dumps(rows, indent=2))
 
     rows = run_budgets(model, processor, questions, cfg, [m for m in methods if m != "attention"], budgets,
-                       batch_size=args.batch_size, on_row=save)
+                       batch_size=args.batch_size, on_row=save, score=args.score)
     print_budget_table(rows)
     if args.json:
         save(rows)
@@ -751,6 +751,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budgets", help="comma-separated budgets, fractions of the visual tokens (e.g. 0.11,0.22,0.33): "
                    "each method's accuracy as %% of the unpruned model's at each budget, with 90%% bootstrap "
                    "intervals, and a plot of %% retained against budget (no timing)")
+    p.add_argument("--score", choices=["auto", "gold", "agreement"], default="auto",
+                   help="--budgets: score answers against the gold answers, or against the unpruned model's "
+                        "(%% retained is then the agreement); auto: agreement when the question file has no gold "
+                        "answers (real photos, python -m visipruner.data.photos)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per generate call for the accuracy runs (each row pruned as if alone); above 1, "
                         "each setting's throughput on one batch of this size is also timed (batch tok/s, batch KV)")

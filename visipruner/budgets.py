@@ -12,7 +12,10 @@ fallback at half depth unless the config names one), then its deep stage as conf
 average visual tokens per layer is reported next to its score, not matched.
 
 % retained = accuracy / unpruned accuracy on the same questions, with a 90% bootstrap interval
-(questions resampled, pruned and unpruned answers kept in pairs).
+(questions resampled, pruned and unpruned answers kept in pairs). Questions without a gold answer
+(real photos: ``visipruner.data.photos``) are scored by agreement instead (``score="agreement"``):
+a pruned answer counts as right when it equals the unpruned model's, so % retained is the agreement
+in percent, and the unpruned row is 100 by definition.
 """
 
 from __future__ import annotations
@@ -67,20 +70,50 @@ def retained(correct, correct_unpruned, draws: int = 2000) -> tuple[float, list[
     return float(100.0 * c.sum() / u.sum()), [float(lo), float(hi)]
 
 
+SCORES = ("gold", "agreement")
+
+
+def score_of(questions, score: str = "auto") -> str:
+    """``gold`` (accuracy against each question's answer) or ``agreement`` (against the unpruned model's
+    answer); ``auto`` picks agreement when no question has a gold answer (the photo source's)."""
+    from .data.photos import ANSWER
+
+    if score == "auto":
+        return "agreement" if all(q.answer == ANSWER for q in questions) else "gold"
+    if score not in SCORES:
+        raise ValueError(f"score must be auto, gold or agreement; got {score!r}")
+    return score
+
+
 def run_budgets(model, processor, questions, visipruner_cfg: VisiPrunerConfig, methods, budgets=BUDGETS,
-                max_new_tokens: int = 6, batch_size: int = 1, unpruned_records=None, on_row=None) -> list[dict]:
+                max_new_tokens: int = 6, batch_size: int = 1, unpruned_records=None, on_row=None,
+                score: str = "auto") -> list[dict]:
     """One row per (method, budget) plus the unpruned row: accuracy, % retained with its interval,
     agreement with the unpruned answers, average visual fraction per layer, prefill FLOPs ratio.
-    ``on_row(rows)`` is called after each row (e.g. to save what a long run has so far)."""
+    ``on_row(rows)`` is called after each row (e.g. to save what a long run has so far). ``score``:
+    see ``score_of``; each row says which (``score``)."""
     from .bench import Setting, answer_all, summarise
+    from .evaluate import normalize_answer
+
+    score = score_of(questions, score)
 
     L = model.config.text_config.num_hidden_layers
     unpruned = Setting("unpruned", "budget", None)
     unpruned.records = unpruned_records or answer_all(model, processor, questions, None, max_new_tokens, "unpruned",
                                                       batch_size)
-    base = [r["correct"] for r in unpruned.records]
+    if score == "agreement":  # the unpruned answers are the reference: each pruned answer right when equal
+        reference = [normalize_answer(r["prediction"]) for r in unpruned.records]
+        base = [True] * len(reference)
+
+        def right(records):
+            return [normalize_answer(r["prediction"]) == a for r, a in zip(records, reference)]
+    else:
+        base = [r["correct"] for r in unpruned.records]
+
+        def right(records):
+            return [r["correct"] for r in records]
     row = summarise(unpruned, None, {})
-    row.update(budget=1.0, retained_pct=100.0, retained_ci=[100.0, 100.0])
+    row.update(budget=1.0, retained_pct=100.0, retained_ci=[100.0, 100.0], score=score)
     rows = [row]
     if "visipruner" in methods and visipruner_budget_config(visipruner_cfg, 0.5, L) is None:
         print("bench: visipruner has no budget mode in this version (VisiPrunerConfig has no keep_ratio); "
@@ -90,8 +123,8 @@ def run_budgets(model, processor, questions, visipruner_cfg: VisiPrunerConfig, m
             s = Setting(name, "budget", cfg)
             s.records = answer_all(model, processor, questions, cfg, max_new_tokens, f"{name}@{b:g}", batch_size)
             row = summarise(s, unpruned.records, {})
-            row["budget"] = b
-            row["retained_pct"], row["retained_ci"] = retained([r["correct"] for r in s.records], base)
+            row["budget"], row["score"] = b, score
+            row["retained_pct"], row["retained_ci"] = retained(right(s.records), base)
             rows.append(row)
             if on_row is not None:
                 on_row(rows)
@@ -102,7 +135,10 @@ def print_budget_table(rows: list[dict]) -> None:
     """Methods down, budgets across: % retained ±half-width of the 90% interval (as the field's tables)."""
     budgets = sorted({r["budget"] for r in rows if r["method"] != "unpruned"})
     un = next(r for r in rows if r["method"] == "unpruned")
-    print(f"% of the unpruned accuracy ({un['accuracy']:.3f} on {un['n']} questions), 90% bootstrap interval")
+    if un.get("score") == "agreement":
+        print(f"agreement with the unpruned answers, % ({un['n']} questions without gold answers), 90% bootstrap interval")
+    else:
+        print(f"% of the unpruned accuracy ({un['accuracy']:.3f} on {un['n']} questions), 90% bootstrap interval")
     head = f"{'method':<12}" + "".join(f"{f'{b:.0%} tokens':>18}" for b in budgets)
     print(head)
     print("-" * len(head))
@@ -161,11 +197,12 @@ def plot_budgets(rows: list[dict], path: str) -> None:
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
     ax.set_xlabel("visual tokens kept (fraction of the prompt's, average per layer)")
-    ax.set_ylabel("% of the unpruned accuracy")
     un = next((r for r in rows if r["method"] == "unpruned"), None)
+    agreement = un is not None and un.get("score") == "agreement"
+    ax.set_ylabel("% agreement with the unpruned answers" if agreement else "% of the unpruned accuracy")
     if un is not None:
-        ax.set_title(f"accuracy retained at fixed budgets ({un['n']} questions; bars: 90% bootstrap intervals)",
-                     fontsize=9)
+        what = "agreement" if agreement else "accuracy retained"
+        ax.set_title(f"{what} at fixed budgets ({un['n']} questions; bars: 90% bootstrap intervals)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
