@@ -169,10 +169,10 @@ def _record(prompt_ids) -> dict:
     return found[-1]
 
 
-def _check_against_hf(tiny, outputs, config, schedule=None, tol=1e-4) -> list[dict]:
+def _check_against_hf(tiny, outputs, config, schedule=None, tol=1e-4, requests=REQUESTS) -> list[dict]:
     """Each vLLM output equals the HF runtime's run of that request alone; returns the records."""
     records = []
-    for r, out in zip(REQUESTS, outputs):
+    for r, out in zip(requests, outputs):
         tokens, logprobs, stats, prompt = _hf(tiny, r, config, schedule)
         assert list(out.prompt_token_ids) == prompt
         v_tokens, v_logprobs = _answer(out)

@@ -1,0 +1,206 @@
+"""The vLLM plugin on InternVL (HF format) and Qwen3-VL (deepstack), against stock vLLM and the HF runtime.
+
+Each family's tiny random model is built in-process with its own processor and saved as a model
+folder (``save_for_vllm``), as ``test_vllm.py`` does for LLaVA and Qwen2-VL: a folder without a
+config serves as stock vLLM does, and with FastV and a forced VisiPruner schedule every request
+takes ``visipruner.apply``'s decisions and gives its tokens and log-probs, in one staggered batch of
+image and text-only requests. Qwen3-VL's deepstack features are added after layers 0-2, and the
+pruning starts at layer 1: only the visual tokens still present may get them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import test_vllm as t  # noqa: E402  (its helpers; it skips this module too without vLLM, fails under CI)
+
+from visipruner import FastVConfig, Schedule, VisiPrunerConfig  # noqa: E402
+from visipruner.testing import tiny_text_config, tiny_tokenizer  # noqa: E402
+from visipruner.vllm.folders import save_for_vllm  # noqa: E402
+
+FASTV = FastVConfig(layer=1, keep_ratio=0.25)
+SCHEDULE = Schedule(fusion_layer=1, critical_tokens=[0, 5, 9, 15], exit_layer=3)  # every image has >= 16 tokens
+MIDDLE_DEEP = VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1)
+DEEPSTACK = 3  # Qwen3-VL: features of vision blocks 0-2 added after language-model layers 0-2
+
+
+# ----------------------------------------------------------------------------------- the models
+INTERNVL_IMAGE = "<IMG_CONTEXT>"
+
+
+def tiny_internvl_with_processor(lm: str = "qwen2"):
+    """A tiny random InternVL in the HF format (``lm``: 'llama' or 'qwen2'; head dimension 32; 64-pixel
+    tiles of 16 tokens, up to 4 tiles and a thumbnail) and its InternVLProcessor."""
+    import transformers as tf
+
+    extra = dict(start_image_token="<img>", end_image_token="</img>", context_image_token=INTERNVL_IMAGE,
+                 video_token="<video>")
+    base = tiny_tokenizer(list(extra.values()))
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                     extra_special_tokens=extra)
+    text = dict(tiny_text_config(lm, layers=t.LAYERS, vocab=len(tok) + 2), hidden_size=128, intermediate_size=256)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=64,
+                  patch_size=8)
+    torch.manual_seed(0)
+    cfg = tf.InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
+                            image_seq_length=16)
+    model = tf.InternVLForConditionalGeneration(cfg).float().eval()
+    t._redraw_language_model(model.model.language_model, model.lm_head)
+    size = {"height": 64, "width": 64}
+    proc = tf.InternVLProcessor(image_processor=tf.GotOcr2ImageProcessor(size=size, max_patches=4),
+                                video_processor=tf.InternVLVideoProcessor(size=size), tokenizer=tok,
+                                image_seq_length=16, chat_template=t.QWEN_TEMPLATE)
+    return model, proc
+
+
+def tiny_qwen3_vl_with_processor():
+    """A tiny random Qwen3-VL (head dimension 32, interleaved M-RoPE, q/k norms, deepstack after layers
+    0-2) whose vocabulary is a tiny tokenizer's, and its processor (16 to 64 pixels a side)."""
+    import transformers as tf
+
+    tok = tiny_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(
+        image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>").items()}
+    text = dict(vocab_size=len(tok) + 2, hidden_size=128, intermediate_size=256, num_hidden_layers=t.LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=DEEPSTACK, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=16, deepstack_visual_indexes=list(range(DEEPSTACK)))
+    torch.manual_seed(0)
+    model = tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+    model = model.float().eval()
+    t._redraw_language_model(model.model.language_model, model.lm_head)
+    size = {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
+    grid = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    proc = tf.Qwen3VLProcessor(image_processor=tf.Qwen2VLImageProcessor(size=size, **grid),
+                               video_processor=tf.Qwen3VLVideoProcessor(size=size, **grid), tokenizer=tok,
+                               chat_template=t.QWEN_TEMPLATE)
+    return model, proc
+
+
+class FamilyRequest(t.Request):
+    """An image-and-text (or text-only) prompt with the family's image placeholder."""
+
+    def __init__(self, i: int, sizes, placeholder: str):
+        self.max_tokens = 4 + i
+        self.images = [t._image(i).resize(s) for s in sizes]
+        self.prompt = ("<|im_start|>user\n" + placeholder * len(sizes) + t.QUESTIONS[i]
+                       + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _requests(placeholder: str) -> list[FamilyRequest]:
+    # one tile, text only, a wide image (InternVL: 2 tiles + thumbnail), two images
+    return [FamilyRequest(0, [(64, 64)], placeholder), FamilyRequest(1, [], placeholder),
+            FamilyRequest(2, [(128, 64)], placeholder), FamilyRequest(3, [(64, 32), (64, 64)], placeholder)]
+
+
+FAMILIES = {
+    "internvl-qwen2": (lambda: tiny_internvl_with_processor("qwen2"), INTERNVL_IMAGE),
+    "internvl-llama": (lambda: tiny_internvl_with_processor("llama"), INTERNVL_IMAGE),
+    "qwen3-vl": (tiny_qwen3_vl_with_processor, t.QWEN_IMAGE),
+}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """``family(name)``: (HF model and processor, its requests, a folder maker), built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            make, placeholder = FAMILIES[name]
+            tiny = make()
+
+            def folder(tag, **kwargs):
+                return save_for_vllm(*tiny, tmp_path_factory.mktemp(f"{name}-{tag}"), **kwargs)
+
+            built[name] = tiny, _requests(placeholder), folder
+        return built[name]
+
+    return get
+
+
+def test_tiny_qwen3_vl_has_deepstack_where_pruning_acts():
+    """The deepstack layers overlap the pruned ones (FastV and the schedule act from layer 1)."""
+    model, _ = tiny_qwen3_vl_with_processor()
+    assert model.config.vision_config.deepstack_visual_indexes == [0, 1, 2]
+    assert FASTV.layer < DEEPSTACK - 1 and SCHEDULE.fusion_layer < DEEPSTACK - 1
+
+
+# ----------------------------------------------------------------------------------------- tests
+STOCK = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, {tests!r})
+import test_vllm as t, test_vllm_families as f
+from vllm import LLM, ModelRegistry
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # VLLM_PLUGINS keeps the plugin out: vLLM's own classes
+answers = {{}}
+for name, path in {folders!r}.items():
+    assert "visipruner" not in repr(vars(ModelRegistry.models[json.load(open(path + "/config.json"))["architectures"][0]]))
+    reqs = f._requests(f.FAMILIES[name][1])
+    llm = LLM(model=path, **t.ENGINE)
+    outs = llm.generate([r.vllm_prompt() for r in reqs], [t._params(r.max_tokens) for r in reqs], use_tqdm=False)
+    answers[name] = [t._answer(o) for o in outs]
+    del llm
+json.dump(answers, open({out!r}, "w"))
+"""
+
+
+def test_unpruned_folders_match_stock_vllm(family, tmp_path):
+    """InternVL and Qwen3-VL folders without a pruning config are served as stock vLLM serves them
+    (stock: vLLM without the plugin, in a subprocess that runs while this process runs the plugin)."""
+    names = ["internvl-qwen2", "qwen3-vl"]
+    folders = {name: str(family(name)[2]("plain")) for name in names}
+    out = tmp_path / "stock.json"
+    code = STOCK.format(tests=os.path.dirname(__file__), folders=folders, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, VLLM_PLUGINS="no-such-plugin"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ours = {}
+    for name in names:
+        requests = family(name)[1]
+        llm = t._engine(folders[name])
+        assert "Pruned" in llm.apply_model(lambda model: type(model).__name__)[0]  # the plugin's class, no config
+        ours[name] = llm.generate([r.vllm_prompt() for r in requests], [t._params(r.max_tokens) for r in requests],
+                                  use_tqdm=False)
+        del llm
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stock = json.loads(out.read_text())
+    for name in names:
+        for (tokens, logprobs), o in zip(stock[name], ours[name]):
+            v_tokens, v_logprobs = t._answer(o)
+            assert v_tokens == tokens
+            assert max(abs(a - b) for a, b in zip(v_logprobs, logprobs)) < 1e-5
+
+
+@pytest.mark.parametrize("name, config, schedule", [
+    ("internvl-qwen2", FASTV, None), ("internvl-qwen2", MIDDLE_DEEP, SCHEDULE), ("internvl-llama", FASTV, None),
+    ("qwen3-vl", FASTV, None), ("qwen3-vl", MIDDLE_DEEP, SCHEDULE),
+], ids=["internvl-qwen2-fastv", "internvl-qwen2-schedule", "internvl-llama-fastv", "qwen3-vl-fastv",
+        "qwen3-vl-schedule"])
+def test_pruned_family_equals_hf(family, name, config, schedule):
+    """Per request (one tile, several tiles, two images, text only; staggered in one batch) the plugin
+    takes the HF runtime's decisions and gives its tokens and log-probs; the pruning fired."""
+    tiny, requests, folder = family(name)
+    llm = t._engine(folder(config.method, config=config, schedule=schedule))
+    records = t._check_against_hf(tiny, t._vllm_staggered(llm, requests), config, schedule, requests=requests)
+    del llm
+    assert len(records) == 3
+    for rec in records:
+        n = rec["visual_tokens"]
+        if schedule is None:  # FastV keeps a quarter after layer 1
+            assert rec["visual_tokens_per_layer"] == [n, n] + [(n + 3) // 4] * (t.LAYERS - 2)
+        else:  # the schedule's critical tokens in layers 2-3, none after the exit
+            assert rec["visual_tokens_per_layer"] == [n, n, 4, 4, 0, 0]
