@@ -80,6 +80,10 @@ def tiny_qwen3_vl_with_processor():
     model = tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
     model = model.float().eval()
     t._redraw_language_model(model.model.language_model, model.lm_head)
+    with torch.no_grad():  # deepstack features as large as the token embeddings, so that their rows matter
+        for merger in model.model.visual.deepstack_merger_list:
+            merger.linear_fc1.weight.mul_(5)
+            merger.linear_fc2.weight.mul_(5)
     size = {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
     grid = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     proc = tf.Qwen3VLProcessor(image_processor=tf.Qwen2VLImageProcessor(size=size, **grid),
@@ -204,3 +208,40 @@ def test_pruned_family_equals_hf(family, name, config, schedule):
             assert rec["visual_tokens_per_layer"] == [n, n] + [(n + 3) // 4] * (t.LAYERS - 2)
         else:  # the schedule's critical tokens in layers 2-3, none after the exit
             assert rec["visual_tokens_per_layer"] == [n, n, 4, 4, 0, 0]
+
+
+def tiny_llava_next_with_processor():
+    """A tiny random LLaVA-NeXT (a family the plugin does not prune yet) and its processor."""
+    import transformers as tf
+
+    tok = tiny_tokenizer(["<image>"])
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8)
+    text = dict(tiny_text_config("qwen2", layers=2, vocab=len(tok) + 2), hidden_size=128)  # head dimension 32
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    torch.manual_seed(0)
+    model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(
+        vision_config=vision, text_config=text, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints, image_seq_length=16, image_token_index=tok.convert_tokens_to_ids("<image>")))
+    model = model.float().eval()
+    ip = tf.LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=pinpoints)
+    proc = tf.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, image_token="<image>",
+                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, proc
+
+
+def test_unsupported_family_with_a_config_is_refused(tmp_path):
+    """A family the plugin does not prune (LLaVA-NeXT) with a visipruner_config stops at engine start with
+    one line naming the architecture (vLLM's own class would serve it unpruned); without a config vLLM
+    serves it."""
+    tiny = tiny_llava_next_with_processor()
+    with pytest.raises(Exception) as e:
+        t._engine(save_for_vllm(*tiny, tmp_path / "configured", config=FASTV))
+    text = str(e.value)
+    assert "does not prune LlavaNextForConditionalGeneration" in text and "\n" not in text
+    llm = t._engine(save_for_vllm(*tiny, tmp_path / "plain"))
+    out = llm.generate([{"prompt": "<|im_start|>user\n<image>\nwhat color ?", "multi_modal_data": {"image": t._image(0)}}],
+                       t._params(3), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 3
+    del llm
