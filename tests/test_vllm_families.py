@@ -10,10 +10,7 @@ pruning starts at layer 1: only the visual tokens still present may get them.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import contextlib
 
 import pytest
 import torch
@@ -134,59 +131,45 @@ def family(tmp_path_factory):
     return get
 
 
-def test_tiny_qwen3_vl_has_deepstack_where_pruning_acts():
-    """The deepstack layers overlap the pruned ones (FastV and the schedule act from layer 1)."""
-    model, _ = tiny_qwen3_vl_with_processor()
-    assert model.config.vision_config.deepstack_visual_indexes == [0, 1, 2]
-    assert FASTV.layer < DEEPSTACK - 1 and SCHEDULE.fusion_layer < DEEPSTACK - 1
-
-
 # ----------------------------------------------------------------------------------------- tests
-STOCK = r"""
-import json, os, sys
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-sys.path.insert(0, {tests!r})
-import test_vllm as t, test_vllm_families as f
-from vllm import LLM, ModelRegistry
-from vllm.plugins import load_general_plugins
-load_general_plugins()  # VLLM_PLUGINS keeps the plugin out: vLLM's own classes
-answers = {{}}
-for name, path in {folders!r}.items():
-    assert "visipruner" not in repr(vars(ModelRegistry.models[json.load(open(path + "/config.json"))["architectures"][0]]))
-    reqs = f._requests(f.FAMILIES[name][1])
-    llm = LLM(model=path, **t.ENGINE)
-    outs = llm.generate([r.vllm_prompt() for r in reqs], [t._params(r.max_tokens) for r in reqs], use_tqdm=False)
-    answers[name] = [t._answer(o) for o in outs]
-    del llm
-json.dump(answers, open({out!r}, "w"))
-"""
+@contextlib.contextmanager
+def _stock_class(arch: str, module: str, name: str):
+    """vLLM's own class for ``arch`` while the block runs (the plugin registered once per process, at the
+    first engine; the engine runs in this process, so the registry is this one)."""
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    ours = ModelRegistry.models[arch]
+    ModelRegistry.register_model(arch, f"vllm.model_executor.models.{module}:{name}")
+    try:
+        yield
+    finally:
+        ModelRegistry.models[arch] = ours
 
 
-def test_unpruned_folders_match_stock_vllm(family, tmp_path):
-    """InternVL and Qwen3-VL folders without a pruning config are served as stock vLLM serves them
-    (stock: vLLM without the plugin, in a subprocess that runs while this process runs the plugin)."""
-    names = ["internvl-qwen2", "qwen3-vl"]
-    folders = {name: str(family(name)[2]("plain")) for name in names}
-    out = tmp_path / "stock.json"
-    code = STOCK.format(tests=os.path.dirname(__file__), folders=folders, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, VLLM_PLUGINS="no-such-plugin"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ours = {}
-    for name in names:
-        requests = family(name)[1]
-        llm = t._engine(folders[name])
-        assert "Pruned" in llm.apply_model(lambda model: type(model).__name__)[0]  # the plugin's class, no config
-        ours[name] = llm.generate([r.vllm_prompt() for r in requests], [t._params(r.max_tokens) for r in requests],
-                                  use_tqdm=False)
+STOCK = {"internvl-qwen2": ("InternVLForConditionalGeneration", "interns1", "InternS1ForConditionalGeneration"),
+         "qwen3-vl": ("Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLForConditionalGeneration")}
+
+
+@pytest.mark.parametrize("name", STOCK)
+def test_unpruned_folder_matches_stock_vllm(family, name):
+    """A folder without a pruning config is served by the plugin's class as by vLLM's own (the stock
+    engine: vLLM's class registered back for the architecture), tokens and log-probs."""
+    tiny, requests, folder = family(name)
+    answers = {}
+    for engine in ("plugin", "stock"):  # two folders: vLLM caches a folder's class by its path
+        with _stock_class(*STOCK[name]) if engine == "stock" else contextlib.nullcontext():
+            llm = t._engine(folder(engine))
+        cls = llm.apply_model(lambda model: type(model))[0]
+        assert cls.__module__.startswith("visipruner.vllm" if engine == "plugin" else "vllm.model_executor.models")
+        outs = llm.generate([r.vllm_prompt() for r in requests], [t._params(r.max_tokens) for r in requests],
+                            use_tqdm=False)
+        answers[engine] = [t._answer(o) for o in outs]
         del llm
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    stock = json.loads(out.read_text())
-    for name in names:
-        for (tokens, logprobs), o in zip(stock[name], ours[name]):
-            v_tokens, v_logprobs = t._answer(o)
-            assert v_tokens == tokens
-            assert max(abs(a - b) for a, b in zip(v_logprobs, logprobs)) < 1e-5
+    for (tokens, logprobs), (s_tokens, s_logprobs) in zip(answers["plugin"], answers["stock"]):
+        assert tokens == s_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, s_logprobs)) < 1e-5
 
 
 @pytest.mark.parametrize("name, config, schedule", [
@@ -198,6 +181,8 @@ def test_pruned_family_equals_hf(family, name, config, schedule):
     """Per request (one tile, several tiles, two images, text only; staggered in one batch) the plugin
     takes the HF runtime's decisions and gives its tokens and log-probs; the pruning fired."""
     tiny, requests, folder = family(name)
+    if name == "qwen3-vl":  # deepstack after layers 0-2: layer 2 runs on the pruned token set (asserted below)
+        assert tiny[0].config.vision_config.deepstack_visual_indexes == list(range(DEEPSTACK)) == [0, 1, 2]
     llm = t._engine(folder(config.method, config=config, schedule=schedule))
     records = t._check_against_hf(tiny, t._vllm_staggered(llm, requests), config, schedule, requests=requests)
     del llm
@@ -235,6 +220,14 @@ def test_unsupported_family_with_a_config_is_refused(tmp_path):
     """A family the plugin does not prune (LLaVA-NeXT) with a visipruner_config stops at engine start with
     one line naming the architecture (vLLM's own class would serve it unpruned); without a config vLLM
     serves it."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _MULTIMODAL_MODELS  # vLLM's own table (not imported)
+
+    from visipruner.vllm.refused import REFUSED
+
+    for arch, where in REFUSED.items():  # vLLM's own class of each, registered lazily by the plugin
+        assert _MULTIMODAL_MODELS[arch] == where
+        assert ModelRegistry.models[arch].module_name == "visipruner.vllm.refused"
     tiny = tiny_llava_next_with_processor()
     with pytest.raises(Exception) as e:
         t._engine(save_for_vllm(*tiny, tmp_path / "configured", config=FASTV))
