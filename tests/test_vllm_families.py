@@ -238,3 +238,11 @@ def test_unsupported_family_with_a_config_is_refused(tmp_path):
                        t._params(3), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3
     del llm
+
+
+def test_evs_video_pruning_is_refused(family):
+    """vLLM's own video pruning (EVS, Qwen-VL) under a pruning config stops at engine start, in one line."""
+    with pytest.raises(Exception) as e:
+        t._engine(family("qwen3-vl")[2]("evs", config=FASTV), video_pruning_rate=0.5)
+    text = str(e.value)
+    assert "without video_pruning_rate (--video-pruning-rate)" in text and "\n" not in text
