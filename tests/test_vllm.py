@@ -144,7 +144,8 @@ def _vllm_staggered(llm, requests) -> list:
 def _hf(tiny, request, config=None, schedule=None):
     """(tokens, log-probs, PruneStats or None, prompt ids) of greedy decoding with ``visipruner.apply``."""
     model, proc = tiny
-    inputs = proc(text=request.prompt, images=request.images or None, return_tensors="pt")
+    videos = {"videos": request.videos} if getattr(request, "videos", None) else {}  # (test_vllm_families.py)
+    inputs = proc(text=request.prompt, images=request.images or None, return_tensors="pt", **videos)
     gen = copy.deepcopy(model.generation_config)
     gen.eos_token_id = []  # as vLLM's ignore_eos: answers of exactly max_tokens
     handle = visipruner.apply(model, config, schedule=schedule) if config is not None else None

@@ -32,7 +32,7 @@ INTERNVL_IMAGE = "<IMG_CONTEXT>"
 
 
 def tiny_internvl_with_processor(lm: str = "qwen2"):
-    """A tiny random InternVL in the HF format (``lm``: 'llama' or 'qwen2'; head dimension 32; 64-pixel
+    """A tiny random InternVL in the HF format (``lm``: 'llama', 'qwen2' or 'qwen3'; head dimension 32; 64-pixel
     tiles of 16 tokens, up to 4 tiles and a thumbnail) and its InternVLProcessor."""
     import transformers as tf
 
@@ -42,6 +42,8 @@ def tiny_internvl_with_processor(lm: str = "qwen2"):
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, unk_token="<unk>", pad_token="<pad>",
                                      extra_special_tokens=extra)
     text = dict(tiny_text_config(lm, layers=t.LAYERS, vocab=len(tok) + 2), hidden_size=128, intermediate_size=256)
+    if lm == "qwen3":
+        text["head_dim"] = 32
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=64,
                   patch_size=8)
     torch.manual_seed(0)
@@ -108,6 +110,7 @@ def _requests(placeholder: str) -> list[FamilyRequest]:
 FAMILIES = {
     "internvl-qwen2": (lambda: tiny_internvl_with_processor("qwen2"), INTERNVL_IMAGE),
     "internvl-llama": (lambda: tiny_internvl_with_processor("llama"), INTERNVL_IMAGE),
+    "internvl-qwen3": (lambda: tiny_internvl_with_processor("qwen3"), INTERNVL_IMAGE),
     "qwen3-vl": (tiny_qwen3_vl_with_processor, t.QWEN_IMAGE),
 }
 
@@ -174,9 +177,9 @@ def test_unpruned_folder_matches_stock_vllm(family, name):
 
 @pytest.mark.parametrize("name, config, schedule", [
     ("internvl-qwen2", FASTV, None), ("internvl-qwen2", MIDDLE_DEEP, SCHEDULE), ("internvl-llama", FASTV, None),
-    ("qwen3-vl", FASTV, None), ("qwen3-vl", MIDDLE_DEEP, SCHEDULE),
-], ids=["internvl-qwen2-fastv", "internvl-qwen2-schedule", "internvl-llama-fastv", "qwen3-vl-fastv",
-        "qwen3-vl-schedule"])
+    ("internvl-qwen3", FASTV, None), ("qwen3-vl", FASTV, None), ("qwen3-vl", MIDDLE_DEEP, SCHEDULE),
+], ids=["internvl-qwen2-fastv", "internvl-qwen2-schedule", "internvl-llama-fastv", "internvl-qwen3-fastv",
+        "qwen3-vl-fastv", "qwen3-vl-schedule"])
 def test_pruned_family_equals_hf(family, name, config, schedule):
     """Per request (one tile, several tiles, two images, text only; staggered in one batch) the plugin
     takes the HF runtime's decisions and gives its tokens and log-probs; the pruning fired."""
@@ -246,3 +249,36 @@ def test_evs_video_pruning_is_refused(family):
         t._engine(family("qwen3-vl")[2]("evs", config=FASTV), video_pruning_rate=0.5)
     text = str(e.value)
     assert "without video_pruning_rate (--video-pruning-rate)" in text and "\n" not in text
+
+
+class VideoRequest(t.Request):
+    """An InternVL prompt with a 4-frame video (64 visual tokens: 16 per frame)."""
+
+    def __init__(self):
+        import numpy as np
+
+        self.max_tokens, self.images = 6, []
+        self.videos = [(np.random.RandomState(0).rand(4, 64, 64, 3) * 255).astype("uint8")]
+        self.prompt = "<|im_start|>user\n<video>\n" + t.QUESTIONS[0] + "<|im_end|>\n<|im_start|>assistant\n"
+
+    def vllm_prompt(self) -> dict:
+        return {"prompt": self.prompt, "multi_modal_data": {"video": self.videos[0]}}
+
+
+def test_internvl_video_frames_equal_hf(family):
+    """InternVL's video frames (vLLM: runs of the tokenizer's video token; transformers: of the image
+    token) are pruned as the HF runtime prunes them: FastV's decisions, tokens and log-probs."""
+    tiny, _, folder = family("internvl-qwen2")
+    request = VideoRequest()
+    llm = t._engine(folder("video", config=FASTV), limit_mm_per_prompt={"image": 0, "video": 1})
+    out = llm.generate([request.vllm_prompt()], t._params(request.max_tokens), use_tqdm=False)[0]
+    del llm
+    tokens, logprobs, stats, prompt = t._hf(tiny, request, FASTV)
+    tok = tiny[1].tokenizer
+    video, image = tok.convert_tokens_to_ids("<video>"), tok.context_image_token_id
+    assert [image if i == video else i for i in out.prompt_token_ids] == prompt and video in out.prompt_token_ids
+    v_tokens, v_logprobs = t._answer(out)
+    assert v_tokens == tokens
+    assert max(abs(a - b) for a, b in zip(v_logprobs, logprobs)) < 1e-4
+    rec = t._record(out.prompt_token_ids)
+    assert rec["visual_tokens_per_layer"] == stats.visual_tokens_per_layer == [64, 64] + [16] * (t.LAYERS - 2)
