@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def save_for_vllm(model, processor, path, *, config=None, schedule=None, record=None) -> Path:
-    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``path``, then a CLIP or SigLIP vision
+    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``path``, then a CLIP or SigLIP tower's
     weights renamed ``...vision_tower.vision_model.*`` (transformers 5 saves ``...vision_tower.*``; vLLM's
     loader, like the published llava-hf checkpoints, has the ``vision_model`` level). ``config`` (a method
     config), ``schedule`` (a VisiPruner ``Schedule``) and ``record`` (a JSONL path) go into ``config.json``."""

@@ -83,8 +83,8 @@ class PrunedInternVLForConditionalGeneration(_PerRequestPruning, InternS1ForCond
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning(vllm_config, [self.config.image_token_id, *_video_token(vllm_config)],
-                           self.config.text_config)
+        video = _video_token(vllm_config) if read_settings(self.config) is not None else []
+        self._init_pruning(vllm_config, [self.config.image_token_id, *video], self.config.text_config)
 
 
 def _video_token(vllm_config) -> list[int]:
@@ -92,11 +92,12 @@ def _video_token(vllm_config) -> list[int]:
     from vllm.tokenizers import cached_tokenizer_from_config
 
     tok = cached_tokenizer_from_config(vllm_config.model_config)
-    token = getattr(tok, "video_token", None) if tok is not None else None
-    if token is None:
-        return []
-    vid = tok.convert_tokens_to_ids(token)
-    return [] if vid is None or vid == tok.unk_token_id else [vid]
+    if tok is None:
+        raise ValueError("visipruner: InternVL's video placeholder id comes from its tokenizer; start vLLM "
+                         "without skip_tokenizer_init (--skip-tokenizer-init)")
+    token = getattr(tok, "video_token", None)
+    vid = None if token is None else tok.convert_tokens_to_ids(token)
+    return [] if vid is None or vid == tok.unk_token_id else [vid]  # a tokenizer without videos
 
 
 class PrunedQwen3VLForConditionalGeneration(_PerRequestPruning, Qwen3VLForConditionalGeneration):
