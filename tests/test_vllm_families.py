@@ -15,11 +15,10 @@ import contextlib
 import pytest
 import torch
 
-import test_vllm as t  # noqa: E402  (its helpers; it skips this module too without vLLM, fails under CI)
-
-from visipruner import FastVConfig, Schedule, VisiPrunerConfig  # noqa: E402
-from visipruner.testing import tiny_text_config, tiny_tokenizer  # noqa: E402
-from visipruner.vllm.folders import save_for_vllm  # noqa: E402
+import test_vllm as t  # its helpers; without vLLM it skips this module too (and fails under CI)
+from visipruner import FastVConfig, Schedule, VisiPrunerConfig
+from visipruner.testing import tiny_text_config, tiny_tokenizer
+from visipruner.vllm.folders import save_for_vllm
 
 FASTV = FastVConfig(layer=1, keep_ratio=0.25)
 SCHEDULE = Schedule(fusion_layer=1, critical_tokens=[0, 5, 9, 15], exit_layer=3)  # every image has >= 16 tokens
