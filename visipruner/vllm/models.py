@@ -112,7 +112,9 @@ class PrunedQwen3VLForConditionalGeneration(_PerRequestPruning, Qwen3VLForCondit
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if self.visipruner is not None and intermediate_tensors is None and inputs_embeds is not None:
             # vLLM's buffer of per-token deepstack features (zero rows for text), filled by embed_input_ids
-            deepstack = self._get_deepstack_input_embeds(inputs_embeds.size(0)) if self.use_deepstack else None
+            # when the step embeds images or video (else empty: decode steps)
+            filled = self.use_deepstack and self.deepstack_input_embeds_num_tokens > 0
+            deepstack = self._get_deepstack_input_embeds(inputs_embeds.size(0)) if filled else None
             feats = None if deepstack is None else [deepstack[f"deepstack_input_embeds_{i}"]
                                                     for i in range(self.deepstack_num_level)]
             out = self.visipruner.forward(input_ids, positions, inputs_embeds, deepstack=feats)
