@@ -144,7 +144,8 @@ def _vllm_staggered(llm, requests) -> list:
 def _hf(tiny, request, config=None, schedule=None):
     """(tokens, log-probs, PruneStats or None, prompt ids) of greedy decoding with ``visipruner.apply``."""
     model, proc = tiny
-    inputs = proc(text=request.prompt, images=request.images or None, return_tensors="pt")
+    videos = {"videos": request.videos} if getattr(request, "videos", None) else {}  # (test_vllm_families.py)
+    inputs = proc(text=request.prompt, images=request.images or None, return_tensors="pt", **videos)
     gen = copy.deepcopy(model.generation_config)
     gen.eos_token_id = []  # as vLLM's ignore_eos: answers of exactly max_tokens
     handle = visipruner.apply(model, config, schedule=schedule) if config is not None else None
@@ -169,10 +170,10 @@ def _record(prompt_ids) -> dict:
     return found[-1]
 
 
-def _check_against_hf(tiny, outputs, config, schedule=None, tol=1e-4) -> list[dict]:
+def _check_against_hf(tiny, outputs, config, schedule=None, tol=1e-4, requests=REQUESTS) -> list[dict]:
     """Each vLLM output equals the HF runtime's run of that request alone; returns the records."""
     records = []
-    for r, out in zip(REQUESTS, outputs):
+    for r, out in zip(requests, outputs):
         tokens, logprobs, stats, prompt = _hf(tiny, r, config, schedule)
         assert list(out.prompt_token_ids) == prompt
         v_tokens, v_logprobs = _answer(out)

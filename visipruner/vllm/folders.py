@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def save_for_vllm(model, processor, path, *, config=None, schedule=None, record=None) -> Path:
-    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``path``, then LLaVA's CLIP vision
+    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``path``, then a CLIP or SigLIP tower's
     weights renamed ``...vision_tower.vision_model.*`` (transformers 5 saves ``...vision_tower.*``; vLLM's
     loader, like the published llava-hf checkpoints, has the ``vision_model`` level). ``config`` (a method
     config), ``schedule`` (a VisiPruner ``Schedule``) and ``record`` (a JSONL path) go into ``config.json``."""
@@ -21,7 +21,9 @@ def save_for_vllm(model, processor, path, *, config=None, schedule=None, record=
     model.save_pretrained(path)
     if processor is not None:
         processor.save_pretrained(path)
-    for f in path.glob("*.safetensors"):
+    vision = getattr(getattr(model.config, "vision_config", None), "model_type", None)
+    # CLIP / SigLIP towers only (LLaVA's family): InternVL's tower has no vision_model level
+    for f in path.glob("*.safetensors") if vision in ("clip_vision_model", "siglip_vision_model") else ():
         tensors = load_file(f)
         renamed = {}
         for k, v in tensors.items():

@@ -3,7 +3,8 @@
 vLLM runs general plugins in every process it starts (API server, engine core, workers). The
 classes registered here replace vLLM's own classes for the same architectures: a checkpoint of one
 of them loads the subclass, which serves unpruned (vLLM's own forward, untouched) unless the
-model's HF config carries a ``visipruner_config`` (see ``settings.py``).
+model's HF config carries a ``visipruner_config`` (see ``settings.py``). The families the plugin does not
+prune yet refuse such a config at engine start (``refused.py``).
 """
 
 from __future__ import annotations
@@ -19,3 +20,7 @@ def register() -> None:
 
     for arch, cls in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, cls)
+    from .refused import REFUSED
+
+    for arch in REFUSED:  # vLLM's classes that refuse a visipruner_config (imported on first use)
+        ModelRegistry.register_model(arch, f"visipruner.vllm.refused:{arch}")

@@ -98,7 +98,9 @@ class StepPruner:
             self._captured = args[:3]
 
     # ----------------------------------------------------------------------------- the step
-    def forward(self, input_ids, positions, inputs_embeds):
+    def forward(self, input_ids, positions, inputs_embeds, deepstack=None):
+        """``deepstack``: Qwen3-VL's per-token features (one (tokens, hidden) tensor per layer, zero rows for
+        text) that vLLM adds after the first layers; here added to the tokens each of those layers ran on."""
         from vllm.forward_context import get_forward_context
 
         fc = get_forward_context()
@@ -108,7 +110,7 @@ class StepPruner:
         steps = self._plan(input_ids, md)
         if steps is None:
             return None
-        return self._run(fc, md, steps, input_ids, positions, inputs_embeds)
+        return self._run(fc, md, steps, input_ids, positions, inputs_embeds, deepstack)
 
     def _plan(self, input_ids, md) -> list[_Row] | None:
         """The step's requests; None when none is pruned (vLLM's own forward then runs)."""
@@ -183,7 +185,7 @@ class StepPruner:
         self.resumed += 1
         return req
 
-    def _run(self, fc, md, steps, input_ids, positions, inputs_embeds):
+    def _run(self, fc, md, steps, input_ids, positions, inputs_embeds, deepstack=None):
         lm, T = self.lm, inputs_embeds.shape[0]
         self._device = inputs_embeds.device
         hidden, residual = inputs_embeds, None
@@ -208,6 +210,8 @@ class StepPruner:
                 self._capture = bool(need)
                 hidden, residual = layer(positions.index_select(-1, present), hidden, residual)
                 self._capture = False
+                if deepstack is not None and L < len(deepstack):  # as the HF runtime: the tokens layer L ran on
+                    hidden = hidden + deepstack[L].index_select(0, present)
                 self._decide(L, steps, present)
         finally:
             for name, (m, slots) in saved.items():

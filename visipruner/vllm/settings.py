@@ -81,6 +81,11 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
         raise ValueError(
             "visipruner: prefix caching shares KV blocks between prompts, but a pruned layer's blocks hold only "
             "that prompt's kept tokens; start vLLM with enable_prefix_caching=False (--no-enable-prefix-caching)")
+    mm = vllm_config.model_config.multimodal_config
+    if mm is not None and mm.is_multimodal_pruning_enabled():
+        raise ValueError(
+            "visipruner: vLLM's video pruning (EVS) removes video tokens before the language model, which the "
+            "plugin's decisions do not account for; start vLLM without video_pruning_rate (--video-pruning-rate)")
     sched = vllm_config.scheduler_config
     if sched.enable_chunked_prefill:
         raise ValueError(
