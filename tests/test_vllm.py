@@ -10,6 +10,7 @@ or among other requests (continuous batching), and serve a folder without a conf
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -338,12 +339,84 @@ def test_llava_qwen2_language_model_equals_hf(tmp_path):
     assert records and all(r["visual_tokens_per_layer"][2:] == [(r["visual_tokens"] + 3) // 4] * 4 for r in records)
 
 
+# ------------------------------------------------------------------ KV memory after a vision-exit bound
+BOUNDED = dataclasses.replace(MEASURED, exit_by=3)  # layers 3-5 hold no visual token: their KV blocks hold text
+# CPU blocks of 32 tokens; 1.5 MiB is 96 layer-blocks (32 tokens x 2 KV heads x 32 x (K, V) x float32 = 16 KiB)
+TIGHT = dict(block_size=32, max_model_len=256, kv_cache_memory_bytes=3 * 2**19)
+
+
+def _held(llm, requests, max_tokens):
+    """``requests`` submitted at once; (outputs, most requests running at once, each request's largest
+    blocks per KV-cache group, highest KV-cache usage), read from vLLM's own scheduler."""
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler  # the engine in this process
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    for i, r in enumerate(requests):
+        eng.add_request(str(i), r.vllm_prompt(), _params(max_tokens))
+    done, most, blocks, usage = {}, 0, {}, 0.0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+        most, usage = max(most, len(sched.running)), max(usage, sched.kv_cache_manager.usage)
+        for r in sched.running:
+            i = int(r.request_id.split("-")[0])
+            blocks[i] = max(blocks.get(i, ()), tuple(len(m.req_to_blocks[r.request_id]) for m in managers))
+    return [done[i] for i in range(len(requests))], most, blocks, usage
+
+
+def test_exit_bound_allocates_text_blocks_only(tiny, folder):
+    """``exit_by``: the layers from the bound are vLLM KV-cache groups of their own whose blocks hold a
+    request's text only. Per request the HF runtime's decisions, tokens and log-probs (a staggered batch
+    of image and text-only requests); with a small KV budget vLLM's own accounting holds more requests
+    at once than without the bound, with fewer blocks per image request, the same for text-only requests,
+    and requests it preempts and recomputes still give the HF runtime's answers."""
+    from visipruner.vllm.kv_memory import SCHEDULER
+
+    path = folder("bounded", config=BOUNDED)
+    llm = _engine(path, scheduler_cls=SCHEDULER)
+    groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
+    assert [type(g.kv_cache_spec).__name__ for g in groups] == ["FullAttentionSpec", "TextOnlyAttentionSpec"]
+    assert [int(g.layer_names[0].split(".")[-3]) for g in groups] == [0, 3]
+    records = _check_against_hf(tiny, _vllm_staggered(llm, REQUESTS), BOUNDED)
+    assert all(r["visual_tokens_per_layer"][3:] == [0, 0, 0] for r in records)
+    del llm
+
+    mix = [REQUESTS[2], REQUESTS[6], REQUESTS[1]] * 3  # two images each, and text only
+    bounded = _engine(path, scheduler_cls=SCHEDULER, **TIGHT)
+    outs, most, blocks, usage = _held(bounded, mix, 40)
+    resumed = bounded.apply_model(lambda model: model.visipruner.resumed)[0]
+    del bounded
+    whole = _engine(folder("unbounded", config=MEASURED), **TIGHT)  # vLLM's allocation: every token, every layer
+    _, most_whole, blocks_whole, usage_whole = _held(whole, mix, 40)
+    del whole
+    # layer-blocks: a block of a group holds 3 layers here (one group of layers 0-2, one of 3-5), 6 without
+    per_request = {i: 3 * sum(b) for i, b in blocks.items()}
+    per_request_whole = {i: 6 * b[0] for i, b in blocks_whole.items()}
+    for i, r in enumerate(mix):
+        if r.images:
+            assert per_request[i] <= 0.7 * per_request_whole[i]
+        else:
+            assert blocks[i][0] == blocks[i][1] and per_request[i] == per_request_whole[i]
+    assert most >= 1.5 * most_whole and usage_whole > 0.9
+    assert resumed > 0, "no request was preempted: make the KV budget smaller"
+    for r, out in zip(mix[:3], outs[:3]):
+        longer = Request(REQUESTS.index(r))
+        longer.max_tokens = 40
+        tokens, logprobs, _, _ = _hf(tiny, longer, BOUNDED)
+        assert _answer(out)[0] == tokens
+        assert max(abs(a - b) for a, b in zip(_answer(out)[1], logprobs)) < 1e-4
+
+
 @pytest.mark.parametrize("overrides, config, message", [
     (dict(enable_prefix_caching=True), None, "enable_prefix_caching=False (--no-enable-prefix-caching)"),
     (dict(enable_chunked_prefill=True), None, "enable_chunked_prefill=False (--no-enable-chunked-prefill)"),
     (dict(enforce_eager=False), None, "enforce_eager=True (--enforce-eager)"),
     ({}, VisiPrunerConfig(), "the shallow stage"),
     ({}, CDPrunerConfig(keep_ratio=0.25), "selects before the first layer"),
+    ({}, BOUNDED, "--scheduler-cls visipruner.vllm.kv_memory.TextKVScheduler"),
+    (dict(scheduler_cls="visipruner.vllm.kv_memory.TextKVScheduler", disable_hybrid_kv_cache_manager=True), BOUNDED,
+     "without disable_hybrid_kv_cache_manager"),
 ])
 def test_refused_settings(folder, overrides, config, message):
     path = folder("refused", config=config or MEASURED)

@@ -12,7 +12,9 @@ runs the language model's decoder layers itself (vLLM's own layer modules, uncha
 * each layer whose token set differs from the step's gets its own attention metadata, built by the
   attention backend's own metadata builder from a modified ``CommonAttentionMetadata``: fewer
   query tokens for the pruned requests, and a pruned request's kept tokens written to the front
-  of its own slots (same block table), so that layer's KV cache holds only them.
+  of its own slots (the block table of the layer's own KV-cache group), so that layer's KV cache
+  holds only them. Layers after an exit bound have a group whose blocks hold text only
+  (``kv_memory.py``).
 * in decode, a pruned request's new token goes to slot ``position - dropped`` of each layer and
   attends with ``seq_len - dropped`` keys: only the kept tokens and the generated ones. Its
   position (RoPE) is the unpruned one, as the method requires.
@@ -86,7 +88,7 @@ class StepPruner:
         self.requests: dict[int, _Request] = {}  # first block id -> request
         self._parked: dict[int, _Request] = {}  # requests whose first block went to another (preempted or done)
         self.resumed = 0  # recomputations of preempted requests that replayed their decisions
-        self._builder = None
+        self._builders = {}  # KV-cache spec -> the attention backend's metadata builder
         self._built = {}
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
@@ -286,12 +288,14 @@ class StepPruner:
             return
         name = self.names[L]
         saved.setdefault(name, (fc.attn_metadata[name], fc.slot_mapping[name]))
-        key = (id(saved[name][1]), dropped)
+        key = (id(saved[name][1]), dropped)  # vLLM's slot mapping is per KV-cache group: one build per group
         if key not in self._built:
-            self._built[key] = self._layer_metadata(md, saved[name][1], L, steps, present)
+            self._built[key] = self._layer_metadata(*saved[name], L, steps, present)
         fc.attn_metadata[name], fc.slot_mapping[name] = self._built[key]
 
     def _layer_metadata(self, md, slot_mapping, L, steps, present):
+        """From vLLM's metadata and slot mapping of layer L's own KV-cache group (its block table: the
+        text-only layers after an exit bound have their own, see kv_memory.py)."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         dev = present.device
@@ -324,13 +328,14 @@ class StepPruner:
             num_actual_tokens=at, max_query_len=max(counts), max_seq_len=max(seq_lens),
             block_table_tensor=table[: len(counts)], slot_mapping=slots[:at], causal=True,
         )
-        return self._metadata_builder().build(0, common), slots
+        return self._metadata_builder(L).build(0, common), slots
 
-    def _metadata_builder(self):
-        """The attention backend's own metadata builder for the decoder layers (one KV spec for all)."""
-        if self._builder is None:
-            a = self.attn[0]
-            spec = a.get_kv_cache_spec(self.vllm_config)
-            self._builder = a.attn_backend.get_builder_cls()(spec, self.names, self.vllm_config, self._device)
-        return self._builder
+    def _metadata_builder(self, L):
+        """The attention backend's own metadata builder for layer L's KV-cache spec (one per group kind)."""
+        spec = self.attn[L].get_kv_cache_spec(self.vllm_config)
+        if spec not in self._builders:
+            names = [n for n, a in zip(self.names, self.attn) if a.get_kv_cache_spec(self.vllm_config) == spec]
+            self._builders[spec] = self.attn[L].attn_backend.get_builder_cls()(spec, names, self.vllm_config,
+                                                                                self._device)
+        return self._builders[spec]
 

@@ -99,6 +99,17 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
         raise ValueError(
             "visipruner: tensor parallelism is not supported yet (the influence needs every head's "
             "contribution); start vLLM with tensor_parallel_size=1")
+    from .kv_memory import SCHEDULER, TextKVScheduler, text_only_from
+
+    if text_only_from(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers) is not None:
+        if not issubclass(sched.get_scheduler_cls(), TextKVScheduler):
+            raise ValueError(
+                f"visipruner: exit_by allocates the KV cache of the layers from it for text tokens only, which "
+                f"needs the plugin's scheduler; start vLLM with scheduler_cls={SCHEDULER!r} (--scheduler-cls {SCHEDULER})")
+        if sched.disable_hybrid_kv_cache_manager:
+            raise ValueError(
+                "visipruner: exit_by puts the layers from it in KV-cache groups of their own, which needs vLLM's "
+                "hybrid KV cache manager; start vLLM without disable_hybrid_kv_cache_manager")
     if not vllm_config.model_config.enforce_eager:
         raise ValueError(
             "visipruner: pruned layers run on a number of tokens that changes per request, which compiled "
