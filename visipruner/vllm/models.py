@@ -12,7 +12,7 @@ from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGenera
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 from .. import flops as F_
-from .kv_memory import text_only_from, use_text_only_spec
+from .kv_memory import kv_tiers, use_bounded_specs
 from .pruner import StepPruner
 from .records import Recorder
 from .settings import check_engine, read_settings
@@ -28,9 +28,9 @@ def _pruner(model, vllm_config, lm, visual_token_ids, text_config):
     recorder = Recorder(settings.config.method, settings.record_path, observers=[observe])
     pruner = StepPruner(settings, lm, visual_token_ids, vllm_config, F_.Dims.from_config(text_config),
                         on_prefill=recorder)
-    bound = text_only_from(settings.config, len(pruner.layers))
-    if bound is not None:  # layers no visual token reaches: KV blocks for text tokens only
-        use_text_only_spec(pruner.attn[bound:])
+    tiers = kv_tiers(settings, len(pruner.layers))
+    if tiers:  # layers that hold text and at most a bound of visual tokens: KV blocks for those only
+        use_bounded_specs(pruner.attn, tiers)
     return pruner
 
 

@@ -89,6 +89,7 @@ class StepPruner:
         self._parked: dict[int, _Request] = {}  # requests whose first block went to another (preempted or done)
         self.resumed = 0  # recomputations of preempted requests that replayed their decisions
         self._builders = {}  # KV-cache spec -> the attention backend's metadata builder
+        self._bounds = {}  # layer -> the allowance of its bounded KV-cache spec, or None (kv_memory.py)
         self._built = {}
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
@@ -249,7 +250,26 @@ class StepPruner:
         for s in steps:
             if s.prefill is not None:
                 s.prefill.dropped[L] = s.length - int(s.rows.numel())
+                self._check_bound(L, s)
         return present, hidden, residual
+
+    def _check_bound(self, L, s) -> None:
+        """A layer with a bounded KV-cache spec (``kv_memory.py``) got blocks for the request's text and at
+        most the bound's visual tokens: more kept tokens would overwrite another request's blocks."""
+        if L not in self._bounds:
+            self._bounds[L] = getattr(self.attn[L].get_kv_cache_spec(self.vllm_config), "allowance", None)
+        allowance = self._bounds[L]
+        if allowance is None:
+            return
+        req = s.prefill
+        vis = req.state.layout.visual_positions
+        every = int(vis.numel())
+        dropped = every - int(bool((vis == req.prompt.numel() - 1).any()))  # a prompt's last token stays
+        if s.length - req.dropped[L] > s.length - dropped + allowance(every):
+            raise RuntimeError(
+                f"visipruner: layer {L} keeps {s.length - req.dropped[L]} tokens of a request whose KV blocks there "
+                f"hold {s.length - dropped + allowance(every)} (exit_by / the fusion budget); the decisions broke "
+                "the bound the KV cache was planned on")
 
     def _decide(self, L, steps, present):
         q = k = v = None

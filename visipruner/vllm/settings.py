@@ -99,10 +99,10 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
         raise ValueError(
             "visipruner: tensor parallelism is not supported yet (the influence needs every head's "
             "contribution); start vLLM with tensor_parallel_size=1")
-    from .kv_memory import SCHEDULER, TextKVScheduler, text_only_from
+    from .kv_memory import SCHEDULER, BoundedKVScheduler, kv_tiers
 
-    if text_only_from(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers) is not None:
-        if not issubclass(sched.get_scheduler_cls(), TextKVScheduler):
+    if kv_tiers(settings, vllm_config.model_config.hf_text_config.num_hidden_layers):
+        if not issubclass(sched.get_scheduler_cls(), BoundedKVScheduler):
             raise ValueError(
                 f"visipruner: exit_by allocates the KV cache of the layers from it for text tokens only, which "
                 f"needs the plugin's scheduler; start vLLM with scheduler_cls={SCHEDULER!r} (--scheduler-cls {SCHEDULER})")
