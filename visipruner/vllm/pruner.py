@@ -61,6 +61,12 @@ class _Row:
     rows: torch.Tensor | None = None  # for a prefill: the step's token indices present in the layer
 
 
+# what the binding reads from vLLM's per-layer attention metadata (it builds new metadata only through the
+# backend's own builder, from a CommonAttentionMetadata): fields of the CPU, FlashAttention, Triton and
+# FlexAttention backends' metadata (FlashInfer's has none of them)
+_READ = ("query_start_loc", "seq_lens", "block_table")
+
+
 def spans_of(is_visual: list[bool]) -> list[tuple[int, int]]:
     """[start, end) of each maximal run of visual tokens (an image, for LLaVA)."""
     out, at = [], 0
@@ -108,6 +114,12 @@ class StepPruner:
         md = fc.attn_metadata.get(self.names[0]) if isinstance(fc.attn_metadata, dict) else None
         if md is None or input_ids is None or inputs_embeds is None:
             return None  # profiling / dummy runs: vLLM's own forward
+        missing = [f for f in _READ if not hasattr(md, f)]
+        if missing:
+            raise RuntimeError(
+                f"visipruner: the attention backend's metadata ({type(md).__name__}) has no {', '.join(missing)}, "
+                "which the plugin reads each request's tokens and KV blocks from; serve with a backend whose metadata "
+                "has them (CPU_ATTN, FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION: --attention-backend)")
         steps = self._plan(input_ids, md)
         if steps is None:
             return None
@@ -347,6 +359,7 @@ class StepPruner:
             query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq.to(dev), num_reqs=len(counts),
             num_actual_tokens=at, max_query_len=max(counts), max_seq_len=max(seq_lens),
             block_table_tensor=table[: len(counts)], slot_mapping=slots[:at], causal=True,
+            seq_lens_cpu_upper_bound=seq,
         )
         return self._metadata_builder(L).build(0, common), slots
 
