@@ -482,7 +482,8 @@ class QwenRequest(Request):
 def test_qwen_vl_mrope_equals_hf(version, tmp_path):
     """Qwen2-VL / Qwen2.5-VL: kept tokens keep their 3-D positions and decode continues from vLLM's
     mrope_position_delta; per request FastV's and VisiPruner's decisions, tokens and log-probs equal
-    the HF runtime's, in one staggered batch (images of different sizes, two images, text only)."""
+    the HF runtime's, in one staggered batch (images of different sizes, two images, text only); with
+    ``exit_by`` too (vLLM's placeholders say which tokens the text-only KV layers need no blocks for)."""
     tiny = tiny_qwen_vl_with_processor(version)
     requests = [QwenRequest(0, [(32, 32)]), QwenRequest(1, []), QwenRequest(2, [(64, 48)]),
                 QwenRequest(3, [(32, 64), (32, 32)])]
@@ -492,8 +493,10 @@ def test_qwen_vl_mrope_equals_hf(version, tmp_path):
                VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1, layer_threshold=0.99,
                                 tokens_threshold=0.07, relative_tokens_threshold=True, exit_threshold=0.9,
                                 exit_patience=1)]
+    configs.append(dataclasses.replace(configs[1], exit_by=4))  # and layers 4-5 allocated for text only
     for k, cfg in enumerate(configs):
-        llm = _engine(save_for_vllm(*tiny, tmp_path / f"m{k}", config=cfg))
+        bounded = dict(scheduler_cls="visipruner.vllm.kv_memory.BoundedKVScheduler") if k == 2 else {}
+        llm = _engine(save_for_vllm(*tiny, tmp_path / f"m{k}", config=cfg), **bounded)
         outputs = _vllm_staggered(llm, requests)
         del llm
         pruned = 0
