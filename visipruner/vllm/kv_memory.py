@@ -83,14 +83,26 @@ class BoundedManager(FullAttentionManager):
 
     requests: dict | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._not_held: dict[str, int] = {}  # request id -> prompt tokens these layers never hold
+
     def _held(self, request_id: str, num_tokens: int) -> int:
         if self.requests is None:
             raise RuntimeError(f"visipruner: bounded KV layers need the scheduler {SCHEDULER} (--scheduler-cls)")
         request = self.requests[request_id]
         prompt = request.num_prompt_tokens
+        if num_tokens >= prompt and request_id in self._not_held:  # every step of a running request
+            return num_tokens - self._not_held[request_id]
         every = visual_tokens(request, min(num_tokens, prompt))
         dropped = visual_tokens(request, min(num_tokens, prompt - 1))  # pruning keeps a prompt's last token
+        if num_tokens >= prompt:
+            self._not_held[request_id] = dropped - self.kv_cache_spec.allowance(every)
         return num_tokens - dropped + self.kv_cache_spec.allowance(every)
+
+    def pop_blocks_for_free(self, request_id: str):  # a finished or preempted request (free() calls it too)
+        self._not_held.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs) -> int:
         return super().get_num_blocks_to_allocate(request_id, self._held(request_id, num_tokens), *args, **kwargs)
