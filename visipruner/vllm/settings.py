@@ -99,6 +99,10 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
         raise ValueError(
             "visipruner: tensor parallelism is not supported yet (the influence needs every head's "
             "contribution); start vLLM with tensor_parallel_size=1")
+    if not vllm_config.model_config.enforce_eager:
+        raise ValueError(
+            "visipruner: pruned layers run on a number of tokens that changes per request, which compiled "
+            "graphs cannot replay; start vLLM with enforce_eager=True (--enforce-eager)")
     from .kv_memory import SCHEDULER, BoundedKVScheduler, kv_tiers
 
     if kv_tiers(settings, vllm_config.model_config.hf_text_config.num_hidden_layers):
@@ -110,7 +114,3 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
             raise ValueError(
                 "visipruner: exit_by puts the layers from it in KV-cache groups of their own, which needs vLLM's "
                 "hybrid KV cache manager; start vLLM without disable_hybrid_kv_cache_manager")
-    if not vllm_config.model_config.enforce_eager:
-        raise ValueError(
-            "visipruner: pruned layers run on a number of tokens that changes per request, which compiled "
-            "graphs cannot replay; start vLLM with enforce_eager=True (--enforce-eager)")
