@@ -148,7 +148,8 @@ def run_batch(llm, prompts, max_tokens: int) -> dict:
     tokens = sum(len(a) for a in arrivals.values())
     return {"seconds": total, "requests_per_s": len(prompts) / total, "output_tokens_per_s": tokens / total,
             "ttft_s": statistics.median(ttft), "itl_s": statistics.median(itl) if itl else None,
-            "max_running": held, "max_kv_usage": usage, "kv_layer_blocks_per_request": statistics.median(blocks.values()) if blocks else None}  # None: done in 1 step
+            "max_running": held, "max_kv_usage": usage,  # blocks: None when every request ended in its first step
+            "kv_layer_blocks_per_request": statistics.median(blocks.values()) if blocks else None}
 
 
 def main():

@@ -167,7 +167,8 @@ class VisiPrunerConfig(MethodConfig):
         if self.exit_by is not None:
             check_int("exit_by", self.exit_by, 1, None)
             if "deep" not in self.stages:
-                raise ValueError(f"exit_by bounds the deep stage's vision exit: add 'deep' to stages (got {self.stages})")
+                raise ValueError(
+                    f"exit_by bounds the deep stage's vision exit: add 'deep' to stages (got {self.stages})")
 
     @property
     def budgeted(self) -> bool:

@@ -180,7 +180,7 @@ def use_bounded_specs(attn_modules, tiers: list[Tier]) -> None:
 def _bounded_spec(attn, vllm_config, tier: Tier, part: int):
     spec = type(attn).get_kv_cache_spec(attn, vllm_config)
     if type(spec) is not FullAttentionSpec:
-        raise ValueError(f"visipruner: exit_by needs full-attention layers, {attn.layer_name} has {type(spec).__name__}; "
-                         "serve the config without exit_by")
+        raise ValueError(f"visipruner: exit_by needs full-attention layers, {attn.layer_name} has "
+                         f"{type(spec).__name__}; serve the config without exit_by")
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
     return BoundedAttentionSpec(**fields, keep_ratio=tier.keep_ratio, keep_tokens=tier.keep_tokens, part=part)
