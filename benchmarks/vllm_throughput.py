@@ -9,11 +9,18 @@ image, a 16-layer Llama decoder of hidden 1024), saved as model folders: one wit
 ``measured``           VisiPruner's middle and deep stages with the paper's thresholds: the
                        influence check runs at every layer after K and takes its own decisions
                        (on random weights they say nothing about accuracy; recorded per row).
+``forced schedule + KV bound``  the forced schedule with ``exit_by`` = its exit layer + 1 (and its
+                       fusion layer as a budget bound): vLLM allocates the layers after fusion the
+                       request's text + the critical tokens, the layers after the exit its text only
+                       (``visipruner/vllm/kv_memory.py``; engine started with its ``--scheduler-cls``).
 
 Per setting and concurrency (``--concurrency``, default 1 8 32): that many requests (image + text
 prompt, ``--max-tokens`` answer tokens, EOS ignored) submitted at once to the engine, repeated
 ``--repeats`` times; reported: requests/s, output tokens/s, time to first token (TTFT, median) and
-inter-token latency (ITL, median over requests of their mean gap). Prefill alone: TTFT of one request
+inter-token latency (ITL, median over requests of their mean gap), and from vLLM's own scheduler the
+most requests running at once, the highest KV-cache usage and the KV blocks an image request holds
+(in layer-blocks: blocks x layers a block spans, over its KV-cache groups; at a fixed
+``--kv-cache-gib`` the engine queues what does not fit). Prefill alone: TTFT of one request
 with one answer token, stock and plugin interleaved (``--prefill-repeats``); realised speedup =
 stock / plugin median, predicted = dense / executed prefill FLOPs of the language model (the
 plugin's per-request record), and their ratio. All engines live in this process, eager.
@@ -21,6 +28,8 @@ plugin's per-request record), and their ratio. All engines live in this process,
     python benchmarks/vllm_throughput.py                       # CPU: vLLM's CPU backend
     python benchmarks/vllm_throughput.py --device cuda         # a GPU with vLLM installed
     python benchmarks/vllm_throughput.py --json runs/vllm_throughput.json
+    python benchmarks/vllm_throughput.py --settings "forced schedule + KV bound" --kv-cache-gib 0.25 \
+        --concurrency 8 16 32 48                               # KV memory at a fixed budget
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ def build_folders(args, root: Path) -> dict:
         "stock vLLM": (None, None),
         "forced schedule": (VisiPrunerConfig(stages=middle_deep, shallow_layers=K), schedule),
         "measured": (VisiPrunerConfig(stages=middle_deep, shallow_layers=K), None),
+        "forced schedule + KV bound": (VisiPrunerConfig(stages=middle_deep, shallow_layers=K,
+                                                        exit_by=schedule.exit_layer + 1), schedule),
     }
     out = {}
     for i, (name, (cfg, sched)) in enumerate(settings.items()):
@@ -71,13 +82,19 @@ def build_folders(args, root: Path) -> dict:
     return out
 
 
-def engine(path, args):
+def engine(path, config, args):
     from vllm import LLM
+
+    from visipruner.vllm.kv_memory import SCHEDULER
 
     kw = dict(dtype=args.dtype, enforce_eager=True, enable_prefix_caching=False, enable_chunked_prefill=False,
               max_model_len=1024, max_num_batched_tokens=1024 * 8, max_num_seqs=max(args.concurrency), seed=0)
+    if getattr(config, "exit_by", None) is not None:
+        kw["scheduler_cls"] = SCHEDULER  # the plugin's KV memory after the bound
+    if args.kv_cache_gib is not None:  # a fixed KV budget (CPU and GPU alike)
+        kw.update(kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))
     if args.device == "cpu":
-        kw.update(gpu_memory_utilization=0.1, kv_cache_memory_bytes=args.kv_cache_gib << 30)
+        kw.update(gpu_memory_utilization=0.1, kv_cache_memory_bytes=kw.get("kv_cache_memory_bytes", 4 << 30))
     else:
         kw.update(gpu_memory_utilization=0.5)
     return LLM(model=str(path), **kw)
@@ -105,24 +122,34 @@ def run_batch(llm, prompts, max_tokens: int) -> dict:
     from vllm import SamplingParams
 
     eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler  # the engine in this process: vLLM's own accounting
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    span = max(len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups)  # layers one block spans
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, params)
     arrivals = {str(i): [] for i in range(len(prompts))}
     seen = {k: 0 for k in arrivals}
+    held, usage, blocks = 0, 0.0, {}
     while eng.has_unfinished_requests():
         for out in eng.step():
             now = time.perf_counter()
             n = len(out.outputs[0].token_ids)
             arrivals[out.request_id] += [now] * (n - seen[out.request_id])
             seen[out.request_id] = n
+        held, usage = max(held, len(sched.running)), max(usage, sched.kv_cache_manager.usage)
+        for r in sched.running:
+            b = span * sum(len(m.req_to_blocks.get(r.request_id, ())) for m in managers)
+            blocks[r.request_id] = max(blocks.get(r.request_id, 0), b)
     total = time.perf_counter() - t0
     ttft = [a[0] - t0 for a in arrivals.values()]
     itl = [statistics.mean(b - a for a, b in zip(ts, ts[1:])) for ts in arrivals.values() if len(ts) > 1]
     tokens = sum(len(a) for a in arrivals.values())
     return {"seconds": total, "requests_per_s": len(prompts) / total, "output_tokens_per_s": tokens / total,
-            "ttft_s": statistics.median(ttft), "itl_s": statistics.median(itl) if itl else None}
+            "ttft_s": statistics.median(ttft), "itl_s": statistics.median(itl) if itl else None,
+            "max_running": held, "max_kv_usage": usage,  # blocks: None when every request ended in its first step
+            "kv_layer_blocks_per_request": statistics.median(blocks.values()) if blocks else None}
 
 
 def main():
@@ -140,10 +167,12 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="batches per concurrency level")
     p.add_argument("--prefill-repeats", type=int, default=7)
     p.add_argument("--settings", nargs="+", default=None, metavar="NAME",
-                   help="subset of: 'stock vLLM', 'forced schedule', 'measured' (stock always runs)")
+                   help="subset of: 'stock vLLM', 'forced schedule', 'measured', 'forced schedule + KV bound' "
+                   "(stock always runs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--kv-cache-gib", type=int, default=4, help="CPU KV cache size")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="fixed KV cache size (vLLM's kv_cache_memory_bytes); default: 4 on CPU, vLLM's own on GPU")
     p.add_argument("--json", default=None, help="write every number here")
     args = p.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -155,7 +184,7 @@ def main():
     results = {"args": vars(args), "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folders = build_folders(args, Path(tmp))
-        engines = {name: engine(path, args) for name, (path, _) in folders.items()}
+        engines = {name: engine(path, cfg, args) for name, (path, cfg) in folders.items()}
         warm = requests_for(2, args, seed=99)
         for llm in engines.values():
             run_batch(llm, warm, 2)  # first-call costs (kernels, processor) out of the figures
@@ -193,7 +222,8 @@ def main():
                             for r in list(RECENT)[:3]]
             for name in engines:
                 best = {k: statistics.median(r[k] for r in runs[name]) for k in
-                        ("requests_per_s", "output_tokens_per_s", "ttft_s")}
+                        ("requests_per_s", "output_tokens_per_s", "ttft_s", "max_running", "max_kv_usage",
+                         "kv_layer_blocks_per_request")}
                 itls = [r["itl_s"] for r in runs[name] if r["itl_s"] is not None]
                 best["itl_s"] = statistics.median(itls) if itls else None
                 best["decisions"] = runs[name][-1].get("decisions")
@@ -219,6 +249,18 @@ def main():
             itl = f"{1000 * r['itl_s']:.1f}" if r["itl_s"] is not None else "-"
             print(f"| {name} | {c} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {ratio:.2f}x | "
                   f"{r['ttft_s']:.2f} | {itl} |")
+    kv = f"{args.kv_cache_gib:g} GiB" if args.kv_cache_gib is not None else (
+        "4 GiB" if args.device == "cpu" else "vLLM's own size")
+    print(f"\n| setting | concurrency | most running (vs stock) | KV usage | KV layer-blocks / request (vs stock) "
+          f"| output tok/s (vs stock) |   [KV cache {kv}]")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for c in args.concurrency:
+        for name, row in results["settings"].items():
+            r, s = row[f"c{c}"], stock[f"c{c}"]
+            print(f"| {name} | {c} | {r['max_running']:g} ({r['max_running'] / s['max_running']:.2f}x) | "
+                  f"{r['max_kv_usage']:.2f} | {r['kv_layer_blocks_per_request']:g} "
+                  f"({r['kv_layer_blocks_per_request'] / s['kv_layer_blocks_per_request']:.2f}x) | "
+                  f"{r['output_tokens_per_s']:.1f} ({r['output_tokens_per_s'] / s['output_tokens_per_s']:.2f}x) |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -257,11 +257,13 @@ def reference_forward(model, input_ids, pixel_values, cfg, schedule=None, drop_r
                 keep_ids = drop_rule(li, P[:, -1, vcols], vis_id[vcols], h_in[vcols], **extra)
                 if isinstance(keep_ids, tuple):
                     keep_ids, merges = keep_ids
+        elif getattr(cfg, "exit_by", None) is not None and exit_ is None and li >= cfg.exit_by - 1:
+            exit_, keep_ids = li, torch.tensor([], dtype=torch.long)  # the bound: every visual token leaves
         elif schedule is not None:
             if li == schedule.fusion_layer:
                 fusion, critical = li, torch.tensor(schedule.critical_tokens, dtype=torch.long)
                 keep_ids = critical
-            elif li == schedule.exit_layer:
+            elif li == schedule.exit_layer and exit_ is None:
                 exit_, keep_ids = li, torch.tensor([], dtype=torch.long)
         elif li > K and cur_vis.any():
             middle_open = "middle" in stages and fusion is None

@@ -11,6 +11,7 @@ import torch
 
 import visipruner
 from visipruner import AttentionSelectConfig, VisiPrunerConfig
+from visipruner.methods import Schedule
 from visipruner.testing import IMAGE_TOKEN_ID, random_prompt, tiny_llava
 
 from families import family
@@ -84,6 +85,34 @@ def test_fallback_layer_fuses_when_the_threshold_does_not():
     s, _ = _run(model, inputs, VisiPrunerConfig(**{**never, "layer_threshold": 1.0}, keep_tokens=3,
                                                 fusion_fallback_layer=6))
     assert s.fusion_layer == K + 1 and len(s.critical_tokens) == 3
+
+
+def test_exit_by_bounds_the_vision_exit():
+    """``exit_by``: no visual token in layers >= exit_by, whatever the thresholds; a threshold exit that
+    fires earlier wins; the bound overrides a forced schedule's later exit too."""
+    model = tiny_llava(2)
+    inputs = random_prompt(model, seed=2, images=1)
+    n_vis = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    never = dict(stages=("middle", "deep"), shallow_layers=K, layer_threshold=-1.0, exit_threshold=1.0)
+    s, _ = _run(model, inputs, VisiPrunerConfig(exit_by=5, **never))  # nothing fires: the bound alone
+    assert (s.fusion_layer, s.exit_layer) == (None, 4)
+    assert s.visual_tokens_per_layer == [n_vis] * 5 + [0] * (len(s.visual_tokens_per_layer) - 5)
+    s, _ = _run(model, inputs, VisiPrunerConfig(exit_by=6, keep_tokens=3, fusion_fallback_layer=3, **never))
+    assert (s.fusion_layer, s.exit_layer) == (3, 5) and s.visual_tokens_per_layer[4:7] == [3, 3, 0]
+    early = dict(never, layer_threshold=1.0, exit_threshold=0.0, exit_patience=1, keep_tokens=3)  # exit K+2
+    s, _ = _run(model, inputs, VisiPrunerConfig(exit_by=7, **early))
+    assert (s.fusion_layer, s.exit_layer) == (K + 1, K + 2)
+    sched = Schedule(fusion_layer=3, critical_tokens=[0, 1], exit_layer=6)
+    ref = reference_forward(model, inputs["input_ids"], inputs["pixel_values"], VisiPrunerConfig(exit_by=5, **never),
+                            schedule=sched)
+    with visipruner.apply(model, VisiPrunerConfig(exit_by=5, **never), schedule=sched) as h:
+        out = model(**inputs).logits[0]
+    torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
+    assert h.last_stats.exit_layer == ref.exit_layer == 4 and h.last_stats.visual_tokens_per_layer[5] == 0
+    with pytest.raises(ValueError, match="exit_by"):
+        VisiPrunerConfig(exit_by=0)
+    with pytest.raises(ValueError, match="add 'deep'"):
+        VisiPrunerConfig(stages=("middle",), exit_by=4)
 
 
 def test_budget_larger_than_the_prompt_keeps_every_token_and_attention_selection_budgets_too():

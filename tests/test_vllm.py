@@ -10,6 +10,7 @@ or among other requests (continuous batching), and serve a folder without a conf
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -339,12 +340,88 @@ def test_llava_qwen2_language_model_equals_hf(tmp_path):
     assert records and all(r["visual_tokens_per_layer"][2:] == [(r["visual_tokens"] + 3) // 4] * 4 for r in records)
 
 
+# ------------------------------------------------------------------ KV memory after a vision-exit bound
+# fusion by layer 2 keeping 8 tokens, every visual token gone by layer 5: layers 3-4 hold text + 8 visual
+# tokens at most, layer 5 text only; vLLM's groups: one layer each (3 full, 2 bounded, 1 text only)
+BOUNDED = dataclasses.replace(MEASURED, exit_by=5, keep_tokens=8, fusion_fallback_layer=2)
+# CPU blocks of 32 tokens; 1.5 MiB is 96 layer-blocks (32 tokens x 2 KV heads x 32 x (K, V) x float32 = 16 KiB)
+TIGHT = dict(block_size=32, max_model_len=256, kv_cache_memory_bytes=3 * 2**19)
+
+
+def _held(llm, requests, max_tokens):
+    """``requests`` submitted at once; (outputs, most requests running at once, each request's largest
+    layer-blocks (blocks x layers a block spans, over its KV-cache groups), highest KV-cache usage), read
+    from vLLM's own scheduler."""
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler  # the engine in this process
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    span = max(len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups)
+    for i, r in enumerate(requests):
+        eng.add_request(str(i), r.vllm_prompt(), _params(max_tokens))
+    done, most, blocks, usage = {}, 0, {}, 0.0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+        most, usage = max(most, len(sched.running)), max(usage, sched.kv_cache_manager.usage)
+        for r in sched.running:
+            i = int(r.request_id.split("-")[0])
+            blocks[i] = max(blocks.get(i, ()), tuple(span * len(m.req_to_blocks[r.request_id]) for m in managers))
+    return [done[i] for i in range(len(requests))], most, blocks, usage
+
+
+def test_exit_bound_allocates_fewer_kv_blocks(tiny, folder):
+    """``exit_by`` (and a fusion budget by ``fusion_fallback_layer``): the bounded layers are vLLM KV-cache
+    groups of their own whose blocks hold a request's text and at most the bound's visual tokens. Per
+    request the HF runtime's decisions, tokens and log-probs (a staggered batch of image and text-only
+    requests); with a small KV budget vLLM's own accounting holds more requests at once than without
+    the bounds, with fewer blocks per image request, the same for text-only requests, and requests it
+    preempts and recomputes still give the HF runtime's answers."""
+    from visipruner.vllm.kv_memory import SCHEDULER
+
+    path = folder("bounded", config=BOUNDED)
+    llm = _engine(path, scheduler_cls=SCHEDULER)
+    groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
+    specs = {int(name.split(".")[-3]): g.kv_cache_spec for g in groups for name in g.layer_names}
+    assert [type(specs[i]).__name__ for i in range(LAYERS)] == ["FullAttentionSpec"] * 3 + ["BoundedAttentionSpec"] * 3
+    assert [specs[i].keep_tokens for i in range(3, LAYERS)] == [8, 8, 0] and len(groups) == LAYERS
+    records = _check_against_hf(tiny, _vllm_staggered(llm, REQUESTS), BOUNDED)
+    assert all(r["fusion_layer"] <= 2 and max(r["visual_tokens_per_layer"][3:]) <= 8
+               and r["visual_tokens_per_layer"][5] == 0 for r in records)
+    del llm
+
+    mix = [REQUESTS[2], REQUESTS[6], REQUESTS[1]] * 3  # two images each, and text only
+    bounded = _engine(path, scheduler_cls=SCHEDULER, **TIGHT)
+    outs, most, blocks, usage = _held(bounded, mix, 40)
+    resumed = bounded.apply_model(lambda model: model.visipruner.resumed)[0]
+    del bounded
+    whole = _engine(folder("unbounded", config=MEASURED), **TIGHT)  # vLLM's allocation: every token, every layer
+    _, most_whole, blocks_whole, usage_whole = _held(whole, mix, 40)
+    del whole
+    for i, r in enumerate(mix):
+        if r.images:
+            assert sum(blocks[i]) <= 0.75 * sum(blocks_whole[i])
+        else:
+            assert len(set(blocks[i])) == 1 and sum(blocks[i]) == sum(blocks_whole[i])
+    assert most >= 1.5 * most_whole and usage_whole > 0.9
+    assert resumed > 0, "no request was preempted: make the KV budget smaller"
+    for r, out in zip(mix[:3], outs[:3]):
+        longer = Request(REQUESTS.index(r))
+        longer.max_tokens = 40
+        tokens, logprobs, _, _ = _hf(tiny, longer, BOUNDED)
+        assert _answer(out)[0] == tokens
+        assert max(abs(a - b) for a, b in zip(_answer(out)[1], logprobs)) < 1e-4
+
+
 @pytest.mark.parametrize("overrides, config, message", [
     (dict(enable_prefix_caching=True), None, "enable_prefix_caching=False (--no-enable-prefix-caching)"),
     (dict(enable_chunked_prefill=True), None, "enable_chunked_prefill=False (--no-enable-chunked-prefill)"),
     (dict(enforce_eager=False), None, "enforce_eager=True (--enforce-eager)"),
     ({}, VisiPrunerConfig(), "the shallow stage"),
     ({}, CDPrunerConfig(keep_ratio=0.25), "selects before the first layer"),
+    ({}, BOUNDED, "--scheduler-cls visipruner.vllm.kv_memory.BoundedKVScheduler"),
+    (dict(scheduler_cls="visipruner.vllm.kv_memory.BoundedKVScheduler", disable_hybrid_kv_cache_manager=True), BOUNDED,
+     "without disable_hybrid_kv_cache_manager"),
 ])
 def test_refused_settings(folder, overrides, config, message):
     path = folder("refused", config=config or MEASURED)
@@ -406,7 +483,8 @@ class QwenRequest(Request):
 def test_qwen_vl_mrope_equals_hf(version, tmp_path):
     """Qwen2-VL / Qwen2.5-VL: kept tokens keep their 3-D positions and decode continues from vLLM's
     mrope_position_delta; per request FastV's and VisiPruner's decisions, tokens and log-probs equal
-    the HF runtime's, in one staggered batch (images of different sizes, two images, text only)."""
+    the HF runtime's, in one staggered batch (images of different sizes, two images, text only); with
+    ``exit_by`` too (vLLM's placeholders say which tokens the text-only KV layers need no blocks for)."""
     tiny = tiny_qwen_vl_with_processor(version)
     requests = [QwenRequest(0, [(32, 32)]), QwenRequest(1, []), QwenRequest(2, [(64, 48)]),
                 QwenRequest(3, [(32, 64), (32, 32)])]
@@ -416,8 +494,10 @@ def test_qwen_vl_mrope_equals_hf(version, tmp_path):
                VisiPrunerConfig(stages=("middle", "deep"), shallow_layers=1, layer_threshold=0.99,
                                 tokens_threshold=0.07, relative_tokens_threshold=True, exit_threshold=0.9,
                                 exit_patience=1)]
+    configs.append(dataclasses.replace(configs[1], exit_by=4))  # and layers 4-5 allocated for text only
     for k, cfg in enumerate(configs):
-        llm = _engine(save_for_vllm(*tiny, tmp_path / f"m{k}", config=cfg))
+        bounded = dict(scheduler_cls="visipruner.vllm.kv_memory.BoundedKVScheduler") if k == 2 else {}
+        llm = _engine(save_for_vllm(*tiny, tmp_path / f"m{k}", config=cfg), **bounded)
         outputs = _vllm_staggered(llm, requests)
         del llm
         pruned = 0

@@ -122,6 +122,14 @@ class VisiPrunerConfig(MethodConfig):
             "as usual: tokens_threshold or the budget). > shallow_layers; None: only the layer threshold decides."
         },
     )
+    exit_by: int | None = field(
+        default=None,
+        metadata={
+            "help": "Bound on the vision exit: layers from exit_by on hold no visual token (but a prompt's last one), "
+            "even if the exit threshold has not fired (all leave after layer exit_by - 1). Lets a serving engine "
+            "allocate those layers' KV cache for text only (vLLM plugin). >= 1; None: only the threshold decides."
+        },
+    )
 
     method = "visipruner"
 
@@ -156,6 +164,11 @@ class VisiPrunerConfig(MethodConfig):
         if (self.budgeted or self.fusion_fallback_layer is not None) and "middle" not in self.stages:
             raise ValueError("keep_ratio / keep_tokens / fusion_fallback_layer act at the fusion layer: "
                              f"add 'middle' to stages (got {self.stages})")
+        if self.exit_by is not None:
+            check_int("exit_by", self.exit_by, 1, None)
+            if "deep" not in self.stages:
+                raise ValueError(
+                    f"exit_by bounds the deep stage's vision exit: add 'deep' to stages (got {self.stages})")
 
     @property
     def budgeted(self) -> bool:

@@ -10,7 +10,8 @@ Stage 2 (middle): from layer K+1, the first layer whose last-token influence
 ``fusion_fallback_layer`` fusion happens there if the layer threshold has not fired before.
 Stage 3 (deep): after the fusion layer, a layer with ``min_j cos >= exit_threshold`` over the
 critical tokens has no visual impact; after ``exit_patience`` such layers (cumulative, as the
-reference code counts, or consecutive) every visual token is removed.
+reference code counts, or consecutive) every visual token is removed. With ``exit_by`` every visual
+token is removed after layer ``exit_by - 1`` at the latest (a bound a serving engine can plan memory on).
 """
 
 from __future__ import annotations
@@ -66,14 +67,23 @@ class VisiPruner(PruningMethod):
     def _deep_active(self) -> bool:
         return self._has("deep") and (self.fusion_layer is not None or not self._has("middle"))
 
+    def _bound_exit(self, layer: int) -> bool:
+        """Whether ``exit_by`` forces the vision exit after ``layer`` (the threshold has not fired by then)."""
+        return self.config.exit_by is not None and self.exit_layer is None and layer >= self.config.exit_by - 1
+
     def needs_influence(self, layer: int) -> bool:
-        if self.schedule is not None or layer <= self.config.shallow_layers or self.remaining == 0:
+        if self.schedule is not None or layer <= self.config.shallow_layers or self.remaining == 0 \
+                or self._bound_exit(layer):
             return False
         if self._has("middle") and self.fusion_layer is None:
             return True
         return self._deep_active() and self.exit_layer is None
 
     def decide(self, layer: int, influence: Influence | None, present: torch.Tensor) -> torch.Tensor | None:
+        if self._bound_exit(layer):  # before a forced schedule too: engines plan memory on the bound
+            self.exit_layer = layer
+            self.remaining = 0
+            return present[:0]
         if self.schedule is not None:
             return self._scheduled(layer, present)
         if influence is None:
@@ -117,7 +127,7 @@ class VisiPruner(PruningMethod):
             self.fusion_layer = layer
             self.critical_tokens = torch.tensor(s.critical_tokens, dtype=torch.long, device=present.device)
             return self.critical_tokens
-        if layer == s.exit_layer:
+        if layer == s.exit_layer and self.exit_layer is None:  # not when exit_by already removed them
             self.exit_layer = layer
             return present[:0]
         return None

@@ -14,6 +14,7 @@ from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
 from .. import flops as F_
+from .kv_memory import kv_tiers, use_bounded_specs
 from .pruner import StepPruner
 from .records import Recorder
 from .settings import check_engine, read_settings
@@ -27,8 +28,12 @@ def _pruner(model, vllm_config, lm, visual_token_ids, text_config):
     from .metrics import observe
 
     recorder = Recorder(settings.config.method, settings.record_path, observers=[observe])
-    return StepPruner(settings, lm, visual_token_ids, vllm_config, F_.Dims.from_config(text_config),
-                      on_prefill=recorder)
+    pruner = StepPruner(settings, lm, visual_token_ids, vllm_config, F_.Dims.from_config(text_config),
+                        on_prefill=recorder)
+    tiers = kv_tiers(settings, len(pruner.layers))
+    if tiers:  # layers that hold text and at most a bound of visual tokens: KV blocks for those only
+        use_bounded_specs(pruner.attn, tiers)
+    return pruner
 
 
 class _PerRequestPruning:

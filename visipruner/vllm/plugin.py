@@ -16,7 +16,10 @@ def register() -> None:
     define_torchvision_op_schemas()  # CPU test environment only; see cpu_env.py
     from vllm import ModelRegistry
 
+    from .kv_memory import register as register_kv_spec
     from .models import ARCHITECTURES
+
+    register_kv_spec()  # the text-only KV-cache spec of the layers after a vision-exit bound (kv_memory.py)
 
     for arch, cls in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, cls)

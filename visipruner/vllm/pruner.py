@@ -12,7 +12,9 @@ runs the language model's decoder layers itself (vLLM's own layer modules, uncha
 * each layer whose token set differs from the step's gets its own attention metadata, built by the
   attention backend's own metadata builder from a modified ``CommonAttentionMetadata``: fewer
   query tokens for the pruned requests, and a pruned request's kept tokens written to the front
-  of its own slots (same block table), so that layer's KV cache holds only them.
+  of its own slots (the block table of the layer's own KV-cache group), so that layer's KV cache
+  holds only them. Layers after an exit bound have a group whose blocks hold text only
+  (``kv_memory.py``).
 * in decode, a pruned request's new token goes to slot ``position - dropped`` of each layer and
   attends with ``seq_len - dropped`` keys: only the kept tokens and the generated ones. Its
   position (RoPE) is the unpruned one, as the method requires.
@@ -59,6 +61,12 @@ class _Row:
     rows: torch.Tensor | None = None  # for a prefill: the step's token indices present in the layer
 
 
+# what the binding reads from vLLM's per-layer attention metadata (it builds new metadata only through the
+# backend's own builder, from a CommonAttentionMetadata): fields of the CPU, FlashAttention, Triton and
+# FlexAttention backends' metadata (FlashInfer's has none of them)
+_READ = ("query_start_loc", "seq_lens", "block_table")
+
+
 def spans_of(is_visual: list[bool]) -> list[tuple[int, int]]:
     """[start, end) of each maximal run of visual tokens (an image, for LLaVA)."""
     out, at = [], 0
@@ -86,7 +94,8 @@ class StepPruner:
         self.requests: dict[int, _Request] = {}  # first block id -> request
         self._parked: dict[int, _Request] = {}  # requests whose first block went to another (preempted or done)
         self.resumed = 0  # recomputations of preempted requests that replayed their decisions
-        self._builder = None
+        self._builders = {}  # KV-cache spec -> the attention backend's metadata builder
+        self._bounds = {}  # layer -> the allowance of its bounded KV-cache spec, or None (kv_memory.py)
         self._built = {}
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
@@ -107,6 +116,12 @@ class StepPruner:
         md = fc.attn_metadata.get(self.names[0]) if isinstance(fc.attn_metadata, dict) else None
         if md is None or input_ids is None or inputs_embeds is None:
             return None  # profiling / dummy runs: vLLM's own forward
+        missing = [f for f in _READ if not hasattr(md, f)]
+        if missing:
+            raise RuntimeError(
+                f"visipruner: the attention backend's metadata ({type(md).__name__}) has no {', '.join(missing)}, "
+                "which the plugin reads each request's tokens and KV blocks from; serve with a backend whose metadata "
+                "has them (CPU_ATTN, FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION: --attention-backend)")
         steps = self._plan(input_ids, md)
         if steps is None:
             return None
@@ -251,7 +266,26 @@ class StepPruner:
         for s in steps:
             if s.prefill is not None:
                 s.prefill.dropped[L] = s.length - int(s.rows.numel())
+                self._check_bound(L, s)
         return present, hidden, residual
+
+    def _check_bound(self, L, s) -> None:
+        """A layer with a bounded KV-cache spec (``kv_memory.py``) got blocks for the request's text and at
+        most the bound's visual tokens: more kept tokens would overwrite another request's blocks."""
+        if L not in self._bounds:
+            self._bounds[L] = getattr(self.attn[L].get_kv_cache_spec(self.vllm_config), "allowance", None)
+        allowance = self._bounds[L]
+        if allowance is None:
+            return
+        req = s.prefill
+        vis = req.state.layout.visual_positions
+        every = int(vis.numel())
+        dropped = every - int(bool((vis == req.prompt.numel() - 1).any()))  # a prompt's last token stays
+        if s.length - req.dropped[L] > s.length - dropped + allowance(every):
+            raise RuntimeError(
+                f"visipruner: layer {L} keeps {s.length - req.dropped[L]} tokens of a request whose KV blocks there "
+                f"hold {s.length - dropped + allowance(every)} (exit_by / the fusion budget); the decisions broke "
+                "the bound the KV cache was planned on")
 
     def _decide(self, L, steps, present):
         q = k = v = None
@@ -290,12 +324,14 @@ class StepPruner:
             return
         name = self.names[L]
         saved.setdefault(name, (fc.attn_metadata[name], fc.slot_mapping[name]))
-        key = (id(saved[name][1]), dropped)
+        key = (id(saved[name][1]), dropped)  # vLLM's slot mapping is per KV-cache group: one build per group
         if key not in self._built:
-            self._built[key] = self._layer_metadata(md, saved[name][1], L, steps, present)
+            self._built[key] = self._layer_metadata(*saved[name], L, steps, present)
         fc.attn_metadata[name], fc.slot_mapping[name] = self._built[key]
 
     def _layer_metadata(self, md, slot_mapping, L, steps, present):
+        """From vLLM's metadata and slot mapping of layer L's own KV-cache group (its block table: the
+        text-only layers after an exit bound have their own, see kv_memory.py)."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         dev = present.device
@@ -327,14 +363,16 @@ class StepPruner:
             query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq.to(dev), num_reqs=len(counts),
             num_actual_tokens=at, max_query_len=max(counts), max_seq_len=max(seq_lens),
             block_table_tensor=table[: len(counts)], slot_mapping=slots[:at], causal=True,
+            seq_lens_cpu_upper_bound=seq,
         )
-        return self._metadata_builder().build(0, common), slots
+        return self._metadata_builder(L).build(0, common), slots
 
-    def _metadata_builder(self):
-        """The attention backend's own metadata builder for the decoder layers (one KV spec for all)."""
-        if self._builder is None:
-            a = self.attn[0]
-            spec = a.get_kv_cache_spec(self.vllm_config)
-            self._builder = a.attn_backend.get_builder_cls()(spec, self.names, self.vllm_config, self._device)
-        return self._builder
+    def _metadata_builder(self, L):
+        """The attention backend's own metadata builder for layer L's KV-cache spec (one per group kind)."""
+        spec = self.attn[L].get_kv_cache_spec(self.vllm_config)
+        if spec not in self._builders:
+            names = [n for n, a in zip(self.names, self.attn) if a.get_kv_cache_spec(self.vllm_config) == spec]
+            self._builders[spec] = self.attn[L].attn_backend.get_builder_cls()(spec, names, self.vllm_config,
+                                                                                self._device)
+        return self._builders[spec]
 

@@ -108,3 +108,14 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
         raise ValueError(
             "visipruner: pruned layers run on a number of tokens that changes per request, which compiled "
             "graphs cannot replay; start vLLM with enforce_eager=True (--enforce-eager)")
+    from .kv_memory import SCHEDULER, BoundedKVScheduler, kv_tiers
+
+    if kv_tiers(settings, vllm_config.model_config.hf_text_config.num_hidden_layers):
+        if not issubclass(sched.get_scheduler_cls(), BoundedKVScheduler):
+            raise ValueError(
+                "visipruner: exit_by allocates the KV cache of the layers from it for text tokens only, which needs "
+                f"the plugin's scheduler; start vLLM with scheduler_cls={SCHEDULER!r} (--scheduler-cls {SCHEDULER})")
+        if sched.disable_hybrid_kv_cache_manager:
+            raise ValueError(
+                "visipruner: exit_by puts the layers from it in KV-cache groups of their own, which needs vLLM's "
+                "hybrid KV cache manager; start vLLM without disable_hybrid_kv_cache_manager")
