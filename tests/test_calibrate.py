@@ -10,6 +10,7 @@ import visipruner
 from visipruner.calibrate import (Candidate, calibrate, choose, default_variants, parse_target, parse_variants,
                                   pareto_front, record, score_candidates)
 from visipruner.flops import Dims
+from visipruner.inputs import InputError
 from visipruner.testing import random_prompt, tiny_llava
 
 from fakes import FakeProcessor, FakeQuestion
@@ -197,7 +198,9 @@ def test_calibrate_end_to_end_on_a_tiny_model():
                     finalists=2, refine=1, progress=False)
     assert res["candidates_scored"] > 10
     assert {v["shallow_stage"] for v in res["variants"]} == {True, False}
-    assert res["finalists"] and res["chosen"] in res["finalists"]
+    strip = lambda f: {k: v for k, v in f.items() if k != "exit_by_reason"} | {  # noqa: E731
+        "config": {k: v for k, v in f["config"].items() if k != "exit_by"}}
+    assert res["finalists"] and strip(res["chosen"]) in [strip(f) for f in res["finalists"]]
     assert {f["round"] for f in res["finalists"]} <= {0, 1}
     # each finalist's rerun FLOPs and agreement, against numbers computed by another route: the
     # fake processor's prompt for question i is random_prompt(seed=i), its answer the first token
@@ -214,3 +217,37 @@ def test_calibrate_end_to_end_on_a_tiny_model():
     assert h["meets_target"] is (flops <= 0.7)
     cfg = visipruner.VisiPrunerConfig.from_dict(res["chosen"]["config"])
     assert cfg.to_dict() == res["chosen"]["config"]
+
+
+def test_exit_by_is_chosen_only_where_it_changes_no_measured_decision():
+    from visipruner.calibrate import choose_exit_by, parse_exit_by
+
+    f = {"config": {"stages": ["middle", "deep"]}, "latest_exit": 6, "exit_rate": 1.0}
+    assert choose_exit_by(f, "auto", 10)[0] == 7
+    assert choose_exit_by({**f, "exit_rate": 0.9}, "auto", 10)[0] is None  # some prompt never exited
+    assert choose_exit_by({**f, "latest_exit": None, "exit_rate": 0.0}, "auto", 10)[0] is None
+    assert choose_exit_by({**f, "latest_exit": 9}, "auto", 10)[0] is None  # nothing to free
+    assert choose_exit_by({**f, "config": {"stages": ["middle"]}}, "auto", 10)[0] is None
+    assert choose_exit_by(f, "none", 10)[0] is None and choose_exit_by(f, "4", 10)[0] == 4
+    assert parse_exit_by("auto") == "auto" and parse_exit_by("5") == "5"
+    for bad in ("0", "-2", "late"):
+        with pytest.raises(InputError, match="--exit-by"):
+            parse_exit_by(bad)
+
+
+def test_calibrate_sets_exit_by_and_its_figures_are_the_bounded_configs():
+    """A given bound is measured again: the chosen config's figures are those of the config with the
+    bound (checked by the reference); an automatic bound changes no calibration prompt's decision."""
+    model = tiny_llava(0, layers=10)
+    proc = FakeProcessor(model)
+    calib = [random_prompt(model, seed=i, images=1) for i in range(4)]
+    for how in ("3", "auto"):
+        res = calibrate(model, proc, [FakeQuestion(i) for i in range(4)], ("flops", 0.7), variants=[(2, False)],
+                        finalists=2, refine=0, progress=False, exit_by=how)
+        ch = res["chosen"]
+        if how == "3":
+            assert ch["config"]["exit_by"] == 3 and ch["latest_exit"] is not None and ch["latest_exit"] <= 2
+        bound = ch["config"].get("exit_by")
+        flops, agreement = _independent(model, calib, ch["config"])
+        assert ch["flops_ratio"] == pytest.approx(flops, rel=1e-9) and ch["agreement"] == agreement, (how, bound)
+        assert visipruner.VisiPrunerConfig.from_dict(ch["config"]).exit_by == bound

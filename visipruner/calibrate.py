@@ -231,11 +231,12 @@ def measure(model, processor, prompts, config, reference_answers, max_new_tokens
     from .bench import _gen_kwargs
     from .evaluate import answer_batches, normalize_answer
 
-    ratios, answers, pruned = [], [], []
+    ratios, answers, pruned, exits = [], [], [], []
     for _, chunk_answers, stats in answer_batches(model, processor, prompts, config,
                                                   _gen_kwargs(processor, max_new_tokens), batch_size, "rerun", progress):
         answers += chunk_answers
         ratios += [s.prefill_flops_ratio for s in stats if s is not None]
+        exits += [s.exit_layer for s in stats if s is not None and s.num_visual_tokens]
         # pruning happened: some layer ran with fewer visual tokens than the prompt has
         pruned += [min(s.visual_tokens_per_layer) < s.num_visual_tokens if s is not None and s.num_visual_tokens
                    else None for s in stats]
@@ -243,7 +244,7 @@ def measure(model, processor, prompts, config, reference_answers, max_new_tokens
     agree = [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, reference_answers or [])]
     out = {"agreement": sum(agree) / n if reference_answers else None,
            "flops_ratio": float(np.mean(ratios)) if ratios else 1.0, "answers": answers,
-           "pruned_rate": _rate(pruned)}
+           "pruned_rate": _rate(pruned), **exit_figures(exits)}
     if sources is not None and reference_answers:
         out["by_source"] = {}
         for name in dict.fromkeys(sources):
@@ -253,6 +254,47 @@ def measure(model, processor, prompts, config, reference_answers, max_new_tokens
                 "flops_ratio": float(np.mean([ratios[i] for i in rows])) if len(ratios) == n else 1.0,
                 "pruned_rate": _rate([pruned[i] for i in rows])}
     return out
+
+
+def exit_figures(exits: list[int | None]) -> dict:
+    """Of the prompts with an image: the latest layer their vision exit fired at (None: never) and the
+    share where it fired (None: no such prompt)."""
+    fired = [e for e in exits if e is not None]
+    return {"latest_exit": max(fired, default=None), "exit_rate": len(fired) / len(exits) if exits else None}
+
+
+def choose_exit_by(finalist: dict, how: str, num_layers: int) -> tuple[int | None, str]:
+    """The ``exit_by`` bound for the chosen config and why. ``how``: ``auto`` bounds the exit one layer
+    after the latest exit the reruns saw, only where the exit fired on every rerun prompt with an image
+    (so the bound changes no decision calibration measured, and the reruns' figures stand); ``none``;
+    or a layer number (its effect is measured again). A bound lets a serving engine allocate the
+    layers after it for text only (vLLM plugin)."""
+    if how == "none":
+        return None, "not asked for (--exit-by none)"
+    if how != "auto":
+        return int(how), "given (--exit-by)"
+    if "deep" not in finalist["config"]["stages"]:
+        return None, "no deep stage"
+    latest, rate = finalist.get("latest_exit"), finalist.get("exit_rate")
+    if rate is None or latest is None:
+        return None, "the vision exit fired on no rerun prompt"
+    if rate < 1.0:
+        return None, f"the vision exit fired on {rate:.0%} of the rerun prompts, not all: a bound would change the others"
+    if latest + 1 >= num_layers:
+        return None, "the latest exit is at the last layer: a bound would free nothing"
+    return latest + 1, f"one layer after the latest exit the reruns saw (layer {latest}, on every prompt)"
+
+
+def parse_exit_by(text: str) -> str:
+    if text in ("auto", "none"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"--exit-by takes auto, none or a layer number >= 1; got {text!r}")
+    return str(value)
 
 
 def _rate(flags: list) -> float | None:
@@ -411,7 +453,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
               finalists: int = 3, rerun_limit: int | None = 60, progress=True, variants=None,
               refine: int = 1, margin: bool = True, refine_points: int = 1, batch_size: int = 1,
               sources: list[str] | None = None, heldout_sources: list[str] | None = None,
-              fallbacks=None, budgets=DEFAULT_BUDGETS, min_pruned: float = 0.0) -> dict:
+              fallbacks=None, budgets=DEFAULT_BUDGETS, min_pruned: float = 0.0, exit_by: str = "auto") -> dict:
     """Record, score, rerun finalists (then ``refine`` more rounds around the target), confirm.
 
     ``variants``: (K, shallow-stage-on) pairs to record; ``shallow_layers`` (a list of K, shallow
@@ -421,6 +463,7 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
     ``fallbacks``: fusion fallback layers to search (default ``default_fallbacks``; ``[None]``: none);
     ``budgets``: keep ratios searched in budget mode (``()``: none). ``min_pruned``: the chosen
     config must prune at least this share of each source's prompts in the reruns (see ``choose``).
+    ``exit_by``: the chosen config's bound on the vision exit (``choose_exit_by``: auto, none or a layer).
     """
     from .bench import _inputs
 
@@ -460,7 +503,8 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
                         batch_size=batch_size, sources=rerun_s)
             results.append({"config": c.config.to_dict(), "predicted_flops_ratio": c.flops_ratio, "risk": c.risk,
                             "fusion_rate": c.fusion_rate, "agreement": m["agreement"], "flops_ratio": m["flops_ratio"],
-                            "pruned_rate": m["pruned_rate"], "examples": len(rerun_q), "round": round_,
+                            "pruned_rate": m["pruned_rate"], "latest_exit": m["latest_exit"],
+                            "exit_rate": m["exit_rate"], "examples": len(rerun_q), "round": round_,
                             **({"by_source": m["by_source"]} if "by_source" in m else {})})
 
     # round 0: finalists spread evenly in predicted FLOPs along each threshold family's front (for a
@@ -495,7 +539,17 @@ def calibrate(model, processor, calib_questions, target, heldout_questions=None,
         if not batch:
             break
         rerun(batch, r)
-    chosen = choose(results, target, margin, min_pruned)
+    chosen = dict(choose(results, target, margin, min_pruned))
+    bound, why = choose_exit_by(chosen, exit_by, L)
+    chosen["exit_by_reason"] = why
+    if bound is not None:
+        chosen["config"] = {**chosen["config"], "exit_by": bound}
+        if exit_by != "auto":  # a given bound may change decisions: measured again
+            m = measure(model, processor, rerun_p, VisiPrunerConfig.from_dict(chosen["config"]), unpruned,
+                        progress=progress, batch_size=batch_size, sources=rerun_s)
+            chosen.update({k: m[k] for k in ("agreement", "flops_ratio", "pruned_rate", "latest_exit", "exit_rate")})
+            if "by_source" in m:
+                chosen["by_source"] = m["by_source"]
     out = {
         "target": {"kind": target[0], "value": target[1]},
         "variants": [{"shallow_layers": k, "shallow_stage": sh} for k, sh in variants],
@@ -592,7 +646,8 @@ def _run(args) -> int:
                        margin=not args.no_margin, refine_points=args.refine_points, batch_size=args.batch_size,
                        sources=sources if len(args.data) > 1 else None,
                        heldout_sources=heldout_sources if args.heldout and len(args.heldout) > 1 else None,
-                       fallbacks=fallbacks, budgets=budgets, min_pruned=args.min_pruned)
+                       fallbacks=fallbacks, budgets=budgets, min_pruned=args.min_pruned,
+                       exit_by=parse_exit_by(args.exit_by))
     print(f"scored {result['candidates_scored']} candidates from records; reran {len(result['finalists'])} finalists "
           f"on {result['rerun_examples']} examples; search took {result['search_seconds'] / 60:.1f} min")
     print(f"{'front':<10}{'K':>5}{'layer':>9}{'tokens':>11}{'fallback':>9}{'exit':>9}{'pat':>4}{'pred FLOPs':>11}"
@@ -606,7 +661,8 @@ def _run(args) -> int:
               f"{c['exit_patience']:>4}{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}"
               f"{_worst(f, False):>7.3f}{f['pruned_rate'] if f['pruned_rate'] is not None else float('nan'):>7.2f}")
     ch = result["chosen"]
-    print(f"chosen: FLOPs {ch['flops_ratio']:.3f}, agreement {ch['agreement']:.3f} on calibration")
+    print(f"chosen: FLOPs {ch['flops_ratio']:.3f}, agreement {ch['agreement']:.3f} on calibration; "
+          f"exit_by {ch['config'].get('exit_by')} ({ch['exit_by_reason']})")
     if "heldout" in result:
         h = result["heldout"]
         print(f"held-out ({h['examples']} examples): agreement {h['agreement']:.3f}, FLOPs {h['flops_ratio']:.3f}, "
@@ -649,6 +705,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="keep ratios searched in budget mode, comma-separated ('' for none)")
     p.add_argument("--min-pruned", type=float, default=0.0,
                    help="choose only a config that prunes at least this share of each source's prompts (e.g. 0.9)")
+    p.add_argument("--exit-by", default="auto",
+                   help="bound on the vision exit in the chosen config (layers from it hold no visual token, so the "
+                   "vLLM plugin allocates their KV cache for text only): auto (one layer after the latest exit seen, "
+                   "when the exit fired on every rerun prompt), none, or a layer number (measured again)")
     p.add_argument("--finalists", type=int, default=3, help="first-round finalists rerun per threshold family")
     p.add_argument("--refine", type=int, default=1, help="refinement rounds around the target")
     p.add_argument("--refine-points", type=int, default=1, help="finalists added per threshold family per round")
