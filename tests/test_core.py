@@ -310,3 +310,36 @@ def test_qwen2_language_model_matches_reference():
         out = model(**inputs).logits[0]
     torch.testing.assert_close(out, ref.logits, atol=1e-5, rtol=0)
     assert h.last_stats.visual_tokens_per_layer == ref.visual_tokens_per_layer == [16, 16, 16, 16, 8, 8]
+
+
+@pytest.mark.parametrize("heads, kv_heads, ranks", [(8, 4, 2), (8, 2, 4), (4, 1, 2)])
+def test_influence_sums_of_head_shares_add_up_to_the_whole_models(heads, kv_heads, ranks):
+    """Tensor parallelism: each rank holds heads/ranks query heads and their KV heads (replicated where
+    there are fewer KV heads than ranks); the ranks' ``influence_sums`` added give the influence of every
+    head, checked against c_j = concat_h a[h,j] v[h,j] formed explicitly (before o_proj)."""
+    from visipruner.attention import influence_from_sums, influence_sums, last_row_influence, repeat_kv
+
+    g = torch.Generator().manual_seed(heads + kv_heads + ranks)
+    n, d, scale = 40, 16, 0.25
+    q = torch.randn(1, heads, 1, d, generator=g)
+    k, v = torch.randn(1, kv_heads, n, d, generator=g), torch.randn(1, kv_heads, n, d, generator=g)
+    vis = torch.arange(5, 29)
+    a = torch.softmax((q[0, :, 0, None] * repeat_kv(k, heads // kv_heads)[0]).sum(-1).double() * scale, -1)  # (H, n)
+    vr = repeat_kv(v, heads // kv_heads)[0].double()  # (H, n, d)
+    c = (a[:, :, None] * vr).permute(1, 0, 2).reshape(n, -1)  # c_j = concat_h a[h,j] v[h,j]
+    o = c.sum(0)
+    cj = c[vis]
+    want_cos = ((o - cj) @ o) / ((o - cj).norm(dim=-1) * o.norm())
+    per = heads // ranks
+    shares = []
+    for r in range(ranks):
+        hs = torch.arange(r * per, (r + 1) * per)
+        kvs = (hs // (heads // kv_heads)).unique()  # the KV heads this rank's query heads read
+        shares.append(influence_sums(q[:, hs], k[:, kvs], v[:, kvs], scale, vis))
+    cos, norm, attention, onorm = influence_from_sums(sum(shares))
+    torch.testing.assert_close(cos, want_cos.float())
+    torch.testing.assert_close(norm, cj.norm(dim=-1).float())
+    torch.testing.assert_close(attention, a[:, vis].mean(0).float())
+    torch.testing.assert_close(onorm, o.norm().float())
+    for got, whole in zip((cos, norm, attention, onorm), last_row_influence(q, k, v, scale, vis)):
+        torch.testing.assert_close(got, whole)

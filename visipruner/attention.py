@@ -276,21 +276,21 @@ def text_rows_to_visual(
     return torch.softmax(scores, dim=-1)[:, :, visual_keys].mean(0)
 
 
-def last_row_influence(
+def influence_sums(
     q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visual_keys: torch.Tensor,
     visible: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Influence of visual keys on the last query's attention output ``o`` (before o_proj).
+) -> torch.Tensor:
+    """The per-head sums the last query's influence is made of, over the heads given, as one float64
+    tensor of ``3m + 2`` values for ``m`` visual keys: ``[co (m), ||c||^2 (m), sum_h a[h,j] (m), ||o||^2,
+    heads]`` (layout: ``SUMS_LAYOUT``). Every entry is a sum over query heads, so heads split among
+    processes (tensor parallelism) give the whole model's sums by adding theirs (``influence_from_sums``
+    turns them into the influence).
 
-    q_last: (1, H, 1, d); k, v: (1, Hkv, n, d), all keys visible to the last query unless
-    ``visible`` (n,) bool says which are (a sliding window); query head h
-    reads kv head ``h // (H // Hkv)`` (GQA; no copies of K/V are made).
-    Returns (cos(o - c_j, o), ||c_j||, mean-over-heads attention a_j, ||o||), where
-    ``c_j = concat_h a[h,j] v[h,j]`` and ``o = sum_j c_j``.
-
-    Nothing of size (m, H*d) is formed: with ``co_j = c_j . o = sum_h a[h,j] (v[h,j] . o_h)`` and
-    ``||c_j||^2 = sum_h a[h,j]^2 ||v[h,j]||^2``, ``cos = (|o|^2 - co_j) / (|o - c_j| |o|)`` with
-    ``|o - c_j|^2 = |o|^2 - 2 co_j + ||c_j||^2``; these sums are taken in float64.
+    q_last: (1, H, 1, d); k, v: (1, Hkv, n, d), all keys visible to the last query unless ``visible`` (n,)
+    bool says which are (a sliding window); query head h reads kv head ``h // (H // Hkv)`` (GQA; no copies
+    of K/V are made). With ``c_j = concat_h a[h,j] v[h,j]`` and ``o = sum_j c_j`` (before o_proj):
+    ``co_j = c_j . o = sum_h a[h,j] (v[h,j] . o_h)``, ``||c_j||^2 = sum_h a[h,j]^2 ||v[h,j]||^2``,
+    ``||o||^2 = sum_h ||o_h||^2``. Nothing of size (m, H*d) is formed.
     """
     H, d = q_last.shape[1], q_last.shape[-1]
     hkv = k.shape[1]
@@ -307,10 +307,32 @@ def last_row_influence(
     vn = (vv * vv).sum(-1).double()[:, None, :]  # (Hkv, 1, m): ||v[h,j]||^2
     co = (av * vo).sum((0, 1))
     cn2 = (av * av * vn).sum((0, 1))
+    attention = av.reshape(H, -1).sum(0)
     oo = (o.double() ** 2).sum()
+    return torch.cat([co, cn2, attention, torch.stack([oo, oo.new_tensor(float(H))])])
+
+
+SUMS_LAYOUT = "co (m), ||c_j||^2 (m), attention summed over heads (m), ||o||^2, heads"
+
+
+def influence_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos(o - c_j, o), ||c_j||, mean-over-heads attention a_j, ||o||) from ``influence_sums`` (those of
+    every head: one process's, or several processes' added), in float64 until the end:
+    ``cos = (|o|^2 - co_j) / (|o - c_j| |o|)`` with ``|o - c_j|^2 = |o|^2 - 2 co_j + ||c_j||^2``."""
+    m = (sums.numel() - 2) // 3
+    co, cn2, attention, (oo, heads) = sums[:m], sums[m : 2 * m], sums[2 * m : 3 * m], sums[3 * m :]
     dist = (oo - 2 * co + cn2).clamp_min(0).sqrt()
     cos = (oo - co) / (dist * oo.sqrt()).clamp_min(1e-12)
-    return cos.float(), cn2.sqrt().float(), av.reshape(H, -1).mean(0).float(), oo.sqrt().float()
+    return cos.float(), cn2.sqrt().float(), (attention / heads).float(), oo.sqrt().float()
+
+
+def last_row_influence(
+    q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visual_keys: torch.Tensor,
+    visible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Influence of visual keys on the last query's attention output ``o`` (before o_proj), all heads
+    present: ``influence_from_sums(influence_sums(...))``; see those two."""
+    return influence_from_sums(influence_sums(q_last, k, v, scale, visual_keys, visible))
 
 
 def shallow_stage_probabilities(

@@ -14,16 +14,21 @@ from __future__ import annotations
 import torch
 
 from . import flops as F_
-from .attention import Influence, last_row_influence, repeat_kv, text_rows_to_visual
+from .attention import Influence, influence_from_sums, influence_sums, repeat_kv, text_rows_to_visual
 from .methods.base import Decision
 
 
-def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visible) -> None:
+def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visible, reduce=None) -> None:
     """The method's decision after ``layer`` for one prompt; ``q`` (1, H, n, d), ``k, v`` (1, Hkv, n, d)
     are that prompt's rows only, in sequence order; ``visible`` its (n, n) mask or None (causal).
     Taken on the prompt's last token over the prompt's keys: tokens the call carries after the prompt
     (``st.extra``: drafts being verified) take no part. Sets ``st.pending_keep`` / ``st.pending_merges``
-    for the engine to apply before the next layer, and records them in ``st.decisions``."""
+    for the engine to apply before the next layer, and records them in ``st.decisions``.
+
+    ``reduce``: where ``q`` holds only some of the model's heads (tensor parallelism: a process's share),
+    a callable that returns the sum over every process of the influence's per-head sums
+    (``attention.influence_sums``, one float64 tensor of 3m + 2 values) so that every process decides on
+    the whole model's influence; None (HF runtime): the heads given are all of them."""
     if st.replay is not None:  # a recomputed prompt: the decisions its own prefill took, not new ones
         keep, merges = st.replay.get(layer, (None, []))
         st.pending_keep, st.pending_merges = keep, list(merges)
@@ -41,12 +46,14 @@ def decide_layer(st, layer: int, q, k, v, scale: float, groups: int, mode, visib
             q, k, v = q[:, :, :end], k[:, :, :end], v[:, :, :end]
             visible = None if visible is None else visible[:end, :end]
         vis_keys = (st.visual_ids >= 0).nonzero().squeeze(-1)
-        cos, norm, attn, onorm = last_row_influence(
-            q[:, :, -1:], k, v, scale, vis_keys, None if visible is None else visible[-1])
+        sums = influence_sums(q[:, :, -1:], k, v, scale, vis_keys, None if visible is None else visible[-1])
+        cos, norm, attn, onorm = influence_from_sums(sums if reduce is None else reduce(sums))
         hidden = st.layer_input[0].index_select(0, vis_keys)
         influence = Influence(layer, present, cos, norm, attn, float(onorm), hidden)
         st.layer_influence[layer] = (int(k.shape[2]), int(vis_keys.numel()))
         if method.needs_text_attention(layer) and vis_keys.numel():
+            if reduce is not None:  # its rows' head-mean is not among the sums processes add
+                raise RuntimeError("text-row attention is not defined over heads split among processes")
             first = int(vis_keys[0])
             ar = torch.arange(st.visual_ids.numel(), device=vis_keys.device)
             rows = (st.visual_ids < 0) & (ar > first) & (ar < q.shape[2])

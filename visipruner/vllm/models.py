@@ -25,9 +25,12 @@ def _pruner(model, vllm_config, lm, visual_token_ids, text_config):
     if settings is None or not settings.config.enabled:
         return None
     check_engine(settings, vllm_config)
+    from vllm.distributed import get_tensor_model_parallel_rank
+
     from .metrics import observe
 
-    recorder = Recorder(settings.config.method, settings.record_path, observers=[observe])
+    first = get_tensor_model_parallel_rank() == 0  # records leave one process (every rank has them)
+    recorder = Recorder(settings.config.method, settings.record_path, observers=[observe], emit=first)
     pruner = StepPruner(settings, lm, visual_token_ids, vllm_config, F_.Dims.from_config(text_config),
                         on_prefill=recorder)
     tiers = kv_tiers(settings, len(pruner.layers))

@@ -19,6 +19,10 @@ runs the language model's decoder layers itself (vLLM's own layer modules, uncha
   attends with ``seq_len - dropped`` keys: only the kept tokens and the generated ones. Its
   position (RoPE) is the unpruned one, as the method requires.
 
+Under tensor parallelism every rank runs this on the same step inputs with its share of the heads; the
+influence's per-head sums are all-reduced (``_tensor_parallel_sum``), so every rank takes the same
+decisions and keeps the same per-request bookkeeping.
+
 Requests are told apart across steps by the first block of their block table (a block belongs to
 one running request: prefix caching is refused); every prefill re-registers its first block, so a
 finished request's state is never read by the next owner of that block. Requests without visual
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import torch
 
@@ -99,8 +104,33 @@ class StepPruner:
         self._built = {}
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
+        self.reductions, self.reduce_seconds = 0, 0.0  # tensor parallelism: influence sums all-reduced
+        self._reduce = self._tensor_parallel_sum()
         for a in self.attn:
             a.register_forward_pre_hook(self._capture_hook)
+
+    def _tensor_parallel_sum(self):
+        """Under tensor parallelism each process holds num_heads / TP query heads (the captured q/k/v are
+        its heads), and the influence is made of sums over heads (``attention.influence_sums``): one
+        all-reduce of those 3m + 2 float64 values over vLLM's own TP group gives every process the whole
+        model's influence, so all of them take the same decision. None without tensor parallelism.
+        torch.distributed's all-reduce on the group's device group (gloo on CPU, NCCL on GPUs), not
+        ``tensor_model_parallel_all_reduce``: vLLM's CPU shared-memory all-reduce has no float64 kernel."""
+        import torch.distributed as dist
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+        if group.world_size == 1:
+            return None
+
+        def reduce(sums):
+            start = time.perf_counter()
+            dist.all_reduce(sums, group=group.device_group)
+            self.reductions += 1
+            self.reduce_seconds += time.perf_counter() - start
+            return sums
+
+        return reduce
 
     def _capture_hook(self, module, args):
         if self._capture:
@@ -304,7 +334,8 @@ class StepPruner:
                 qr = q[a:b].reshape(b - a, attn.num_heads, -1).transpose(0, 1)[None]
                 kr = k[a:b].reshape(b - a, attn.num_kv_heads, -1).transpose(0, 1)[None]
                 vr = v[a:b].reshape(b - a, attn.num_kv_heads, -1).transpose(0, 1)[None]
-            decide_layer(st, L, qr, kr, vr, attn.impl.scale, attn.num_heads // attn.num_kv_heads, None, None)
+            decide_layer(st, L, qr, kr, vr, attn.impl.scale, attn.num_heads // attn.num_kv_heads, None, None,
+                         self._reduce)
             st.layer_modes[L] = None
 
     def _finish(self, req: _Request):

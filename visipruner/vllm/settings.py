@@ -100,10 +100,6 @@ def check_engine(settings: ServeSettings, vllm_config) -> None:
         raise ValueError(
             "visipruner: pipeline parallelism splits the layers whose token sets pruning changes across "
             "processes; start vLLM with pipeline_parallel_size=1")
-    if par.tensor_parallel_size > 1:
-        raise ValueError(
-            "visipruner: tensor parallelism is not supported yet (the influence needs every head's "
-            "contribution); start vLLM with tensor_parallel_size=1")
     if not vllm_config.model_config.enforce_eager:
         raise ValueError(
             "visipruner: pruned layers run on a number of tokens that changes per request, which compiled "
