@@ -261,9 +261,14 @@ def main():
                   f"{r['max_kv_usage']:.2f} | {r['kv_layer_blocks_per_request']:g} "
                   f"({r['kv_layer_blocks_per_request'] / s['kv_layer_blocks_per_request']:.2f}x) | "
                   f"{r['output_tokens_per_s']:.1f} ({r['output_tokens_per_s'] / s['output_tokens_per_s']:.2f}x) |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.json, results)
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Every number of a run, when ``--json`` names a file."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

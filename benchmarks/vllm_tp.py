@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's own switch: the engine core here
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_throughput import build_folders, requests_for, run_batch  # noqa: E402
+from vllm_throughput import build_folders, requests_for, run_batch, write_json  # noqa: E402
 
 SETTINGS = ["stock vLLM", "measured"]
 
@@ -140,9 +140,7 @@ def main():
             print(f"| {tp} | {name} | {r['prefill_ttft_s']:.3f} | {reduce} | {r['output_tokens_per_s']:.1f} | "
                   f"{r['output_tokens_per_s'] / base[name]['output_tokens_per_s']:.2f}x | "
                   f"{(r.get('decisions') or {}).get('visual_tokens_per_layer', '-')} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
