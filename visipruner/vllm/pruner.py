@@ -99,8 +99,8 @@ class StepPruner:
         self.requests: dict[int, _Request] = {}  # first block id -> request
         self._parked: dict[int, _Request] = {}  # requests whose first block went to another (preempted or done)
         self.resumed = 0  # recomputations of preempted requests that replayed their decisions
+        self._specs = {}  # layer -> its KV-cache spec (fixed at engine start; asked once)
         self._builders = {}  # KV-cache spec -> the attention backend's metadata builder
-        self._bounds = {}  # layer -> the allowance of its bounded KV-cache spec, or None (kv_memory.py)
         self._built = {}
         self._captured = None  # (q, k, v) of the layer being run, when a decision needs them
         self._capture = False
@@ -302,9 +302,7 @@ class StepPruner:
     def _check_bound(self, L, s) -> None:
         """A layer with a bounded KV-cache spec (``kv_memory.py``) got blocks for the request's text and at
         most the bound's visual tokens: more kept tokens would overwrite another request's blocks."""
-        if L not in self._bounds:
-            self._bounds[L] = getattr(self.attn[L].get_kv_cache_spec(self.vllm_config), "allowance", None)
-        allowance = self._bounds[L]
+        allowance = getattr(self._spec(L), "allowance", None)
         if allowance is None:
             return
         req = s.prefill
@@ -398,11 +396,17 @@ class StepPruner:
         )
         return self._metadata_builder(L).build(0, common), slots
 
+    def _spec(self, L):
+        """Layer L's KV-cache spec (a bounded one after an exit bound, ``kv_memory.py``)."""
+        if L not in self._specs:
+            self._specs[L] = self.attn[L].get_kv_cache_spec(self.vllm_config)
+        return self._specs[L]
+
     def _metadata_builder(self, L):
         """The attention backend's own metadata builder for layer L's KV-cache spec (one per group kind)."""
-        spec = self.attn[L].get_kv_cache_spec(self.vllm_config)
+        spec = self._spec(L)
         if spec not in self._builders:
-            names = [n for n, a in zip(self.names, self.attn) if a.get_kv_cache_spec(self.vllm_config) == spec]
+            names = [n for i, n in enumerate(self.names) if self._spec(i) == spec]
             self._builders[spec] = self.attn[L].attn_backend.get_builder_cls()(spec, names, self.vllm_config,
                                                                                 self._device)
         return self._builders[spec]
