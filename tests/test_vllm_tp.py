@@ -77,12 +77,29 @@ def serve(tp: int, path: str, out: str) -> None:
         json.dump(result, f)
 
 
-def _start(tp: int, path, out) -> subprocess.Popen:
+def serve_bounded(path: str, out: str) -> None:
+    """The folder with ``exit_by`` and a fusion budget served with TP=2 and the plugin's scheduler: the
+    answers, and the KV-cache spec of each layer from vLLM's own KV-cache config."""
+    from vllm import LLM
+
+    from visipruner.vllm.kv_memory import SCHEDULER
+
+    requests = [t.REQUESTS[i] for i in REQUESTS]
+    llm = LLM(model=path, tensor_parallel_size=2, scheduler_cls=SCHEDULER, **{**t.ENGINE, **SMALL})
+    groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
+    specs = {int(name.split(".")[-3]): type(g.kv_cache_spec).__name__ for g in groups for name in g.layer_names}
+    outs = llm.generate([r.vllm_prompt() for r in requests], [t._params(r.max_tokens) for r in requests],
+                        use_tqdm=False)
+    with open(out, "w") as f:
+        json.dump({"answers": [t._answer(o) for o in outs], "specs": [specs[i] for i in sorted(specs)]}, f)
+
+
+def _start(tp: int, call: str) -> subprocess.Popen:
+    """A process that runs ``call`` (e.g. ``serve(2, ...)``) of this module with vLLM's settings for ``tp``."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if tp > 1:  # vLLM's own setting: one core per worker (it refuses TP>1 on one NUMA node without it)
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_vllm_tp as m; "
-            f"m.serve({tp}, {str(path)!r}, {str(out)!r})")
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_vllm_tp as m; m.{call}"
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -101,7 +118,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     folders = {tp: save_for_vllm(model, proc, root / f"fastv{tp}", config=FASTV, record=root / f"tp{tp}.jsonl")
                for tp in (2, 1)}  # one record file per TP size
-    procs = {tp: _start(tp, path, root / f"tp{tp}.json") for tp, path in folders.items()}  # side by side
+    procs = {tp: _start(tp, f"serve({tp}, {str(path)!r}, {str(root / f'tp{tp}.json')!r})")
+             for tp, path in folders.items()}  # side by side
     for tp, p in procs.items():
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
@@ -148,3 +166,22 @@ def test_tp2_takes_tp1_decisions_on_both_ranks(runs):
             recs = list(by_prompt.values())
             assert any(r["fusion_layer"] is not None and 0 < r["critical_tokens"] < r["visual_tokens"] for r in recs)
             assert any(r["exit_layer"] is not None for r in recs)
+
+
+def test_tp2_with_the_kv_bound_answers_as_the_hf_runtime(tmp_path):
+    """Tensor parallelism and the KV bound together (``exit_by`` with a fusion budget: layers after the
+    bounds in KV-cache groups of their own on both ranks): every request answers as ``visipruner.apply``
+    on the HF model (tokens, log-probs within 1e-4)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("TP=2 on vLLM's CPU backend needs 2 cores")
+    tiny = t.tiny_model()
+    path = save_for_vllm(*tiny, tmp_path / "bounded", config=t.BOUNDED)
+    p = _start(2, f"serve_bounded({str(path)!r}, {str(tmp_path / 'bounded.json')!r})")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-4000:]
+    run = json.loads((tmp_path / "bounded.json").read_text())
+    assert run["specs"] == ["FullAttentionSpec"] * 3 + ["BoundedAttentionSpec"] * 3
+    for i, (tokens, logprobs) in zip(REQUESTS, run["answers"]):
+        hf_tokens, hf_logprobs, _, _ = t._hf(tiny, t.REQUESTS[i], t.BOUNDED)
+        assert tokens == hf_tokens, i
+        assert max(abs(a - b) for a, b in zip(logprobs, hf_logprobs)) < 1e-4
