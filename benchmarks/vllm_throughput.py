@@ -152,16 +152,23 @@ def run_batch(llm, prompts, max_tokens: int) -> dict:
             "kv_layer_blocks_per_request": statistics.median(blocks.values()) if blocks else None}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The random LLaVA-1.5-shaped model and its prompts (``build_folders``, ``requests_for``), and the device."""
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--heads", type=int, default=16, help="query heads (divisible by the tensor-parallel size)")
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--suffix", type=int, default=40, help="text words after the image")
-    p.add_argument("--keep", type=float, default=0.1, help="share of visual tokens kept at the fusion layer")
+    p.add_argument("--keep", type=float, default=0.1, help="share of visual tokens kept at the forced schedule's fusion")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=32, help="answer tokens per request (EOS ignored)")
     p.add_argument("--repeats", type=int, default=2, help="batches per concurrency level")
@@ -169,8 +176,6 @@ def main():
     p.add_argument("--settings", nargs="+", default=None, metavar="NAME",
                    help="subset of: 'stock vLLM', 'forced schedule', 'measured', 'forced schedule + KV bound' "
                    "(stock always runs)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="fixed KV cache size (vLLM's kv_cache_memory_bytes); default: 4 on CPU, vLLM's own on GPU")
     p.add_argument("--json", default=None, help="write every number here")

@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's own switch: the engine core here
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_throughput import build_folders, requests_for, run_batch, write_json  # noqa: E402
+from vllm_throughput import build_folders, model_arguments, requests_for, run_batch, write_json  # noqa: E402
 
 SETTINGS = ["stock vLLM", "measured"]
 
@@ -86,20 +86,11 @@ def measure(tp: int, folders: dict, args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor_parallel_size values to compare")
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16, help="query heads (divisible by every --tp)")
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--suffix", type=int, default=40, help="text words after the image")
-    p.add_argument("--keep", type=float, default=0.1, help="(vllm_throughput's forced schedule; unused here)")
+    model_arguments(p)
     p.add_argument("--concurrency", type=int, default=8, help="requests at once for output tokens/s")
     p.add_argument("--max-tokens", type=int, default=16, help="answer tokens per request (EOS ignored)")
     p.add_argument("--repeats", type=int, default=2, help="batches for output tokens/s")
     p.add_argument("--prefill-repeats", type=int, default=5)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--kv-cache-gib", type=int, default=2, help="CPU KV cache size")
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one TP size, in its own process
