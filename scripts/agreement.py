@@ -7,7 +7,9 @@ needed, so it runs on photos too) and paired comparisons of configs on the same 
         --json docs/results/heldout_agreement.json [--answers-cache runs/unpruned_answers.json]
 
 Each ``--config NAME=FILE`` is any method's config JSON (``visipruner.config_from_json``). The
-unpruned answers are computed once (and kept in ``--answers-cache`` by question id, if given).
+unpruned answers are computed once (and kept in ``--answers-cache``, if given, keyed by the
+question's id, text and image bytes: a file regenerated with other images under the same ids, or
+two files whose questions share ids, never reuse each other's answers).
 For every pair of configs the paired difference of agreement per source carries a 95% bootstrap
 interval: a gap is real only when that interval excludes 0.
 """
@@ -15,10 +17,18 @@ interval: a gap is real only when that interval excludes 0.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
+
+
+EXPERIMENTS = {  # config "method" -> (module beside this script, config class): variants not in the library
+    "visipruner_diverse": ("diverse_variant", "DiverseVisiPrunerConfig"),
+    "visipruner_input_set": ("input_set_variant", "InputSetVisiPrunerConfig"),
+}
 
 
 def bootstrap(values, seed: int = 0, n: int = 2000) -> tuple[float, float]:
@@ -29,6 +39,12 @@ def bootstrap(values, seed: int = 0, n: int = 2000) -> tuple[float, float]:
     idx = np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))
     means = v[idx].mean(axis=1)
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def answer_key(q) -> str:
+    """The answers cache's key of a question: its id plus a digest of its text and image file."""
+    digest = hashlib.sha256(q.question.encode() + b"\0" + Path(q.image).read_bytes()).hexdigest()[:16]
+    return f"{q.id}|{digest}"
 
 
 def main(argv=None) -> int:
@@ -50,23 +66,24 @@ def main(argv=None) -> int:
     for spec in a.config:
         name, _, path = spec.partition("=")
         text = Path(path).read_text()
-        if json.loads(text).get("method") == "visipruner_diverse":  # the experiment beside this script
-            from diverse_variant import DiverseVisiPrunerConfig
-
-            configs[name] = DiverseVisiPrunerConfig.from_json(text)
+        experiment = EXPERIMENTS.get(json.loads(text).get("method"))
+        if experiment:  # an experiment beside this script
+            module, cls = experiment
+            configs[name] = getattr(importlib.import_module(module), cls).from_json(text)
         else:
             configs[name] = visipruner.config_from_json(text)
     questions, sources = read_sources(a.data, "--data", a.limit)
     model, processor = load_organism()
     prompts = [_inputs(processor, q, model) for q in questions]
     cache = json.loads(Path(a.answers_cache).read_text()) if a.answers_cache and Path(a.answers_cache).exists() else {}
-    todo = [i for i, q in enumerate(questions) if q.id not in cache]
+    keys = [answer_key(q) for q in questions]
+    todo = sorted({keys.index(k) for k in keys if k not in cache})
     if todo:
         got = measure(model, processor, [prompts[i] for i in todo], None, None, batch_size=a.batch_size)["answers"]
-        cache.update({questions[i].id: ans for i, ans in zip(todo, got)})
+        cache.update({keys[i]: ans for i, ans in zip(todo, got)})
         if a.answers_cache:
             Path(a.answers_cache).write_text(json.dumps(cache))
-    unpruned = [cache[q.id] for q in questions]
+    unpruned = [cache[k] for k in keys]
     names = list(dict.fromkeys(sources))
     out = {"sources": {n: sources.count(n) for n in names}, "configs": {}, "differences": {}}
     agree = {}

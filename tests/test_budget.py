@@ -182,3 +182,52 @@ def test_diversity_experiment_is_the_greedy_log_det_set():
     # past the kernel's rank (6) the rest comes by influence
     rest = greedy_dpp(q, x, 12).tolist()
     assert sorted(rest) == list(range(12)) and rest[:5] == chosen
+
+
+@pytest.mark.parametrize("selector", ("cdpruner", "divprune"))
+def test_input_set_experiment_keeps_the_peers_choice_at_fusion(selector):
+    """scripts/input_set_variant.py (docs/calibrate.md, "Selection or timing"): every visual token
+    stays until VisiPruner's fusion layer, and from there exactly the tokens the peer itself keeps at
+    layer 0 of the same prompt; budget mode at the same schedule keeps other tokens."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from input_set_variant import InputSetVisiPrunerConfig
+
+    from visipruner.methods import CDPrunerConfig, DivPruneConfig
+
+    model = tiny_llava(0)
+    inputs = random_prompt(model, seed=0)
+    n_vis = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    # the peer's own choice, from the layer-0 input of an unpruned forward (visual rows; the text after the
+    # first visual token as the instruction), computed here independently of the runtime
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen.setdefault("h", (args[0] if args else kwargs["hidden_states"])[0])
+
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    ids = inputs["input_ids"][0]
+    is_vis = ids == IMAGE_TOKEN_ID
+    after = ~is_vis & (torch.arange(len(ids)) > int(is_vis.nonzero()[0]))
+    method = {"cdpruner": CDPrunerConfig, "divprune": DivPruneConfig}[selector](keep_tokens=5).build()
+    expected = sorted(method.select(seen["h"][is_vis].float(), seen["h"][after].float()).tolist())
+    cfg = InputSetVisiPrunerConfig(stages=("middle",), shallow_layers=K, layer_threshold=-1.0, tokens_threshold=0.0,
+                                   fusion_fallback_layer=K + 2, keep_tokens=5, selector=selector)
+    with visipruner.apply(model, cfg) as h:
+        model(**inputs)
+    s = h.last_stats
+    layers = len(s.visual_tokens_per_layer)
+    assert s.fusion_layer == K + 2
+    assert s.visual_tokens_per_layer == [n_vis] * (K + 3) + [5] * (layers - K - 3)
+    assert sorted(s.critical_tokens) == expected
+    budget = dataclasses.replace(cfg)  # plain budget mode, same schedule: the largest ||c_j||, another set here
+    plain = VisiPrunerConfig(**{f.name: getattr(budget, f.name) for f in dataclasses.fields(VisiPrunerConfig)})
+    with visipruner.apply(model, plain) as h:
+        model(**inputs)
+    assert h.last_stats.fusion_layer == K + 2 and sorted(h.last_stats.critical_tokens) != expected
+    with pytest.raises(ValueError, match="budget"):
+        InputSetVisiPrunerConfig(selector=selector)

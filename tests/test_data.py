@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -305,3 +306,56 @@ def test_photo_questions(tmp_path, monkeypatch):
     monkeypatch.setattr(photos.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="scikit-image==0.25.2"):
         photos.make_question(0, "test", 0)
+
+
+def test_photo_objects(tmp_path):
+    """kind="objects": the scene split's question i drawn over photo i's crop. Its gold answer is the
+    scene's; at strength 0 the image is exactly the scene on white (the shapes and word are drawn
+    as on a scene), at strength 1 the photo shows unchanged where nothing is drawn; ids name the
+    strength, so files at two strengths never share an id."""
+    from visipruner.data import photos, scenes
+
+    for split, stream in photos.SCENE_STREAM.items():
+        sq = scenes.make_question(0, stream, 5)
+        img0, rec = photos.make_question(0, split, 5, "objects", 0.0)
+        assert (rec["question"], rec["answer"], rec["family"]) == (sq.question, sq.answer, f"photo_{sq.family}")
+        white = scenes.Scene(**{**sq.scene.__dict__, "background": (255, 255, 255)}).render()
+        assert img0.tobytes() == white.tobytes()
+        photo, _ = photos.make_question(0, split, 5)  # the same crop, no shapes
+        img1, rec1 = photos.make_question(0, split, 5, "objects", 1.0)
+        a, b, w = (np.asarray(x, dtype=int) for x in (img1, photo, white))
+        background = (w == 255).all(-1)  # where nothing is drawn
+        assert background.mean() > 0.5 and (a[background] == b[background]).all()
+        assert not (a[~background] == b[~background]).all(-1).all()  # the shapes hide the photo
+        assert rec1["id"] != rec["id"] and rec1["id"].endswith(photos.SPLITS[split][5 % len(photos.SPLITS[split])])
+    path = photos.write_split(str(tmp_path), "test", n=6, kind="objects")
+    qs = load_questions(path, verify_images=True)
+    assert [q.answer for q in qs] == [scenes.make_question(0, "test", i).answer for i in range(6)]
+    with pytest.raises(ValueError, match="kind"):
+        photos.make_question(0, "test", 0, "drawings")
+    with pytest.raises(ValueError, match="strength"):
+        photos.make_question(0, "test", 0, "objects", 1.5)
+    with pytest.raises(ValueError, match="RGB 192x192"):
+        scenes.render_scene(sq.scene, img0.resize((10, 10)))
+
+
+def test_agreement_cache_key(tmp_path):
+    """scripts/agreement.py caches unpruned answers by id *and* content: the same id over another
+    image (a file regenerated at another strength) or another question gets another key."""
+    import importlib.util
+    from pathlib import Path
+
+    from visipruner.data import photos
+
+    spec = importlib.util.spec_from_file_location("agreement", Path(__file__).parents[1] / "scripts" / "agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    keys = {}
+    for strength in (0.5, 1.0):
+        path = photos.write_split(str(tmp_path / str(strength)), "test", n=2, kind="objects", strength=strength)
+        for q in load_questions(path):
+            keys[strength, q.question] = agreement.answer_key(dataclasses.replace(q, id="same"))
+    assert len(set(keys.values())) == 4
+    q = load_questions(path)[0]
+    assert agreement.answer_key(q) == agreement.answer_key(dataclasses.replace(q))
+    assert agreement.answer_key(q) != agreement.answer_key(dataclasses.replace(q, question=q.question + " "))

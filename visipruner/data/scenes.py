@@ -94,8 +94,8 @@ class Scene:
     word_dx: int = 0
     word_dy: int = 0
 
-    def render(self) -> Image.Image:
-        return render_scene(self)
+    def render(self, background: Image.Image | None = None) -> Image.Image:
+        return render_scene(self, background)
 
 
 @dataclass
@@ -145,8 +145,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj) -> None:
         raise ValueError(o.shape)
 
 
-def render_scene(scene: Scene) -> Image.Image:
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+def render_scene(scene: Scene, background: Image.Image | None = None) -> Image.Image:
+    """The scene's shapes and word drawn on its flat background colour, or on ``background`` (an
+    ``IMAGE_SIZE`` square RGB image, e.g. a photo crop: ``visipruner.data.photos``) when given."""
+    if background is None:
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+    elif background.size != (IMAGE_SIZE, IMAGE_SIZE) or background.mode != "RGB":
+        raise ValueError(f"background must be an RGB {IMAGE_SIZE}x{IMAGE_SIZE} image; got {background.mode} {background.size}")
+    else:
+        img = background.copy()
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         _draw_shape(draw, o)
