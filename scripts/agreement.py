@@ -11,7 +11,9 @@ unpruned answers are computed once (and kept in ``--answers-cache``, if given, k
 question's id, text and image bytes: a file regenerated with other images under the same ids, or
 two files whose questions share ids, never reuse each other's answers).
 For every pair of configs the paired difference of agreement per source carries a 95% bootstrap
-interval: a gap is real only when that interval excludes 0.
+interval: a gap is real only when that interval excludes 0. Where questions have gold answers,
+agreement is also split by whether the unpruned answer was right, with the answers pruning turned
+right -> wrong and wrong -> right.
 """
 
 from __future__ import annotations
@@ -45,6 +47,27 @@ def answer_key(q) -> str:
     """The answers cache's key of a question: its id plus a digest of its text and image file."""
     digest = hashlib.sha256(q.question.encode() + b"\0" + Path(q.image).read_bytes()).hexdigest()[:16]
     return f"{q.id}|{digest}"
+
+
+def by_correctness(questions, rows, unpruned, pruned) -> dict:
+    """Where the questions have gold answers: agreement separately where the unpruned answer is right
+    and where it is wrong, and how many answers pruning turned right -> wrong and wrong -> right (a
+    guess the unpruned model gets wrong moves more easily than a right answer). Empty without gold."""
+    from visipruner.data.photos import ANSWER
+    from visipruner.evaluate import normalize_answer as norm
+
+    rows = [i for i in rows if questions[i].answer != ANSWER]
+    if not rows:
+        return {}
+    right = {i: norm(unpruned[i]) == norm(questions[i].answer) for i in rows}
+    same = {i: norm(pruned[i]) == norm(unpruned[i]) for i in rows}
+    out = {}
+    for label, flag in (("unpruned_right", True), ("unpruned_wrong", False)):
+        group = [i for i in rows if right[i] == flag]
+        out[label] = {"examples": len(group), "agreement": float(np.mean([same[i] for i in group])) if group else None}
+    out["right_to_wrong"] = sum(1 for i in rows if right[i] and norm(pruned[i]) != norm(questions[i].answer))
+    out["wrong_to_right"] = sum(1 for i in rows if not right[i] and norm(pruned[i]) == norm(questions[i].answer))
+    return out
 
 
 def main(argv=None) -> int:
@@ -95,11 +118,16 @@ def main(argv=None) -> int:
         for src in names:
             rows = [i for i, s in enumerate(sources) if s == src]
             rec["by_source"][src]["agreement_ci95"] = bootstrap(agree[name][rows])
+            rec["by_source"][src].update(by_correctness(questions, rows, unpruned, m["answers"]))
         out["configs"][name] = rec
         for src, r in rec["by_source"].items():
             print(f"{name:<14}{src:<10} n={r['examples']:<4} agreement {r['agreement']:.3f} "
                   f"[{r['agreement_ci95'][0]:.3f}, {r['agreement_ci95'][1]:.3f}]  FLOPs {r['flops_ratio']:.3f}  "
-                  f"pruned {r['pruned_rate'] if r['pruned_rate'] is not None else float('nan'):.0%}", flush=True)
+                  f"pruned {r['pruned_rate'] if r['pruned_rate'] is not None else float('nan'):.0%}"
+                  + (f"  agreement where unpruned right {r['unpruned_right']['agreement']:.3f} (n={r['unpruned_right']['examples']}),"
+                     f" wrong {r['unpruned_wrong']['agreement'] if r['unpruned_wrong']['examples'] else float('nan'):.3f}"
+                     f" (n={r['unpruned_wrong']['examples']}); right->wrong {r['right_to_wrong']},"
+                     f" wrong->right {r['wrong_to_right']}" if "unpruned_right" in r else ""), flush=True)
     listed = list(configs)
     for i, x in enumerate(listed):
         for y in listed[i + 1:]:

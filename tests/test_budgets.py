@@ -81,6 +81,10 @@ def test_run_budgets_end_to_end_on_a_tiny_model(tmp_path, capsys):
     print_budget_table(rows)
     out = capsys.readouterr().out
     assert "25% tokens" in out and "50% tokens" in out and "cdpruner" in out
+    agreement = out.split("agreement with the unpruned answers, %")[1].splitlines()[1:]
+    for r in rows[1:]:  # gold-scored: each row's agreement printed in its own block
+        line = next(x for x in agreement if x.split()[0] == r["method"])
+        assert f"{100 * r['agreement']:.1f}" in line
     plot_budgets(rows, str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").stat().st_size > 1000
 
@@ -137,3 +141,16 @@ def test_keep_tokens_is_the_count_kept_and_excludes_keep_ratio(make, layer):
     assert after == 10 and h.last_stats.visual_tokens_per_layer[-1] == 10
     cfg = cls(keep_tokens=10)
     assert visipruner.config_from_json(cfg.to_json()) == cfg
+
+
+def test_plot_legend_says_when_a_method_keeps_more_than_its_budget():
+    """Points sit at the budget; a method that kept a different share of the tokens (VisiPruner keeps
+    every token until fusion) says what it kept in its legend label, the others are named plainly."""
+    from visipruner.budgets import _legend_label
+
+    rows = [{"method": "fastv", "budget": b, "avg_visual_fraction": b + 0.003} for b in (0.11, 0.22)]
+    rows += [{"method": "visipruner", "budget": b, "avg_visual_fraction": f} for b, f in ((0.11, 0.315), (0.22, 0.391))]
+    rows += [{"method": "pdrop", "budget": b, "avg_visual_fraction": 0.30} for b in (0.11, 0.22)]
+    assert _legend_label("fastv", rows) == "fastv"
+    assert _legend_label("visipruner", rows) == "visipruner (keeps 0.32-0.39)"
+    assert _legend_label("pdrop", rows) == "pdrop (keeps 0.30)"

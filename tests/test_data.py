@@ -359,3 +359,22 @@ def test_agreement_cache_key(tmp_path):
     q = load_questions(path)[0]
     assert agreement.answer_key(q) == agreement.answer_key(dataclasses.replace(q))
     assert agreement.answer_key(q) != agreement.answer_key(dataclasses.replace(q, question=q.question + " "))
+
+
+def test_agreement_split_by_correctness():
+    """scripts/agreement.py: with gold answers, agreement where the unpruned model was right and where
+    it was wrong, and the answers pruning turned right -> wrong / wrong -> right; nothing without gold."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("agreement", Path(__file__).parents[1] / "scripts" / "agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    qs = [Question(image="x.png", question="q", answer=a) for a in ("red", "blue", "red", "green", "unknown")]
+    unpruned = ["red", "blue", "blue", "red", "red"]  # right, right, wrong, wrong, (no gold)
+    pruned = ["red", "red", "red", "red", "blue"]  # kept, right->wrong, wrong->right, kept (still wrong)
+    out = agreement.by_correctness(qs, range(5), unpruned, pruned)
+    assert out["unpruned_right"] == {"examples": 2, "agreement": 0.5}
+    assert out["unpruned_wrong"] == {"examples": 2, "agreement": 0.5}
+    assert (out["right_to_wrong"], out["wrong_to_right"]) == (1, 1)
+    assert agreement.by_correctness(qs, [4], unpruned, pruned) == {}

@@ -152,13 +152,18 @@ def print_budget_table(rows: list[dict]) -> None:
             lo, hi = r["retained_ci"]
             cells.append(f"{r['retained_pct']:>8.1f} [{lo:5.1f},{hi:5.1f}]")
         print(f"{m:<12}" + "".join(f"{c:>18}" for c in cells))
-    print("average visual tokens per layer (fraction of the prompt's) / prefill FLOPs ratio")
-    for m in sorted({r["method"] for r in rows if r["method"] != "unpruned"}):
-        cells = []
-        for b in budgets:
-            r = next((x for x in rows if x["method"] == m and x["budget"] == b), None)
-            cells.append("-" if r is None else f"{r['avg_visual_fraction']:.3f} / {r['prefill_flops_ratio']:.3f}")
-        print(f"{m:<12}" + "".join(f"{c:>18}" for c in cells))
+    blocks = [("average visual tokens per layer (fraction of the prompt's) / prefill FLOPs ratio",
+               lambda r: f"{r['avg_visual_fraction']:.3f} / {r['prefill_flops_ratio']:.3f}")]
+    if un.get("score") != "agreement":  # gold-scored: agreement is a separate figure (answers kept, right or wrong)
+        blocks.append(("agreement with the unpruned answers, %", lambda r: f"{100 * r['agreement']:.1f}"))
+    for title, cell in blocks:
+        print(title)
+        for m in sorted({r["method"] for r in rows if r["method"] != "unpruned"}):
+            cells = []
+            for b in budgets:
+                r = next((x for x in rows if x["method"] == m and x["budget"] == b), None)
+                cells.append("-" if r is None else cell(r))
+            print(f"{m:<12}" + "".join(f"{c:>18}" for c in cells))
 
 
 def replot(json_path: str, png_path: str) -> None:
@@ -168,6 +173,17 @@ def replot(json_path: str, png_path: str) -> None:
     rows = json.loads(open(json_path).read())
     print_budget_table(rows)
     plot_budgets(rows, png_path)
+
+
+def _legend_label(method: str, rows: list[dict], slack: float = 0.05) -> str:
+    """The method's name, plus the share of visual tokens it actually kept (average per layer) when
+    that is off its budget by more than ``slack`` somewhere (VisiPruner keeps every token until
+    fusion, PDrop cannot go below its first stage): the plot places points at the budget."""
+    kept = [(r["budget"], r["avg_visual_fraction"]) for r in rows if r["method"] == method]
+    if not kept or all(abs(k - b) <= slack for b, k in kept):
+        return method
+    lo, hi = min(k for _, k in kept), max(k for _, k in kept)
+    return f"{method} (keeps {lo:.2f}-{hi:.2f})" if hi - lo > 0.005 else f"{method} (keeps {lo:.2f})"
 
 
 def plot_budgets(rows: list[dict], path: str) -> None:
@@ -193,10 +209,10 @@ def plot_budgets(rows: list[dict], path: str) -> None:
         ys = [y for _, y, _ in pts]
         err = [[y - ci[0] for _, y, ci in pts], [ci[1] - y for _, y, ci in pts]]
         ax.errorbar(xs, ys, yerr=err, color=cmap(i % 10), marker=markers[i % len(markers)], ms=5, lw=1.2,
-                    ls=styles[(i // 10) % len(styles)], capsize=2.5, label=m)
+                    ls=styles[(i // 10) % len(styles)], capsize=2.5, label=_legend_label(m, rows))
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
-    ax.set_xlabel("visual tokens kept (fraction of the prompt's, average per layer)")
+    ax.set_xlabel("budget (share of the prompt's visual tokens); a method that keeps more says so in the legend")
     un = next((r for r in rows if r["method"] == "unpruned"), None)
     agreement = un is not None and un.get("score") == "agreement"
     ax.set_ylabel("% agreement with the unpruned answers" if agreement else "% of the unpruned accuracy")
