@@ -251,3 +251,31 @@ def test_calibrate_sets_exit_by_and_its_figures_are_the_bounded_configs():
         flops, agreement = _independent(model, calib, ch["config"])
         assert ch["flops_ratio"] == pytest.approx(flops, rel=1e-9) and ch["agreement"] == agreement, (how, bound)
         assert visipruner.VisiPrunerConfig.from_dict(ch["config"]).exit_by == bound
+
+
+def test_no_exit_candidates_predict_the_runtime():
+    """The search also scores each fusion rule without the deep stage (exit threshold None in the
+    grid): those candidates never exit, their predicted FLOPs are the runtime's, and an exit that
+    fires (threshold -1: every layer after fusion counts as quiet) is cheaper and riskier."""
+    from visipruner.calibrate import _grid
+
+    L, K = 10, 2
+    model = tiny_llava(1, layers=L)
+    prompts = [random_prompt(model, seed=s, images=1 + s % 2) for s in range(3)]
+    rec = record(model, prompts, K=K, progress=False, shallow=False)
+    assert _grid(rec, False)[2][-1] is None
+    dims = Dims.from_config(model.config.text_config)
+    cands = score_candidates(rec, dims, [1.0], [0.0], [None, -1.0], [1, 2], relative=False, budgets=[0.25])
+    none = [c for c in cands if "deep" not in c.config.stages]
+    assert len(cands) == 6 and len(none) == 2  # 2 rules x (no exit + 2 patiences)
+    for cand in none:
+        flops = []
+        for inp in prompts:
+            with visipruner.apply(model, cand.config) as h:
+                model(**inp)
+            assert h.last_stats.fusion_layer == K + 1 and h.last_stats.exit_layer is None
+            flops.append(h.last_stats.prefill_flops_ratio)
+        assert cand.flops_ratio == pytest.approx(np.mean(flops), rel=1e-9)
+        exiting = next(c for c in cands if "deep" in c.config.stages and c.config.exit_patience == 1
+                       and c.config.keep_ratio == cand.config.keep_ratio)
+        assert exiting.flops_ratio < cand.flops_ratio and exiting.risk > cand.risk

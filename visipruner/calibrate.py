@@ -124,7 +124,9 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
     """Predicted FLOPs ratio and risk of every candidate, from the records alone (vectorised).
 
     ``fallbacks``: fusion fallback layers (None: none); ``budgets``: keep ratios scored as budget
-    mode (the budget's largest ``||c_j||`` kept at fusion) besides the ``token_thrs``."""
+    mode (the budget's largest ``||c_j||`` kept at fusion) besides the ``token_thrs``; an ``exit_thrs``
+    entry None scores the candidates without the deep stage (no exit; one candidate, not one per
+    patience)."""
     E, L, m = rec.cos.shape
     K = rec.K
     per_token = dense_token_flops(dims, 1)
@@ -170,10 +172,13 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
             after = layers[None, :] > fusion[:, None]
             removed_nonS = np.where(~S[:, None, :], rel_infl, 0).sum(axis=2)  # (E, L)
             all_infl = rel_infl.sum(axis=2)
-            for et in exit_thrs:
-                hit = (min_cos_S >= et) & after & (s_count[:, None] > 0)
+            for et in exit_thrs:  # None: no deep stage (the exit never fires)
+                if et is None:
+                    hit = np.zeros_like(after)
+                else:
+                    hit = (min_cos_S >= et) & after & (s_count[:, None] > 0)
                 count = np.cumsum(hit, axis=1)
-                for p in patiences:
+                for p in (patiences if et is not None else patiences[:1]):
                     reach = count >= p
                     exited = reach.any(axis=1)
                     exit_l = np.where(exited, reach.argmax(axis=1), L)
@@ -182,7 +187,8 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
                     ) - np.where(layers[None] > exit_l[:, None], s_count[:, None], 0)
                     costs = layer_cost(n_tok.astype(np.float64))
                     costs[:, :K] = 0
-                    checked = (layers[None] > K) & (layers[None] <= np.minimum(exit_l, L - 1)[:, None]) & (
+                    last_check = np.minimum(exit_l if et is not None else fusion, L - 1)  # no deep stage: none after fusion
+                    checked = (layers[None] > K) & (layers[None] <= last_check[:, None]) & (
                         (s_count[:, None] > 0) | (layers[None] <= fusion[:, None]))
                     present = np.where(layers[None] > fusion[:, None], s_count[:, None], rec.n_visual[:, None])
                     infl = np.where(checked, 4 * dims.q_dim * n_tok + 8 * dims.q_dim * present, 0)
@@ -190,8 +196,9 @@ def score_candidates(rec: Records, dims: Dims, layer_thrs, token_thrs, exit_thrs
                     risk = np.where(after & (layers[None] <= exit_l[:, None]), removed_nonS, 0).sum(axis=1) + np.where(
                         layers[None] > exit_l[:, None], all_infl, 0).sum(axis=1)
                     budget = dict(keep_ratio=float(tt)) if kind == "budget" else dict(tokens_threshold=float(tt))
-                    cfg = VisiPrunerConfig(stages=stages, shallow_layers=K, layer_threshold=float(lt),
-                                           exit_threshold=float(min(et, 1.0)), exit_patience=int(p),
+                    deep = dict(exit_threshold=float(min(et, 1.0)), exit_patience=int(p)) if et is not None else {}
+                    cfg = VisiPrunerConfig(stages=stages if et is not None else tuple(x for x in stages if x != "deep"),
+                                           shallow_layers=K, layer_threshold=float(lt), **deep,
                                            relative_tokens_threshold=relative and kind == "threshold",
                                            fusion_fallback_layer=None if fb is None else int(fb), **budget)
                     out.append(Candidate(cfg, float((flops / dense).mean()), float(risk.mean()), float(fused.mean())))
@@ -217,7 +224,9 @@ def _grid(rec: Records, relative: bool):
     token_thrs = sorted(set(np.round(np.quantile(sc, [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995]), 8)))
     if not relative:
         token_thrs = sorted(set(token_thrs) | {0.2})
-    exit_thrs = sorted(set(np.round(np.quantile(mc, [0.5, 0.8, 0.95, 0.99]), 6)) | {0.999, 1.0})
+    # and no exit at all: a model may read the image again after layers that look quiet one at a time
+    # (the embedded model does at layers 21-24 of 30), which no exit threshold can see coming
+    exit_thrs = sorted(set(np.round(np.quantile(mc, [0.5, 0.8, 0.95, 0.99]), 6)) | {0.999, 1.0}) + [None]
     return layer_thrs, token_thrs, exit_thrs, (1, 2)
 
 
@@ -657,8 +666,9 @@ def _run(args) -> int:
         k = f"{c['shallow_layers']}{'' if 'shallow' in c['stages'] else '-'}"
         tokens = f"keep {c['keep_ratio']:.2f}" if c.get("keep_ratio") is not None else f"{c['tokens_threshold']:.5f}"
         fb = "-" if c.get("fusion_fallback_layer") is None else str(c["fusion_fallback_layer"])
-        print(f"{family(c):<10}{k:>5}{c['layer_threshold']:>9.5f}{tokens:>11}{fb:>9}{c['exit_threshold']:>9.5f}"
-              f"{c['exit_patience']:>4}{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}"
+        ex, pat = (f"{c['exit_threshold']:.5f}", str(c["exit_patience"])) if "deep" in c["stages"] else ("none", "-")
+        print(f"{family(c):<10}{k:>5}{c['layer_threshold']:>9.5f}{tokens:>11}{fb:>9}{ex:>9}"
+              f"{pat:>4}{f['predicted_flops_ratio']:>11.3f}{f['flops_ratio']:>7.3f}{f['agreement']:>7.3f}"
               f"{_worst(f, False):>7.3f}{f['pruned_rate'] if f['pruned_rate'] is not None else float('nan'):>7.2f}")
     ch = result["chosen"]
     print(f"chosen: FLOPs {ch['flops_ratio']:.3f}, agreement {ch['agreement']:.3f} on calibration; "
