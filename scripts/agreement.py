@@ -100,7 +100,10 @@ def main(argv=None) -> int:
     prompts = [_inputs(processor, q, model) for q in questions]
     cache = json.loads(Path(a.answers_cache).read_text()) if a.answers_cache and Path(a.answers_cache).exists() else {}
     keys = [answer_key(q) for q in questions]
-    todo = sorted({keys.index(k) for k in keys if k not in cache})
+    first = {}  # each missing key's first question (a question repeated in the files is answered once)
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    todo = [i for k, i in first.items() if k not in cache]
     if todo:
         got = measure(model, processor, [prompts[i] for i in todo], None, None, batch_size=a.batch_size)["answers"]
         cache.update({keys[i]: ans for i, ans in zip(todo, got)})

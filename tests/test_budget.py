@@ -224,8 +224,8 @@ def test_input_set_experiment_keeps_the_peers_choice_at_fusion(selector):
     assert s.fusion_layer == K + 2
     assert s.visual_tokens_per_layer == [n_vis] * (K + 3) + [5] * (layers - K - 3)
     assert sorted(s.critical_tokens) == expected
-    budget = dataclasses.replace(cfg)  # plain budget mode, same schedule: the largest ||c_j||, another set here
-    plain = VisiPrunerConfig(**{f.name: getattr(budget, f.name) for f in dataclasses.fields(VisiPrunerConfig)})
+    # plain budget mode, same schedule: the largest ||c_j||, another set here
+    plain = VisiPrunerConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(VisiPrunerConfig)})
     with visipruner.apply(model, plain) as h:
         model(**inputs)
     assert h.last_stats.fusion_layer == K + 2 and sorted(h.last_stats.critical_tokens) != expected

@@ -319,7 +319,7 @@ def test_photo_objects(tmp_path):
         sq = scenes.make_question(0, stream, 5)
         img0, rec = photos.make_question(0, split, 5, "objects", 0.0)
         assert (rec["question"], rec["answer"], rec["family"]) == (sq.question, sq.answer, f"photo_{sq.family}")
-        white = scenes.Scene(**{**sq.scene.__dict__, "background": (255, 255, 255)}).render()
+        white = dataclasses.replace(sq.scene, background=(255, 255, 255)).render()
         assert img0.tobytes() == white.tobytes()
         photo, _ = photos.make_question(0, split, 5)  # the same crop, no shapes
         img1, rec1 = photos.make_question(0, split, 5, "objects", 1.0)
@@ -339,17 +339,23 @@ def test_photo_objects(tmp_path):
         scenes.render_scene(sq.scene, img0.resize((10, 10)))
 
 
-def test_agreement_cache_key(tmp_path):
-    """scripts/agreement.py caches unpruned answers by id *and* content: the same id over another
-    image (a file regenerated at another strength) or another question gets another key."""
+def _agreement_script():
+    """scripts/agreement.py as a module (scripts/ is not a package)."""
     import importlib.util
     from pathlib import Path
-
-    from visipruner.data import photos
 
     spec = importlib.util.spec_from_file_location("agreement", Path(__file__).parents[1] / "scripts" / "agreement.py")
     agreement = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agreement)
+    return agreement
+
+
+def test_agreement_cache_key(tmp_path):
+    """scripts/agreement.py caches unpruned answers by id *and* content: the same id over another
+    image (a file regenerated at another strength) or another question gets another key."""
+    from visipruner.data import photos
+
+    agreement = _agreement_script()
     keys = {}
     for strength in (0.5, 1.0):
         path = photos.write_split(str(tmp_path / str(strength)), "test", n=2, kind="objects", strength=strength)
@@ -364,12 +370,7 @@ def test_agreement_cache_key(tmp_path):
 def test_agreement_split_by_correctness():
     """scripts/agreement.py: with gold answers, agreement where the unpruned model was right and where
     it was wrong, and the answers pruning turned right -> wrong / wrong -> right; nothing without gold."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("agreement", Path(__file__).parents[1] / "scripts" / "agreement.py")
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
+    agreement = _agreement_script()
     qs = [Question(image="x.png", question="q", answer=a) for a in ("red", "blue", "red", "green", "unknown")]
     unpruned = ["red", "blue", "blue", "red", "red"]  # right, right, wrong, wrong, (no gold)
     pruned = ["red", "red", "red", "red", "blue"]  # kept, right->wrong, wrong->right, kept (still wrong)
